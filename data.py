@@ -1,0 +1,784 @@
+"""data.py: the one module every model file shares.
+
+Datasets, image I/O, the built-in `shapes` benchmark with its pixel scorer, byte-level text, and the
+plumbing every trainer needs (CLI from a Config dataclass, device, torchrun/DDP, sampler, checkpoints,
+logging, grids). Copy it together with any one model file.
+
+Conventions used everywhere:
+    images are float tensors (B, 3, H, W) with values in [0, 1]; a model that wants [-1, 1]
+    rescales itself. B batch, C channels, H height, W width, T tokens.
+
+Command line:
+    python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
+    python data.py score DIR                                                  # score them from pixels
+    python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import inspect
+import json
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import time
+import typing
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and the command line
+
+
+class UsageError(Exception):
+    """Bad input from the user (missing folder, wrong checkpoint, nonsense value): one line, exit 2."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback."""
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+_warned: set[str] = set()
+
+
+def warn(message):
+    """Print a warning once per distinct message."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def check(condition, message):
+    if not condition:
+        raise UsageError(message)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage plus the error; we keep it to one line
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _field_comments(config_class):
+    """The `# comment` after each field of a dataclass's source: it becomes that flag's --help."""
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def parse_config(config_class, argv=None, description=None):
+    """Build an argparse CLI from a Config dataclass (one flag per field, help from its comment).
+    Returns the config and the set of field names given on the command line (so that --resume can
+    apply exactly those on top of a saved config)."""
+    types = typing.get_type_hints(config_class)
+    comments = _field_comments(config_class)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        kind = types[field.name]
+        help_text = f"{comments.get(field.name, '')} (default: {field.default!r})".replace("%", "%%")
+        if kind is bool:  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                metavar=kind.__name__.upper())
+    given = vars(parser.parse_args(argv))  # only the flags actually given
+    return dataclasses.replace(config_class(), **given), set(given)
+
+
+def config_from_dict(config_class, values):
+    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return config_class(**{key: value for key, value in values.items() if key in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images: any file PIL opens becomes RGB, square, image_size
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def to_rgb(image):
+    """Any PIL mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) to 8-bit RGB; alpha over black."""
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
+        array = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # a palette's transparent index becomes alpha
+    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))  # black, like the shapes background
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_center_crop(image, size):
+    """Resize the shorter side to `size` (bicubic, antialiased), then crop the centre square."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(new_size, Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image(path, image_size=None):
+    """Read one image file as a uint8 tensor (3, H, W); raises on a broken file."""
+    with Image.open(path) as image:
+        image.seek(0)  # animated GIF/WebP: the first frame
+        image.load()  # decodes now, so a truncated file raises here
+        image = ImageOps.exif_transpose(image)  # camera orientation
+        image = to_rgb(image)
+    if image_size is not None:
+        image = resize_center_crop(image, image_size)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def _header_problem(path):
+    """Cheap check made once per file when a folder is scanned (full decoding happens on access)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path):
+            return None
+    except Exception as error:  # PIL raises many kinds for many formats; any of them means skip
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+class ImageTextFolder(Dataset):
+    """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str).
+
+    Caption: a random non-blank line of the same-stem `.txt` file; else the name of the image's folder
+    when it sits in a subfolder of `root` (`red_apple/x.png` -> "red apple"); else "". A file that
+    cannot be decoded is skipped with one warning naming it, and the next image is returned instead.
+    """
+
+    def __init__(self, root, image_size):
+        self.root, self.image_size = Path(root), image_size
+        check(self.root.is_dir(), f"{root}: no such folder")
+        candidates = sorted(path for path in self.root.rglob("*")
+                            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+        self.paths = []
+        for path in candidates:
+            problem = _header_problem(path)
+            if problem:
+                warn(f"skipping {path}: {problem}")
+            else:
+                self.paths.append(path)
+        check(self.paths, f"{root}: no usable image found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.broken = set()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def caption(self, path):
+        text_path = path.with_suffix(".txt")
+        if text_path.is_file():
+            try:  # invalid UTF-8 is decoded with replacement characters rather than refused
+                text = text_path.read_bytes().decode("utf-8", errors="replace")
+                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                if lines:
+                    return random.choice(lines)
+            except OSError as error:
+                warn(f"cannot read caption {text_path}: {error}")
+        if path.parent != self.root:
+            return path.parent.name.replace("_", " ")
+        return ""
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            if path in self.broken:
+                continue
+            try:
+                image = load_image(path, self.image_size)
+            except Exception as error:  # corrupt or truncated: skip it, never stop a long run
+                self.broken.add(path)
+                warn(f"skipping {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+                continue
+            return image.float() / 255.0, self.caption(path)
+        raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `shapes` benchmark: one coloured shape on black, captioned; some colour-shape pairs held out
+
+
+COLOURS = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255), "orange": (255, 128, 0),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": 0.25, "large": 0.45}  # box side as a fraction of the image side S
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",  # row-major 3x3 grid
+             "bottom left", "bottom", "bottom right")
+HELD_OUT = {("red", "triangle"), ("green", "square"), ("blue", "diamond"), ("white", "circle")}
+SHAPES_TRAIN_SIZE, SHAPES_TEST_SIZE = 20000, 1000  # what `--train shapes` uses
+_CAPTION = re.compile(r"^a (small|large) (\w+) (circle|square|triangle|diamond) at the (.+)$")
+
+
+def shape_box(size, position, image_size, jitter=(0.0, 0.0)):
+    """Integer pixel box (x0, y0, x1, y1), inclusive, of a shape centred on its grid cell."""
+    row, col = divmod(POSITIONS.index(position), 3)
+    centre_x = (col + 0.5) * image_size / 3 + jitter[0]
+    centre_y = (row + 0.5) * image_size / 3 + jitter[1]
+    side = round(SIZES[size] * image_size)
+    x0, y0 = round(centre_x - side / 2), round(centre_y - side / 2)
+    return x0, y0, x0 + side - 1, y0 + side - 1
+
+
+def draw_shape(draw, shape, box, fill):
+    x0, y0, x1, y1 = box
+    middle_x, middle_y = (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":  # apex up
+        draw.polygon([(middle_x, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # diamond: the midpoints of the box's sides
+        draw.polygon([(middle_x, y0), (x1, middle_y), (middle_x, y1), (x0, middle_y)], fill=fill)
+
+
+def render_shape(colour, shape, size, position, image_size=32, jitter=(0.0, 0.0)):
+    """One shapes image as a PIL RGB image (black background, no antialiasing)."""
+    image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
+    draw_shape(ImageDraw.Draw(image), shape, shape_box(size, position, image_size, jitter), COLOURS[colour])
+    return image
+
+
+def make_shapes(n, image_size=32, seed=0, split="train"):
+    """Deterministic shapes data: uint8 images (n, 3, S, S), captions, held-out flags.
+
+    The train split never contains a HELD_OUT colour-shape pair; in the test split every odd item is
+    a held-out pair and every even one a seen pair.
+    """
+    check(split in ("train", "test"), f"unknown split {split!r} (train or test)")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
+    held_out = sorted(HELD_OUT)
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    captions, flags = [], []
+    for i in range(n):
+        is_held_out = split == "test" and i % 2 == 1
+        pairs = held_out if is_held_out else seen
+        colour, shape = pairs[rng.integers(len(pairs))]
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        position = POSITIONS[rng.integers(len(POSITIONS))]
+        jitter = rng.uniform(-1.0, 1.0, size=2)  # each centre moves by up to 1 px
+        images[i] = np.asarray(render_shape(colour, shape, size, position, image_size, jitter))
+        captions.append(f"a {size} {colour} {shape} at the {position}")
+        flags.append(is_held_out)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions, flags  # (n, 3, S, S)
+
+
+class ShapesDataset(Dataset):
+    """The shapes benchmark in memory: (image (3, S, S) float in [0, 1], caption)."""
+
+    def __init__(self, n, image_size=32, seed=0, split="train"):
+        self.images, self.captions, self.held_out = make_shapes(n, image_size, seed, split)
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, index):
+        return self.images[index].float() / 255.0, self.captions[index]
+
+
+def parse_caption(caption):
+    """'a large red circle at the top left' -> dict(size, colour, shape, position), or None."""
+    match = _CAPTION.match(caption.strip().lower())
+    if not match or match.group(2) not in COLOURS or match.group(4) not in POSITIONS:
+        return None
+    return dict(size=match.group(1), colour=match.group(2), shape=match.group(3), position=match.group(4))
+
+
+@lru_cache(maxsize=None)
+def _template(shape, size, x0, y0, image_size):
+    """Boolean mask (S, S) of `shape` drawn with its box's top-left corner at (x0, y0)."""
+    side = round(SIZES[size] * image_size)
+    image = Image.new("L", (image_size, image_size), 0)
+    draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + side - 1, y0 + side - 1), 255)
+    return np.asarray(image) > 0
+
+
+@lru_cache(maxsize=None)
+def _template_centroid(shape, size, image_size):
+    """Centroid of a shape's mask relative to its box's top-left corner (a triangle's sits low)."""
+    mask = _template(shape, size, 0, 0, image_size)
+    ys, xs = np.nonzero(mask)
+    return xs.mean(), ys.mean()
+
+
+def read_shape(image):
+    """Decide colour, shape, size and position of the one object in an image, from pixels alone.
+
+    Foreground: pixels whose brightest channel is >= 128. Colour: majority vote of the nearest palette
+    colour over the foreground. Shape and size: the best intersection-over-union against the exact
+    renderings of every (shape, size) placed around the foreground's centroid. Position: the grid cell
+    holding the best template's box centre. Returns None when there is no foreground.
+    """
+    pixels = np.asarray(image, dtype=np.float32)  # (S, S, 3) in [0, 255]
+    image_size = pixels.shape[0]
+    mask = pixels.max(axis=2) >= 128
+    if not mask.any():
+        return None
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)  # (8, 3)
+    distances = ((pixels[mask][:, None, :] - palette[None, :, :]) ** 2).sum(-1)  # (N_fg, 8)
+    colour = list(COLOURS)[np.bincount(distances.argmin(1), minlength=len(COLOURS)).argmax()]
+    ys, xs = np.nonzero(mask)
+    best = (-1.0, None)
+    for shape in SHAPES:
+        for size in SIZES:
+            offset_x, offset_y = _template_centroid(shape, size, image_size)
+            base_x, base_y = round(xs.mean() - offset_x), round(ys.mean() - offset_y)
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    template = _template(shape, size, base_x + dx, base_y + dy, image_size)
+                    union = np.logical_or(template, mask).sum()
+                    iou = np.logical_and(template, mask).sum() / max(union, 1)
+                    if iou > best[0]:
+                        best = (iou, (shape, size, base_x + dx, base_y + dy))
+    iou, (shape, size, x0, y0) = best
+    side = round(SIZES[size] * image_size)
+    centre_x, centre_y = x0 + side / 2, y0 + side / 2
+    col = min(max(int(centre_x // (image_size / 3)), 0), 2)
+    row = min(max(int(centre_y // (image_size / 3)), 0), 2)
+    return dict(colour=colour, shape=shape, size=size, position=POSITIONS[3 * row + col], iou=float(iou))
+
+
+def score_shapes(images, captions):
+    """Fraction of images whose colour, shape, size and position match their caption, and `all` four.
+
+    images: (N, 3, S, S) float in [0, 1] or uint8; captions: N strings. `clean` is the fraction read as
+    one clean shape (best template IoU >= 0.5), whatever its attributes. An unparseable caption counts
+    as a miss.
+    """
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, S, S) -> (N, S, S, 3)
+    keys = ("colour", "shape", "size", "position")
+    hits = {key: 0 for key in (*keys, "all", "clean")}
+    for image, caption in zip(pixels, captions, strict=True):
+        target, found = parse_caption(caption), read_shape(image)
+        if found is None:
+            continue
+        hits["clean"] += found["iou"] >= 0.5
+        if target is None:
+            continue
+        matches = [found[key] == target[key] for key in keys]
+        for key, match in zip(keys, matches):
+            hits[key] += match
+        hits["all"] += all(matches)
+    n = max(len(captions), 1)
+    return {key: value / n for key, value in hits.items()} | {"n": len(captions)}
+
+
+def is_held_out(caption):
+    parsed = parse_caption(caption)
+    return parsed is not None and (parsed["colour"], parsed["shape"]) in HELD_OUT
+
+
+def score_report(images, captions):
+    """score_shapes overall and separately for seen and held-out colour-shape pairs."""
+    report = {"overall": score_shapes(images, captions)}
+    for name, wanted in (("seen", False), ("held_out", True)):
+        chosen = [i for i, caption in enumerate(captions) if is_held_out(caption) == wanted]
+        if chosen:
+            report[name] = score_shapes(torch.as_tensor(images)[chosen], [captions[i] for i in chosen])
+    return report
+
+
+def format_score(report):
+    lines = []
+    for name, score in report.items():
+        fields = "  ".join(f"{key} {100 * score[key]:5.1f}%"
+                           for key in ("all", "colour", "shape", "size", "position", "clean"))
+        lines.append(f"{name:9s} n={score['n']:<5d} {fields}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Byte-level text: UTF-8 bytes 0..255 plus one pad id; any language, never an error
+
+
+PAD = 256  # the pad id after the 256 byte values
+TEXT_VOCAB = 257
+
+
+def encode_text(captions, length):
+    """Captions to a (B, length) long tensor of UTF-8 byte values, padded with PAD, truncated."""
+    tokens = torch.full((len(captions), length), PAD, dtype=torch.long)  # (B, T)
+    for i, caption in enumerate(captions):
+        data = caption.encode("utf-8", errors="replace")[:length]  # lone surrogates become '?'
+        tokens[i, : len(data)] = torch.tensor(list(data), dtype=torch.long)
+    return tokens
+
+
+def decode_text(tokens):
+    """Inverse of encode_text: (B, T) -> captions (pads dropped, a cut character replaced)."""
+    return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace")
+            for row in torch.as_tensor(tokens).tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# MNIST-family IDX files
+
+
+def read_idx(path):
+    """An IDX file (gzip or plain) of unsigned bytes as a numpy array with the dimensions it declares."""
+    try:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError) as error:
+        raise UsageError(f"{path}: cannot read ({error})") from None
+    check(len(data) >= 4 and data[:3] == b"\x00\x00\x08", f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    check(len(data) == 4 + 4 * ndim + math.prod(dims), f"{path}: size does not match its header {dims}")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def idx_to_folder(images_path, labels_path, out, names):
+    """Write OUT/<class name>/<index>.png, so the folder name becomes each image's caption."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    check(images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
+          f"{images_path}, {labels_path}: expected N images (N, H, W) and N labels")
+    check(int(labels.max()) < len(names), f"labels go up to {labels.max()} but only {len(names)} names given")
+    folders = [re.sub(r"[^\w\-]+", "_", name.strip()) for name in names]
+    for folder in set(folders):
+        (Path(out) / folder).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image, "L").save(Path(out) / folders[label] / f"{i:05d}.png")
+    return len(images)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grids
+
+
+def save_grid(images, path, nrow=8, captions=None, padding=2):
+    """Save (N, 3, H, W) images in [0, 1] as one PNG, `nrow` per row, captions written under them."""
+    images = torch.as_tensor(images).detach().float().clamp(0, 1).cpu()
+    count, _, height, width = images.shape
+    scale = max(1, math.ceil(96 / width)) if captions else 1  # room for a caption under small images
+    tile_w, tile_h = width * scale, height * scale
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 2
+    wrapped = [_wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * count
+    text_h = max((len(lines) for lines in wrapped), default=0) * line_h
+    columns, rows = min(nrow, count), math.ceil(count / nrow)
+    grid = Image.new("RGB", (columns * (tile_w + padding) + padding,
+                             rows * (tile_h + text_h + padding) + padding), (40, 40, 40))
+    draw = ImageDraw.Draw(grid)
+    for i in range(count):
+        row, col = divmod(i, nrow)
+        x, y = padding + col * (tile_w + padding), padding + row * (tile_h + text_h + padding)
+        pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+        grid.paste(Image.fromarray(pixels).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((x, y + tile_h + j * line_h), line, fill=(255, 255, 255), font=font)
+    atomic_write(path, lambda file: grid.save(file, format="PNG"))
+
+
+def _wrap(text, font, width):
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line] if line else lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training plumbing: datasets by name, device, torchrun, sampler, checkpoints, logging, schedule
+
+
+def load_train_test(train, test, image_size, test_size=1000):
+    """The training set and a held-out set. `shapes` uses its own test split; a folder uses `test` if
+    given, else a fixed held-out part of itself (5%, at most `test_size` images)."""
+    if train == "shapes":
+        return (ShapesDataset(SHAPES_TRAIN_SIZE, image_size, split="train"),
+                ShapesDataset(SHAPES_TEST_SIZE, image_size, split="test"))
+    dataset = ImageTextFolder(train, image_size)
+    if test:
+        return dataset, ImageTextFolder(test, image_size)
+    held = min(test_size, len(dataset) // 20) if len(dataset) >= 20 else 0
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    if held == 0:
+        warn(f"{train}: fewer than 20 images, so the held-out figures use the training images")
+        return dataset, dataset
+    return Subset(dataset, order[held:]), Subset(dataset, order[:held])
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup(device="auto", seed=0):
+    """Pick the device (cuda, then mps, then cpu), join torchrun's process group if launched by it
+    (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    check(device.split(":")[0] in ("cpu", "cuda", "mps"), f"--device {device}: use auto, cpu, cuda or mps")
+    check(device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)  # DDP copies rank 0's initial weights to every rank
+    return Runtime(device, rank, world_size)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 for these models)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class InfiniteSampler(Sampler):
+    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e); rank r of W takes every
+    W-th index of it. `start` counts indices this rank already consumed, so a resumed run sees exactly
+    the batches it would have seen.
+
+    NOTE: plays the role of DistributedSampler (disjoint shards per rank) but is step-based and
+    endless, which makes exact resumption a matter of one number.
+    """
+
+    def __init__(self, size, seed=0, rank=0, world_size=1, start=0):
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+        self.per_rank = max(size // world_size, 1)
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.size, generator=generator)
+            order = order[self.rank::self.world_size][: self.per_rank] if self.size >= self.world_size else order
+            yield from order[offset:].tolist()
+            offset, epoch = 0, epoch + 1
+
+
+def batches(dataset, batch_size, runtime, seed=0, start_step=0):
+    """An endless iterator of (images, captions) batches for this rank, resuming at `start_step`."""
+    sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
+    in_memory = isinstance(dataset, ShapesDataset)
+    workers = 0 if in_memory or runtime.device.type != "cuda" else min(8, os.cpu_count() or 1)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=runtime.device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+    for images, captions in loader:
+        yield images.to(runtime.device, non_blocking=True), list(captions)
+
+
+def learning_rate(step, total_steps, peak, warmup):
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to peak/10 at `total_steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def save_checkpoint(path, kind, config, step, **state):
+    """Atomically save plain data only: which model (`kind`), its config as a dict, the step, the RNG
+    state, and whatever state dicts are passed (model=..., optimizer=...)."""
+    payload = dict(kind=kind, config=dataclasses.asdict(config), step=step,
+                   rng=torch.get_rng_state(), **state)
+    atomic_write(path, lambda file: torch.save(payload, file))
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint without ever running code (weights_only=True) and refuse other models'."""
+    check(Path(path).is_file(), f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path}: refused, it holds Python objects that could run code "
+                         "(only plain-data checkpoints are loaded)") from None
+    except Exception as error:
+        raise UsageError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
+    check(found == kind, f"{path}: this is a {found} checkpoint, not a {kind} checkpoint")
+    return checkpoint
+
+
+def load_state(module, state, path):
+    """load_state_dict with a one-line error when the shapes do not match."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise UsageError(f"{path}: does not fit this model ({str(error).splitlines()[1:2] or error})") from None
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Logger:
+    """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
+    Only rank 0 writes."""
+
+    def __init__(self, out, total_steps, start_step=0, enabled=True):
+        self.total_steps, self.enabled = total_steps, enabled
+        self.last_step, self.last_time, self.start_time = start_step, time.time(), time.time()
+        self.path = Path(out) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step, **metrics):
+        if self.enabled:
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"step": step, "time": round(time.time() - self.start_time, 2),
+                                       **metrics}) + "\n")
+
+    def progress(self, step, **metrics):
+        now = time.time()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        if self.enabled:
+            values = " | ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+            eta = _duration((self.total_steps - step) / max(rate, 1e-9))
+            print(f"step {step}/{self.total_steps} | {values} | {rate:.2f} it/s | ETA {eta}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: python data.py shapes|score|idx
+
+
+def main(argv=None):
+    parser = _Parser(description=__doc__, formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    shapes = commands.add_parser("shapes", help="write the shapes benchmark as NAME.png + NAME.txt pairs",
+                                 formatter_class=_HelpFormatter)
+    shapes.add_argument("out", help="output folder")
+    shapes.add_argument("--n", type=int, default=1000, help="number of images")
+    shapes.add_argument("--size", type=int, default=32, help="image side S in pixels")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed")
+    shapes.add_argument("--split", choices=("train", "test"), default="train",
+                        help="train never holds the held-out colour-shape pairs; test alternates seen/held-out")
+    score = commands.add_parser("score", help="score a folder of PNG + TXT pairs with the shapes scorer")
+    score.add_argument("folder", help="folder of NAME.png + NAME.txt (caption) pairs")
+    idx = commands.add_parser("idx", help="turn MNIST-family IDX files into a captioned folder")
+    idx.add_argument("images", help="IDX images file (.gz or plain)")
+    idx.add_argument("labels", help="IDX labels file (.gz or plain)")
+    idx.add_argument("out", help="output folder: OUT/<class name>/<index>.png")
+    idx.add_argument("--names", default=",".join(str(i) for i in range(10)),
+                     help="comma-separated class names, label 0 first")
+    args = parser.parse_args(argv)
+
+    if args.command == "shapes":
+        check(args.n > 0 and args.size >= 8, "--n must be positive and --size at least 8")
+        images, captions, held_out = make_shapes(args.n, args.size, args.seed, args.split)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (image, caption, flag) in enumerate(zip(images, captions, held_out)):
+            name = f"{i:05d}_{'heldout' if flag else 'seen'}"
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{name}.png")
+            (out / f"{name}.txt").write_text(caption + "\n")
+        print(f"wrote {args.n} images to {out}")
+    elif args.command == "score":
+        folder = Path(args.folder)
+        check(folder.is_dir(), f"{folder}: no such folder")
+        images, captions = [], []
+        for path in sorted(folder.rglob("*.png")):
+            text_path = path.with_suffix(".txt")
+            if not text_path.is_file():
+                continue
+            try:
+                images.append(load_image(path))
+            except Exception as error:
+                warn(f"skipping {path}: {error}")
+                continue
+            captions.append(text_path.read_bytes().decode("utf-8", errors="replace").strip().splitlines()[0:1])
+        captions = [lines[0] if lines else "" for lines in captions]
+        check(images, f"{folder}: no PNG + TXT pairs to score")
+        check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
+        print(format_score(score_report(torch.stack(images), captions)))
+    else:
+        count = idx_to_folder(args.images, args.labels, args.out, args.names.split(","))
+        print(f"wrote {count} images to {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
