@@ -682,6 +682,15 @@ def load_checkpoint(path, kind):
     return checkpoint
 
 
+def restore_rng(checkpoint, runtime, seed):
+    """Continue rank 0's random stream exactly where the checkpoint left it (only rank 0 saves one);
+    other ranks start fresh streams of their own, different from before and from each other."""
+    if runtime.is_main:
+        torch.set_rng_state(checkpoint["rng"])
+    else:
+        torch.manual_seed(seed + runtime.rank + 1_000_003 * checkpoint["step"])
+
+
 def load_state(module, state, path):
     """load_state_dict with a one-line error when the shapes do not match."""
     try:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (Logger, UsageError, atomic_write, autocast, batches, check, config_from_dict, learning_rate,
-                  load_checkpoint, load_state, load_train_test, parse_config, run_cli, save_checkpoint,
+                  load_checkpoint, load_state, load_train_test, parse_config, restore_rng, run_cli, save_checkpoint,
                   save_grid, setup, teardown, warn)
 
 
@@ -221,19 +221,19 @@ def write_grids(model, test_set, config, out, tag, device):
     model.train()
 
 
-def train(config, runtime):
+def train(config, runtime, checkpoint=None):
+    """Train from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out = Path(config.out)
     device = runtime.device
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
-    if config.resume:
-        checkpoint = load_checkpoint(config.ckpt or out / "ckpt.pt", "vae")
-        load_state(model, checkpoint["model"], config.ckpt or out / "ckpt.pt")
+    if checkpoint:
+        load_state(model, checkpoint["model"], out / "ckpt.pt")
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
-        torch.set_rng_state(checkpoint["rng"])
+        restore_rng(checkpoint, runtime, config.seed)
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -280,10 +280,10 @@ def train(config, runtime):
             print(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         raise
     if runtime.is_main:
-        report(model, test_set, config, device, out, logger, step)
+        report(model, test_set, config, device, logger, step)
 
 
-def report(model, test_set, config, device, out, logger=None, step=None):
+def report(model, test_set, config, device, logger=None, step=None):
     results = evaluate(model, test_set, config, device, importance_samples=config.iw)
     if logger:
         logger.log(step, **{f"test_{key}": value for key, value in results.items()}, iw=config.iw)
@@ -333,6 +333,7 @@ def sample(config, runtime, out_given):
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     validate(config)
+    checkpoint = None
     if config.resume:  # the saved run's settings, with the flags given now on top
         checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt", "vae")
         saved = config_from_dict(Config, checkpoint["config"])
@@ -345,9 +346,9 @@ def main(argv=None):
         elif config.eval:
             model, saved, _ = load_model(config, runtime.device)
             _, test_set = load_train_test(saved.train, config.test or saved.test, saved.image_size)
-            report(model, test_set, dataclasses.replace(saved, iw=config.iw, seed=config.seed), runtime.device, None)
+            report(model, test_set, dataclasses.replace(saved, iw=config.iw, seed=config.seed), runtime.device)
         else:
-            train(config, runtime)
+            train(config, runtime, checkpoint)
     finally:
         teardown()
 
