@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import time
 import typing
@@ -330,7 +331,7 @@ def parse_caption(caption):
     return dict(size=match.group(1), colour=match.group(2), shape=match.group(3), position=match.group(4))
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=8192)
 def _template(shape, size, x0, y0, image_size):
     """Boolean mask (S, S) of `shape` drawn with its box's top-left corner at (x0, y0)."""
     side = round(SIZES[size] * image_size)
@@ -536,15 +537,27 @@ def _wrap(text, font, width):
 # Training plumbing: datasets by name, device, torchrun, sampler, checkpoints, logging, schedule
 
 
+def load_dataset(name, image_size, split="train"):
+    """'shapes' (that split, rendered in memory) or a folder of images."""
+    if name == "shapes":
+        return ShapesDataset(SHAPES_TRAIN_SIZE if split == "train" else SHAPES_TEST_SIZE, image_size, split=split)
+    return ImageTextFolder(name, image_size)
+
+
+def load_test(train, test, image_size, test_size=1000):
+    """The held-out set alone (for evaluating a checkpoint): see load_train_test."""
+    if test or train == "shapes":
+        return load_dataset(test or train, image_size, split="test")
+    return load_train_test(train, test, image_size, test_size)[1]
+
+
 def load_train_test(train, test, image_size, test_size=1000):
-    """The training set and a held-out set. `shapes` uses its own test split; a folder uses `test` if
-    given, else a fixed held-out part of itself (5%, at most `test_size` images)."""
-    if train == "shapes":
-        return (ShapesDataset(SHAPES_TRAIN_SIZE, image_size, split="train"),
-                ShapesDataset(SHAPES_TEST_SIZE, image_size, split="test"))
-    dataset = ImageTextFolder(train, image_size)
-    if test:
-        return dataset, ImageTextFolder(test, image_size)
+    """The training set and a held-out set: `test` if given; else the shapes test split (half of it
+    colour-shape pairs never seen in training); else a fixed 5% of the training folder (at most
+    `test_size` images), kept out of training."""
+    dataset = load_dataset(train, image_size, split="train")
+    if test or train == "shapes":
+        return dataset, load_dataset(test or train, image_size, split="test")
     held = min(test_size, len(dataset) // 20) if len(dataset) >= 20 else 0
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     if held == 0:
@@ -575,8 +588,13 @@ def setup(device="auto", seed=0):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else (
             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
-    check(device.split(":")[0] in ("cpu", "cuda", "mps"), f"--device {device}: use auto, cpu, cuda or mps")
-    check(device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    check(kind in ("cpu", "cuda", "mps"), f"--device {device}: use auto, cpu, cuda, cuda:N or mps")
+    check(kind != "cuda" or torch.cuda.is_available(), f"--device {device}: no CUDA device is available")
+    check(kind != "mps" or torch.backends.mps.is_available(), f"--device {device}: MPS is not available")
     if device == "cuda" and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(device)
@@ -638,6 +656,12 @@ def batches(dataset, batch_size, runtime, seed=0, start_step=0):
         yield images.to(runtime.device, non_blocking=True), list(captions)
 
 
+def step_generator(device, seed, rank, step):
+    """A fresh random generator for one training step of one rank. The noise of step t depends only on
+    (seed, rank, t), never on what ran before, so --resume continues exactly on any device."""
+    return torch.Generator(device).manual_seed((seed * 1000 + rank) * 100_000_000 + step)
+
+
 def learning_rate(step, total_steps, peak, warmup):
     """Linear warmup to `peak` over `warmup` steps, then cosine decay to peak/10 at `total_steps`."""
     if step < warmup:
@@ -652,23 +676,26 @@ def atomic_write(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left if writing failed (a full disk, say)
 
 
 def save_checkpoint(path, kind, config, step, **state):
-    """Atomically save plain data only: which model (`kind`), its config as a dict, the step, the RNG
-    state, and whatever state dicts are passed (model=..., optimizer=...)."""
-    payload = dict(kind=kind, config=dataclasses.asdict(config), step=step,
-                   rng=torch.get_rng_state(), **state)
+    """Atomically save plain data only: which model (`kind`), its config as a dict, the step, and
+    whatever state dicts are passed (model=..., optimizer=...)."""
+    payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
 
 
-def load_checkpoint(path, kind):
-    """Load a checkpoint without ever running code (weights_only=True) and refuse other models'."""
+def load_checkpoint(path, kind, required=("config", "model", "step")):
+    """Load a checkpoint without ever running code (weights_only=True); refuse other models' and
+    incomplete ones."""
     check(Path(path).is_file(), f"{path}: no such checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -679,16 +706,9 @@ def load_checkpoint(path, kind):
         raise UsageError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     check(found == kind, f"{path}: this is a {found} checkpoint, not a {kind} checkpoint")
+    missing = [key for key in required if key not in checkpoint]
+    check(not missing, f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
     return checkpoint
-
-
-def restore_rng(checkpoint, runtime, seed):
-    """Continue rank 0's random stream exactly where the checkpoint left it (only rank 0 saves one);
-    other ranks start fresh streams of their own, different from before and from each other."""
-    if runtime.is_main:
-        torch.set_rng_state(checkpoint["rng"])
-    else:
-        torch.manual_seed(seed + runtime.rank + 1_000_003 * checkpoint["step"])
 
 
 def load_state(module, state, path):
@@ -696,7 +716,34 @@ def load_state(module, state, path):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as error:
-        raise UsageError(f"{path}: does not fit this model ({str(error).splitlines()[1:2] or error})") from None
+        detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise UsageError(f"{path}: does not fit this model ({detail[-1] if detail else error})") from None
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a flag that the training loop checks between steps, so the
+    checkpoint it saves on the way out is never taken in the middle of an update."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exception):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _duration(seconds):
@@ -714,6 +761,10 @@ class Logger:
         self.path = Path(out) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            atomic_write(self.path, lambda file: file.write("".join(f"{line}\n" for line in kept).encode()))
 
     def log(self, step, **metrics):
         if self.enabled:
@@ -757,7 +808,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "shapes":
-        check(args.n > 0 and args.size >= 8, "--n must be positive and --size at least 8")
+        check(args.n > 0 and args.size >= 16, "--n must be positive and --size at least 16")
         images, captions, held_out = make_shapes(args.n, args.size, args.seed, args.split)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

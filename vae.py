@@ -6,13 +6,15 @@ Paper:  Kingma & Welling, "Auto-Encoding Variational Bayes", 2013, arXiv:1312.61
 
 Usage:
     python vae.py --train shapes                          # train on the built-in shapes (runs/vae)
-    python vae.py --train data/fashion --test data/fashion-test --steps 20000
-    python vae.py --resume --out runs/vae --steps 8000    # continue a run (flags given override)
+    python vae.py --train data/fashion/train --test data/fashion/test --steps 5000  # see README
+    python vae.py --resume --out runs/vae                 # continue a stopped run exactly
     python vae.py --sample 64 --ckpt runs/vae/ckpt.pt     # prior samples + an interpolation grid
     python vae.py --eval --ckpt runs/vae/ckpt.pt --iw 1000  # held-out -ELBO and IW-NLL
     torchrun --nproc_per_node=2 vae.py --train shapes     # data parallel (gloo on CPU, nccl on GPU)
 
-The model (D = 3*H*W pixels, J = latent_dim):
+Shapes: B batch, S image side, J = latent_dim, K importance samples, D = 3*S*S pixel values.
+
+The model:
     q(z|x) = N(z; mu(x), diag(exp(logvar(x))))     recognition model, a conv net
     p(z)   = N(z; 0, I)                             prior
     p(x|z) = prod_d Bernoulli(x_d; sigmoid(f(z)_d)) generative model, a transposed-conv net
@@ -41,8 +43,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (Logger, UsageError, atomic_write, autocast, batches, check, config_from_dict, learning_rate,
-                  load_checkpoint, load_state, load_train_test, parse_config, restore_rng, run_cli, save_checkpoint,
-                  save_grid, setup, teardown, warn)
+                  load_checkpoint, StopRequest, load_state, load_test, load_train_test, parse_config, run_cli, save_checkpoint,
+                  save_grid, setup, step_generator, teardown, warn)
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Config:
     save_every: int = 1000  # steps between held-out -ELBO, grids and checkpoints
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     seed: int = 0  # seeds initialisation, data order and noise
-    resume: bool = False  # continue from OUT/ckpt.pt (or --ckpt); flags given now override saved ones
+    resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
     sample: int = 0  # N > 0: write N prior samples and an interpolation grid from --ckpt, then exit
     eval: bool = False  # report held-out -ELBO and IW-NLL of --ckpt, then exit
     ckpt: str = ""  # checkpoint for --sample, --eval, --resume (default OUT/ckpt.pt)
@@ -86,14 +88,14 @@ class Encoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        w, s = config.width, config.image_size // 8
+        width, side = config.width, config.image_size // 8
         self.net = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), nn.ReLU(),                 # (B, w, S/2, S/2)
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.ReLU(),             # (B, 2w, S/4, S/4)
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.ReLU(),         # (B, 4w, S/8, S/8)
-            nn.Flatten(),                                        # (B, 4w * S/8 * S/8)
+            nn.Conv2d(3, width, 4, 2, 1), nn.ReLU(),              # (B, width, S/2, S/2)
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(),      # (B, 2 width, S/4, S/4)
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.ReLU(),  # (B, 4 width, S/8, S/8)
+            nn.Flatten(),                                         # (B, 4 width * S/8 * S/8)
         )
-        self.to_stats = nn.Linear(4 * w * s * s, 2 * config.latent_dim)
+        self.to_stats = nn.Linear(4 * width * side * side, 2 * config.latent_dim)
 
     def forward(self, x):
         mu, logvar = self.to_stats(self.net(x)).chunk(2, dim=1)  # (B, 2J) -> 2 x (B, J)
@@ -105,17 +107,17 @@ class Decoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        w, self.s = config.width, config.image_size // 8
-        self.from_z = nn.Linear(config.latent_dim, 4 * w * self.s * self.s)
+        width, self.side = config.width, config.image_size // 8
+        self.from_z = nn.Linear(config.latent_dim, 4 * width * self.side ** 2)
         self.net = nn.Sequential(
             nn.ReLU(),
-            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.ReLU(),  # (B, 2w, S/4, S/4)
-            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.ReLU(),      # (B, w, S/2, S/2)
-            nn.ConvTranspose2d(w, 3, 4, 2, 1),                      # (B, 3, S, S) logits
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.ReLU(),  # (B, 2 width, S/4, S/4)
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(),      # (B, width, S/2, S/2)
+            nn.ConvTranspose2d(width, 3, 4, 2, 1),                          # (B, 3, S, S) logits
         )
 
     def forward(self, z):
-        h = self.from_z(z).view(len(z), -1, self.s, self.s)  # (B, 4w * s * s) -> (B, 4w, s, s)
+        h = self.from_z(z).view(len(z), -1, self.side, self.side)  # (B, 4 width S/8 S/8) -> (B, 4 width, S/8, S/8)
         return self.net(h)
 
 
@@ -156,24 +158,25 @@ def negative_elbo(model, x, generator=None):
 
 
 @torch.no_grad()
-def importance_weighted_nll(model, x, samples, generator=None, chunk=25):
+def importance_weighted_nll(model, x, K, generator=None, chunk_size=25):
     """-log p(x) estimated with K importance samples from q (Burda et al. eq. 8), per image, (B,):
         log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x).
-    A lower bound of log p(x) for every K, equal to the ELBO at K = 1, tight as K grows."""
+    The bound is below log p(x) for every K, equals the ELBO at K = 1, and tightens as K grows.
+    Samples are drawn `chunk_size` at a time (C below) to bound memory."""
     mu, logvar = model.encoder(x)  # (B, J)
     std = torch.exp(0.5 * logvar)
     log_weights = []
-    for start in range(0, samples, chunk):
-        k = min(chunk, samples - start)
-        eps = torch.randn((k, *mu.shape), device=x.device, generator=generator)  # (k, B, J)
-        z = mu + std * eps  # (k, B, J)
-        logits = model.decoder(z.flatten(0, 1)).view(k, *x.shape)  # (k * B, 3, S, S) -> (k, B, 3, S, S)
-        log_px = log_likelihood(logits, x.expand(k, *x.shape))  # (k, B)
-        log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)  # (k, B)
-        log_qz = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)  # (k, B)
+    for start in range(0, K, chunk_size):
+        C = min(chunk_size, K - start)
+        eps = torch.randn((C, *mu.shape), device=x.device, generator=generator)  # (C, B, J)
+        z = mu + std * eps  # (C, B, J)
+        logits = model.decoder(z.flatten(0, 1)).view(C, *x.shape)  # (C * B, 3, S, S) -> (C, B, 3, S, S)
+        log_px = log_likelihood(logits, x.expand(C, *x.shape))  # (C, B)
+        log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)  # summed over J: (C, B)
+        log_qz = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)  # summed over J: (C, B)
         log_weights.append(log_px + log_pz - log_qz)
     log_weights = torch.cat(log_weights)  # (K, B)
-    return -(torch.logsumexp(log_weights, dim=0) - math.log(samples))  # (B,)
+    return -(torch.logsumexp(log_weights, dim=0) - math.log(K))  # (B,)
 
 
 @torch.no_grad()
@@ -187,7 +190,8 @@ def evaluate(model, dataset, config, device, importance_samples=0, batch_size=25
     totals = {"neg_elbo": 0.0, "iw_nll": 0.0}
     count = 0
     for start in range(0, len(dataset), batch_size):
-        x = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
+        indices = range(start, min(start + batch_size, len(dataset)))
+        x = torch.stack([dataset[i][0] for i in indices]).to(device)  # (B, 3, S, S)
         totals["neg_elbo"] += negative_elbo(model, x, generator)[0].sum().item()
         if importance_samples:
             totals["iw_nll"] += importance_weighted_nll(model, x, importance_samples, iw_generator).sum().item()
@@ -225,6 +229,8 @@ def train(config, runtime, checkpoint=None):
     """Train from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out = Path(config.out)
     device = runtime.device
+    check(checkpoint or not (out / "ckpt.pt").exists(),
+          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -233,7 +239,6 @@ def train(config, runtime, checkpoint=None):
         load_state(model, checkpoint["model"], out / "ckpt.pt")
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
-        restore_rng(checkpoint, runtime, config.seed)
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -249,13 +254,15 @@ def train(config, runtime, checkpoint=None):
         save_checkpoint(out / "ckpt.pt", "vae", config, step, model=model.state_dict(),
                         optimizer=optimizer.state_dict())
 
-    try:
-        while step < config.steps:
+    dimensions = 3 * config.image_size ** 2
+    with StopRequest() as stop:
+        while step < config.steps and not stop.requested:
             x, _ = next(data)  # (B, 3, S, S) in [0, 1]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
+            noise = step_generator(device, config.seed, runtime.rank, step)  # eps of this step
             with autocast(device):
-                neg_elbo, reconstruction, kl = negative_elbo(network, x)
+                neg_elbo, reconstruction, kl = negative_elbo(network, x, noise)
             loss = neg_elbo.mean()  # -ELBO in nats per image, averaged over the batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,8 +270,9 @@ def train(config, runtime, checkpoint=None):
             optimizer.step()
             step += 1
             if step % config.log_every == 0 or step == config.steps:
-                metrics = dict(loss=loss.item(), reconstruction=reconstruction.mean().item(),
-                               kl=kl.mean().item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
+                metrics = dict(loss=loss.item(), loss_bpd=loss.item() / (dimensions * math.log(2)),
+                               reconstruction=reconstruction.mean().item(), kl=kl.mean().item(),
+                               lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
                 logger.log(step, **metrics)
                 logger.progress(step, loss=metrics["loss"], kl=metrics["kl"])
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
@@ -274,11 +282,11 @@ def train(config, runtime, checkpoint=None):
                       f"({held_out['neg_elbo_bpd']:.4f} bits/dim)", flush=True)
                 write_grids(model, test_set, config, out, f"{step:06d}", device)
                 save()
-    except KeyboardInterrupt:
-        if runtime.is_main and step > 0:
+    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
+        if runtime.is_main:
             save()
-            print(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise
+            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
+        raise KeyboardInterrupt
     if runtime.is_main:
         report(model, test_set, config, device, logger, step)
 
@@ -317,16 +325,16 @@ def sample(config, runtime, out_given):
     save_grid(torch.sigmoid(model.decoder(z)), out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample))))
     print(f"wrote {out / 'samples.png'}")
     try:
-        _, test_set = load_train_test(saved.train, saved.test, saved.image_size)
+        test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
     except UsageError as error:
         warn(f"no interpolation grid: the training data is not available here ({error})")
         return
     # Interpolate between the posterior means of held-out pairs: z_t = (1 - t) mu_a + t mu_b, 10 steps.
-    x = torch.stack([test_set[i][0] for i in range(min(16, len(test_set)) // 2 * 2)]).to(runtime.device)
+    x = torch.stack([test_set[i][0] for i in range(min(16, len(test_set)) // 2 * 2)]).to(runtime.device)  # (2P, 3, S, S)
     mu = model.encoder(x)[0].view(-1, 2, saved.latent_dim)  # (P, 2, J): P pairs
     t = torch.linspace(0, 1, 10, device=runtime.device).view(1, 10, 1)  # (1, 10, 1)
     z = (1 - t) * mu[:, :1] + t * mu[:, 1:]  # (P, 10, J)
-    save_grid(torch.sigmoid(model.decoder(z.flatten(0, 1))), out / "interpolation.png", nrow=10)
+    save_grid(torch.sigmoid(model.decoder(z.flatten(0, 1))), out / "interpolation.png", nrow=10)  # z (P, 10, J) -> (P * 10, J): one row per pair
     print(f"wrote {out / 'interpolation.png'}")
 
 
@@ -345,7 +353,7 @@ def main(argv=None):
             sample(config, runtime, "out" in given)
         elif config.eval:
             model, saved, _ = load_model(config, runtime.device)
-            _, test_set = load_train_test(saved.train, config.test or saved.test, saved.image_size)
+            test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
             report(model, test_set, dataclasses.replace(saved, iw=config.iw, seed=config.seed), runtime.device)
         else:
             train(config, runtime, checkpoint)
