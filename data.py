@@ -566,6 +566,14 @@ def load_train_test(train, test, image_size, test_size=1000):
     return Subset(dataset, order[held:]), Subset(dataset, order[:held])
 
 
+def spread_batch(dataset, count):
+    """`count` items spread evenly over a dataset, as (images (N, 3, S, S), captions): a sorted folder
+    groups its classes, so its first items would all be of one class."""
+    count = min(count, len(dataset))
+    items = [dataset[int(i)] for i in torch.linspace(0, len(dataset) - 1, count).round()]
+    return torch.stack([image for image, _ in items]), [caption for _, caption in items]
+
+
 @dataclasses.dataclass
 class Runtime:
     device: torch.device

@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (Logger, UsageError, atomic_write, autocast, batches, check, config_from_dict, learning_rate,
-                  load_checkpoint, StopRequest, load_state, load_test, load_train_test, parse_config, run_cli, save_checkpoint,
-                  save_grid, setup, step_generator, teardown, warn)
+from data import (Logger, StopRequest, UsageError, atomic_write, autocast, batches, check, config_from_dict,
+                  learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_config, run_cli,
+                  save_checkpoint, save_grid, score_shapes, setup, spread_batch, step_generator, teardown, warn)
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Config:
     test: str = ""  # held-out folder; default: the shapes test split, or a fixed 5% of a --train folder
     out: str = "runs/vae"  # run folder: ckpt.pt, metrics.jsonl, grids
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
-    latent_dim: int = 32  # J, the dimension of z
+    latent_dim: int = 16  # J, the dimension of z
     width: int = 32  # channels after the first downsampling; doubled at each of the three
     steps: int = 3000  # optimizer steps in total
     batch_size: int = 64  # images per step and per process
@@ -215,7 +215,7 @@ def write_grids(model, test_set, config, out, tag, device):
     with torch.no_grad():
         per_row = min(8, len(test_set))
         count = min(32, len(test_set)) // per_row * per_row
-        x = torch.stack([test_set[i][0] for i in range(count)]).to(device)  # (N, 3, S, S)
+        x = spread_batch(test_set, count)[0].to(device)  # (N, 3, S, S)
         reconstruction = torch.sigmoid(model.decoder(model.encoder(x)[0]))  # decode the posterior mean
         rows = [t.view(-1, per_row, *x.shape[1:]) for t in (x, reconstruction)]  # 2 x (N/R, R, 3, S, S)
         pairs = torch.stack(rows, dim=1).flatten(0, 2)  # (N/R, 2, R, 3, S, S) -> (2N, 3, S, S)
@@ -291,13 +291,28 @@ def train(config, runtime, checkpoint=None):
         report(model, test_set, config, device, logger, step)
 
 
+@torch.no_grad()
+def clean_sample_fraction(model, config, device, count=500):
+    """On shapes: the fraction of prior samples that the pixel scorer reads as one clean shape."""
+    model.eval()
+    z = torch.randn(count, config.latent_dim, device=device,
+                    generator=torch.Generator(device).manual_seed(config.seed))  # (N, J)
+    fraction = score_shapes(torch.sigmoid(model.decoder(z)), [""] * count)["clean"]
+    model.train()
+    return fraction
+
+
 def report(model, test_set, config, device, logger=None, step=None):
     results = evaluate(model, test_set, config, device, importance_samples=config.iw)
+    if config.train == "shapes":
+        results["clean_samples"] = clean_sample_fraction(model, config, device)
     if logger:
         logger.log(step, **{f"test_{key}": value for key, value in results.items()}, iw=config.iw)
     print(f"held-out ({len(test_set)} images): -ELBO {results['neg_elbo']:.2f} nats/image "
           f"({results['neg_elbo_bpd']:.4f} bits/dim), IW-NLL (K={config.iw}) {results['iw_nll']:.2f} "
           f"nats/image ({results['iw_nll_bpd']:.4f} bits/dim)")
+    if "clean_samples" in results:
+        print(f"prior samples read as one clean shape by the shapes scorer: {100 * results['clean_samples']:.1f}%")
     return results
 
 
@@ -330,7 +345,7 @@ def sample(config, runtime, out_given):
         warn(f"no interpolation grid: the training data is not available here ({error})")
         return
     # Interpolate between the posterior means of held-out pairs: z_t = (1 - t) mu_a + t mu_b, 10 steps.
-    x = torch.stack([test_set[i][0] for i in range(min(16, len(test_set)) // 2 * 2)]).to(runtime.device)  # (2P, 3, S, S)
+    x = spread_batch(test_set, min(16, len(test_set)) // 2 * 2)[0].to(runtime.device)  # (2P, 3, S, S)
     mu = model.encoder(x)[0].view(-1, 2, saved.latent_dim)  # (P, 2, J): P pairs
     t = torch.linspace(0, 1, 10, device=runtime.device).view(1, 10, 1)  # (1, 10, 1)
     z = (1 - t) * mu[:, :1] + t * mu[:, 1:]  # (P, 10, J)
