@@ -114,7 +114,7 @@ def parse_config(config_class, argv=None, description=None):
                                 help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
-                                metavar=kind.__name__.upper())
+                                metavar={int: "N", float: "X"}.get(kind, "TEXT"))
     given = vars(parser.parse_args(argv))  # only the flags actually given
     return dataclasses.replace(config_class(), **given), set(given)
 

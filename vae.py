@@ -68,7 +68,7 @@ class Config:
     resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
     sample: int = 0  # N > 0: write N prior samples and an interpolation grid from --ckpt, then exit
     eval: bool = False  # report held-out -ELBO and IW-NLL of --ckpt, then exit
-    ckpt: str = ""  # checkpoint for --sample, --eval, --resume (default OUT/ckpt.pt)
+    ckpt: str = ""  # checkpoint for --sample, --eval and --resume; '' means OUT/ckpt.pt
 
 
 def validate(config):
