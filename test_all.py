@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import vae
+import vqvae2
 
 ROOT = Path(__file__).resolve().parent
 
@@ -456,3 +457,248 @@ def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [2, 4]  # one writer: no record twice
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# vqvae2.py
+
+TINY_VQVAE2 = ["--image-size", 16, "--hidden", 16, "--residual-hidden", 8, "--residual-blocks", 1,
+               "--codebook-size", 32, "--code-dim", 8, "--device", "cpu"]
+
+
+def tiny_vqvae2(image_size=16):
+    return vqvae2.VQVAE2(vqvae2.Config(image_size=image_size, hidden=16, residual_hidden=8, residual_blocks=1,
+                                       codebook_size=32, code_dim=8))
+
+
+def test_vqvae2_shapes_for_several_sizes():
+    for size in (16, 32, 64):
+        model = tiny_vqvae2(size)
+        x = torch.rand(2, 3, size, size)
+        assert model.encoder_bottom(x).shape == (2, 16, size // 4, size // 4)
+        x_hat, commitments, (top, bottom) = model(x)
+        assert x_hat.shape == x.shape and all(c.shape == () for c in commitments)
+        assert top.shape == (2, *model.top_shape) == (2, size // 8, size // 8)
+        assert bottom.shape == (2, *model.bottom_shape) == (2, size // 4, size // 4)
+        assert model.decode(top, bottom).shape == x.shape
+        assert model.top_codebook_size == model.bottom_codebook_size == 32 and model.image_size == size
+
+
+def test_vqvae2_straight_through_gradient_is_identity():
+    quantizer = vqvae2.VectorQuantizer(16, 4, decay=0.99).eval()
+    z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q, ids, commitment = quantizer(z_e)
+    assert torch.allclose(z_q, quantizer.lookup(ids))  # the forward value is the nearest code
+    upstream = torch.randn_like(z_q)
+    (z_q * upstream).sum().backward()
+    assert torch.equal(z_e.grad, upstream)  # and the gradient passes unchanged
+    z_e.grad = None
+    commitment.backward()  # d/dz_e mean((z_e - sg[z_q])^2) = 2 (z_e - z_q) / numel; nothing reaches the codebook
+    assert torch.allclose(z_e.grad, 2 * (z_e - z_q).detach() / z_e.numel())
+
+
+def quantizer_with_codes(codes, decay=0.99):
+    quantizer = vqvae2.VectorQuantizer(len(codes), len(codes[0]), decay)
+    quantizer.codebook.copy_(torch.tensor(codes, dtype=torch.float))
+    quantizer.embed_sum.copy_(quantizer.codebook)
+    quantizer.initialised.fill_(True)
+    return quantizer
+
+
+def as_z_e(vectors):
+    """(N, D) vectors -> a (1, D, 1, N) encoder output."""
+    return torch.tensor(vectors, dtype=torch.float).t()[None, :, None, :]
+
+
+def test_vqvae2_ema_moves_a_code_to_the_mean_of_its_vectors():
+    quantizer = quantizer_with_codes([[0.0, 0.0], [10.0, 10.0], [-50.0, 50.0]])
+    near_first, near_second = [[1.0, 2.0], [2.0, 1.0], [0.0, 3.0]], [[9.0, 8.0], [8.0, 9.0]]
+    z_e = as_z_e(near_first + near_second)
+    quantizer(z_e)  # one step, checked against the equations (K = 3, eps = 1e-5)
+    N = torch.tensor([0.99 + 0.01 * 3, 0.99 + 0.01 * 2, 0.99])
+    m = 0.99 * torch.tensor([[0.0, 0.0], [10.0, 10.0], [-50.0, 50.0]])
+    m[0] += 0.01 * torch.tensor(near_first).sum(0)
+    m[1] += 0.01 * torch.tensor(near_second).sum(0)
+    smoothed = (N + 1e-5) / (N.sum() + 3e-5) * N.sum()
+    assert torch.allclose(quantizer.codebook, m / smoothed[:, None], atol=1e-5)
+    for _ in range(1500):  # decay 0.99: after many steps each used code is the mean of its vectors
+        quantizer(z_e)
+    assert torch.allclose(quantizer.codebook[0], torch.tensor([1.0, 2.0]), atol=1e-3)
+    assert torch.allclose(quantizer.codebook[1], torch.tensor([8.5, 8.5]), atol=1e-3)
+    before = quantizer.codebook.clone()
+    quantizer.eval()(z_e)  # eval mode never updates
+    assert torch.equal(before, quantizer.codebook)
+
+
+def test_vqvae2_dead_code_is_restarted():
+    quantizer = quantizer_with_codes([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]])
+    vectors = [[0.1, 0.0], [0.9, 1.0], [0.0, 0.2]]
+    quantizer(as_z_e(vectors))
+    kept = quantizer.codebook[:2].clone()
+    used, restarted = quantizer.end_window(restart=False)
+    assert used == 0.5 and restarted == 0 and quantizer.codebook[2, 0] > 50  # counted, not moved
+    quantizer(as_z_e(vectors))
+    used, restarted = quantizer.end_window(restart=True, generator=torch.Generator().manual_seed(0))
+    assert used == 0.5 and restarted == 2 and quantizer.window_stats.tolist() == [0.5, 2.0, 2.0]
+    for code in quantizer.codebook[2:]:  # each dead code now sits on one of the recent encoder outputs
+        assert any(torch.allclose(code, torch.tensor(v)) for v in vectors)
+    assert quantizer.usage.sum() == 0 and (quantizer.codebook[:2] - kept).abs().max() < 0.1
+    quantizer(as_z_e(vectors))
+    assert quantizer.end_window(restart=True)[0] > 0.5  # the restarted codes win vectors
+
+
+def test_vqvae2_initialises_codebooks_from_the_first_batch():
+    model = tiny_vqvae2(16)
+    x = torch.rand(64, 3, 16, 16)
+    model(x)
+    top_inputs = model.encoder_top(model.encoder_bottom(2 * x - 1)).permute(0, 2, 3, 1).reshape(-1, 8)  # (B Ht Wt, D)
+    first_code = model.quantize_top.codebook[0]  # EMA-updated once, from a code that was one of these
+    assert model.quantize_top.initialised and (top_inputs - first_code).norm(dim=1).min() < 0.1
+
+
+def test_vqvae2_decode_of_encode_is_the_forward_reconstruction():
+    torch.manual_seed(0)
+    model = tiny_vqvae2(16)
+    model(torch.rand(32, 3, 16, 16))  # a training step's forward initialises and updates the codebooks
+    x = torch.rand(6, 3, 16, 16)
+    model.train()
+    codebooks = [model.quantize_top.codebook.clone(), model.quantize_bottom.codebook.clone()]
+    top, bottom = model.encode(x)  # never updates, even in training mode
+    assert torch.equal(codebooks[0], model.quantize_top.codebook) and model.training
+    assert torch.equal(codebooks[1], model.quantize_bottom.codebook)
+    with torch.no_grad():
+        x_hat, _, (forward_top, forward_bottom) = model.eval()(x)
+    assert torch.equal(top, forward_top) and torch.equal(bottom, forward_bottom)
+    assert torch.allclose(model.decode(top.to(torch.int16), bottom.to(torch.int16)), x_hat.clamp(0, 1), atol=1e-5)
+
+
+def test_vqvae2_pixelcnn_is_causal():
+    torch.manual_seed(0)
+    top_prior = vqvae2.PixelCNN(10, 8, 3)
+    bottom_prior = vqvae2.PixelCNN(10, 8, 3, condition_codebook_size=6)
+    condition = torch.randint(6, (1, 4, 4))
+    for prior, shape, top in ((top_prior, (4, 4), None), (bottom_prior, (8, 8), condition)):
+        ids = torch.randint(10, (1, *shape))
+        with torch.no_grad():
+            base = prior(ids, top)  # (1, K, H, W)
+            for p in range(ids.numel()):
+                changed = ids.clone()
+                changed.view(-1)[p] = (changed.view(-1)[p] + 1) % 10
+                difference = (prior(changed, top) - base).abs().amax(1).flatten()  # per position, (H W,)
+                assert difference[: p + 1].max() == 0, p  # the code at p and every earlier logit: untouched
+                if p + 1 < ids.numel():
+                    assert difference[p + 1:].max() > 0, p  # some later position sees it
+                if prior is top_prior and p + 1 < ids.numel():
+                    assert difference[-1] > 0, p  # no blind spot: the last code sees every earlier one
+    with torch.no_grad():
+        assert not torch.equal(bottom_prior(ids, condition), bottom_prior(ids, (condition + 1) % 6))
+        sampled = bottom_prior.sample(3, (8, 8), torch.Generator().manual_seed(0), condition.expand(3, 4, 4))
+    assert sampled.shape == (3, 8, 8) and sampled.max() < 10
+
+
+def test_vqvae2_training_lowers_the_loss(tiny_shapes, tmp_path):
+    vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--steps", "60", "--batch-size", "16",
+                 "--log-every", "10", "--save-every", "30", "--window", "10", "--lr", "3e-3", "--warmup", "5",
+                 "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mse = [r["mse"] for r in records if "mse" in r]
+    assert len(mse) == 6 and mse[-1] < 0.5 * mse[0], mse
+    assert all(0 < r["top_perplexity"] <= 32 and 0 <= r["bottom_used"] <= 1 for r in records if "mse" in r)
+    held_out = [r["test_psnr"] for r in records if "test_psnr" in r]
+    assert held_out[-1] > held_out[0]
+
+
+def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path):
+    common = ["--train", tiny_shapes, *TINY_VQVAE2, "--batch-size", 8, "--log-every", 1, "--window", 2]
+    trained = run(ROOT / "vqvae2.py", *common, "--steps", 3, "--save-every", 2, "--out", tmp_path / "a")
+    assert trained.returncode == 0, trained.stderr
+    assert "PSNR" in trained.stdout and "shapes scorer" in trained.stdout
+    for name in ("ckpt.pt", "metrics.jsonl", "config.json", "reconstructions_000002.png", "reconstructions_000003.png"):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert Image.open(tmp_path / "a" / "reconstructions_000003.png").size == (4 * 18 + 2, 18 + 2)  # 2 held out: 2 pairs
+    assert_clean_error(run(ROOT / "vqvae2.py", *common, "--steps", 3, "--out", tmp_path / "a"), "exists", "--resume")
+    resumed = run(ROOT / "vqvae2.py", "--resume", "--steps", 5, "--out", tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 5
+
+    encoded = run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--ckpt", tmp_path / "a" / "ckpt.pt")
+    assert encoded.returncode == 0, encoded.stderr
+    codes = torch.load(tmp_path / "a" / "codes.pt", weights_only=True)  # plain data only
+    train_set, test_set = data.load_train_test(str(tiny_shapes), "", 16)
+    tokenizer = vqvae2.VQVAE2.from_checkpoint(tmp_path / "a" / "ckpt.pt")
+    for split, dataset in (("train", train_set), ("test", test_set)):
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        top, bottom = tokenizer.encode(images)
+        assert codes[split]["top"].dtype == torch.int16 and codes[split]["top"].shape == (len(dataset), 2, 2)
+        assert torch.equal(codes[split]["top"].long(), top) and torch.equal(codes[split]["bottom"].long(), bottom)
+        assert codes[split]["captions"] == [dataset[i][1] for i in range(len(dataset))]
+    rebuilt = vqvae2.VQVAE2.from_state(codes["tokenizer"])  # the codes file carries its tokenizer
+    assert torch.equal(rebuilt.decode(top, bottom), tokenizer.decode(top, bottom))
+
+    prior = ["--train-prior", tmp_path / "a" / "codes.pt", "--prior-width", 8, "--prior-layers", 2,
+             "--batch-size", 8, "--log-every", 1, "--save-every", 2, "--device", "cpu"]
+    priors = run(ROOT / "vqvae2.py", *prior, "--steps", 2)
+    assert priors.returncode == 0, priors.stderr
+    assert "bits/code" in priors.stdout and (tmp_path / "a" / "prior" / "samples_000002.png").is_file()
+    resumed = run(ROOT / "vqvae2.py", *prior, "--steps", 3, "--resume")
+    assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
+    records = [json.loads(line) for line in (tmp_path / "a" / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "top_bits" in r] == [1, 2, 3] and "clean_samples" in records[-1]
+    sampled = run(ROOT / "vqvae2.py", "--sample", 4, "--ckpt", tmp_path / "a" / "prior" / "ckpt.pt", "--out", tmp_path / "s")
+    assert sampled.returncode == 0, sampled.stderr
+    assert Image.open(tmp_path / "s" / "samples.png").size == (2 * 18 + 2, 2 * 18 + 2)
+    evaluated = run(ROOT / "vqvae2.py", "--eval", "--ckpt", tmp_path / "a" / "ckpt.pt", "--test", tiny_shapes)
+    assert evaluated.returncode == 0 and "held-out (48 images)" in evaluated.stdout, evaluated.stderr
+
+    assert_clean_error(run(ROOT / "vqvae2.py", "--sample", 4, "--ckpt", tmp_path / "a" / "ckpt.pt"),
+                       "vqvae2 checkpoint, not a vqvae2-prior checkpoint")
+    assert_clean_error(run(ROOT / "vqvae2.py", "--train-prior", tmp_path / "a" / "ckpt.pt"), "not a vqvae2-codes")
+    assert_clean_error(run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--sample", 2), "cannot be combined")
+    assert_clean_error(run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--ckpt", tmp_path / "none.pt"),
+                       "no such checkpoint")
+    assert_clean_error(run(ROOT / "vqvae2.py", "--image-size", 20), "--image-size")
+
+
+def test_vqvae2_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
+    args = ["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--log-every", "1",
+            "--save-every", "100", "--steps", "8", "--window", "2", "--warmup", "1"]
+    vqvae2.main(args + ["--out", str(tmp_path / "straight")])
+    real_batches = vqvae2.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, batch in enumerate(real_batches(*arguments, **keywords)):
+            if i == 4:  # a Ctrl-C while step 5 runs: after a window closed with restarts at step 4
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(vqvae2, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        vqvae2.main(args + ["--out", str(tmp_path / "stopped")])
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 5
+    monkeypatch.setattr(vqvae2, "batches", real_batches)
+    vqvae2.main(["--resume", "--out", str(tmp_path / "stopped")])
+
+    def records(folder):
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_second")}
+                for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert records(tmp_path / "straight") == records(tmp_path / "stopped") and len(records(tmp_path / "stopped")) == 8
+    assert records(tmp_path / "straight")[-1]["bottom_restarts_total"] > 0  # restarts happened, and repeated
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(ROOT / "vqvae2.py"), "--train", str(tiny_shapes),
+         *map(str, TINY_VQVAE2), "--steps", "6", "--batch-size", "4", "--window", "2", "--log-every", "2",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("held-out (") == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert all(r["codebook_spread"] == 0.0 for r in logged)  # every rank holds the same codebooks
+    assert logged[-1]["top_restarts_total"] > 0 and logged[-1]["bottom_restarts_total"] > 0  # restarts included
