@@ -106,14 +106,20 @@ def parse_config(config_class, argv=None, description=None):
     comments = _field_comments(config_class)
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-")]
+        if len(field.name) == 1:  # a one-letter field also gets the short flag: n -> -n and --n
+            flags.insert(0, "-" + field.name)
         kind = types[field.name]
-        help_text = f"{comments.get(field.name, '')} (default: {field.default!r})".replace("%", "%%")
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        help_text = f"{comments.get(field.name, '')} (default: {default!r})".replace("%", "%%")
         if kind is bool:  # --flag / --no-flag
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
+        elif typing.get_origin(kind) is list:  # list[str]: --flag A B C
+            parser.add_argument(*flags, nargs="+", type=typing.get_args(kind)[0], default=argparse.SUPPRESS,
+                                help=help_text, metavar="TEXT")
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+            parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, help=help_text,
                                 metavar={int: "N", float: "X"}.get(kind, "TEXT"))
     given = vars(parser.parse_args(argv))  # only the flags actually given
     return dataclasses.replace(config_class(), **given), set(given)

@@ -1,5 +1,6 @@
 """Tests for data.py and every model file. CPU only, a few minutes on 2 cores: pytest test_all.py"""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -279,6 +280,14 @@ def test_config_cli_generation():
         assert field in help_text
     assert "importance samples per image" in help_text  # each flag's help comes from its Config comment
 
+    @dataclasses.dataclass
+    class Sampling:
+        sample: list[str] = dataclasses.field(default_factory=list)  # captions
+        n: int = 4  # images per caption
+    config, given = data.parse_config(Sampling, ["--sample", "a red circle", "一个红色的圆", "-n", "3"])
+    assert config == Sampling(["a red circle", "一个红色的圆"], 3) and given == {"sample", "n"}
+    assert data.parse_config(Sampling, ["--n", "5"])[0] == Sampling([], 5)  # one-letter fields: -n and --n
+
 
 def test_infinite_sampler_shards_and_resumes():
     ranks = [list(zip(range(10), data.InfiniteSampler(10, seed=3, rank=r, world_size=2))) for r in range(2)]
@@ -462,13 +471,13 @@ def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # vqvae2.py
 
-TINY_VQVAE2 = ["--image-size", 16, "--hidden", 16, "--residual-hidden", 8, "--residual-blocks", 1,
-               "--codebook-size", 32, "--code-dim", 8, "--device", "cpu"]
+TINY_VQVAE2 = ["--image-size", 16, "--hidden", 16, "--patch-hidden", 32, "--residual-hidden", 8,
+               "--residual-blocks", 1, "--codebook-size", 32, "--code-dim", 8, "--device", "cpu"]
 
 
 def tiny_vqvae2(image_size=16):
-    return vqvae2.VQVAE2(vqvae2.Config(image_size=image_size, hidden=16, residual_hidden=8, residual_blocks=1,
-                                       codebook_size=32, code_dim=8))
+    return vqvae2.VQVAE2(vqvae2.Config(image_size=image_size, hidden=16, patch_hidden=32, residual_hidden=8,
+                                       residual_blocks=1, codebook_size=32, code_dim=8))
 
 
 def test_vqvae2_shapes_for_several_sizes():
