@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dalle
 import data
 import vae
 import vqvae2
@@ -711,3 +712,178 @@ def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
     assert [r["step"] for r in logged] == [2, 4, 6]
     assert all(r["codebook_spread"] == 0.0 for r in logged)  # every rank holds the same codebooks
     assert logged[-1]["top_restarts_total"] > 0 and logged[-1]["bottom_restarts_total"] > 0  # restarts included
+
+
+# ----------------------------------------------------------------------------------------------------
+# dalle.py
+
+TINY_TOKENIZER = "--vqvae-flags=--hidden 16 --patch-hidden 32 --residual-hidden 8 --residual-blocks 1 " \
+                 "--codebook-size 32 --code-dim 8 --batch-size 8 --window 2 --log-every 5"
+TINY_DALLE = ["--image-size", 16, "--vqvae-steps", 6, TINY_TOKENIZER, "--width", 32, "--layers", 1, "--heads", 2,
+              "--text-len", 40, "--batch-size", 8, "--device", "cpu"]
+
+
+def tiny_dalle(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    config = dalle.Config(width=32, layers=2, heads=4, text_len=12)
+    model = dalle.DALLE(config, (2, 2), (4, 4), 24, 40).to(dtype).eval()  # L = 12 + 4 + 16 = 32
+    for parameter in model.parameters():  # the zero-initialised position embeddings get values too
+        parameter.data += 0.02 * torch.randn_like(parameter)
+    return model
+
+
+def random_tokens(model, batch, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    text = data.encode_text(["a red circle", "ein rotes Quadrat am oberen Rand", "", "一个红圆"][:batch], model.text_len)
+    top = torch.randint(0, 24, (batch, model.top_count), generator=generator)
+    bottom = torch.randint(0, 40, (batch, model.bottom_count), generator=generator)
+    return torch.cat([text, top, bottom], 1)  # (B, L)
+
+
+def all_logits(model, tokens):
+    text, (top, bottom) = model(tokens)
+    return [text, top, bottom]
+
+
+def test_dalle_text_is_bytes_any_language_and_cut_to_length():
+    text = data.encode_text(["héllo 世界 🙂", "x" * 100], 16)
+    assert text.shape == (2, 16) and text[1].tolist() == [ord("x")] * 16
+    assert data.decode_text(text[:1]) == ["héllo 世界 \ufffd"]  # the emoji's bytes are cut at 16: replaced
+    assert text[0, :6].tolist() == list("héllo".encode())[:6]
+
+
+def test_dalle_has_no_future_leakage():
+    model = tiny_dalle(torch.float64)
+    tokens = random_tokens(model, 2)
+    before = torch.cat([logits.flatten(1, -1) for logits in all_logits(model, tokens)], 1)  # (B, (L-1) * V)
+    for t in (3, model.text_len + 2, model.length - 5):
+        changed = tokens.clone()
+        vocabulary = 257 if t < model.text_len else 24 if t < model.text_len + model.top_count else 40
+        changed[:, t] = (changed[:, t] + 7) % vocabulary
+        text, (top, bottom) = model(changed)
+        per_position = torch.cat([text.abs().sum(-1), top.abs().sum(-1), bottom.abs().sum(-1)], 1)  # (B, L-1)
+        reference = torch.cat([x.abs().sum(-1) for x in all_logits(model, tokens)], 1)
+        # the output at position i predicts token i + 1: outputs at positions < t must not move
+        assert torch.equal(per_position[:, :t], reference[:, :t])
+        assert not torch.allclose(per_position[:, t:], reference[:, t:])
+    assert before.shape[0] == 2
+
+
+def test_dalle_cached_forward_equals_full_forward():
+    model = tiny_dalle(torch.float64)
+    tokens = random_tokens(model, 3)
+    full = model.hidden(tokens)  # (B, L, C)
+    cache = model.new_cache(3, "cpu", torch.float64)
+    pieces = [model.hidden(tokens[:, :model.text_len], 0, cache)]  # the caption in one go
+    pieces += [model.hidden(tokens[:, [t]], t, cache) for t in range(model.text_len, model.text_len + 5)]
+    pieces.append(model.hidden(tokens[:, model.text_len + 5:], model.text_len + 5, cache))  # a chunk after the cache
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-10)
+
+
+def test_dalle_sampling_cache_guidance_and_caption_untouched():
+    model = tiny_dalle(torch.float64)
+    text = random_tokens(model, 4)[:, :model.text_len]
+    original = text.clone()
+    samples = {}
+    for guidance in (1.0, 3.0):
+        for cache in (True, False):
+            generator = torch.Generator().manual_seed(5)
+            samples[guidance, cache] = dalle.sample_codes(model, text, generator, guidance, top_k=10, top_p=0.9,
+                                                          cache=cache)
+    assert torch.equal(text, original)  # sampling leaves the caption tensor alone
+    assert samples[1.0, True].shape == (4, model.top_count + model.bottom_count)
+    assert samples[1.0, True][:, :model.top_count].max() < 24 and samples[1.0, True].max() < 40
+    assert torch.equal(samples[1.0, True], samples[1.0, False])  # the cache changes nothing
+    assert torch.equal(samples[3.0, True], samples[3.0, False])
+    assert not torch.equal(samples[1.0, True], samples[3.0, True])  # guidance does something
+
+    # guidance 1 is plain conditional sampling: the same draws as sampling by hand from p(code | caption)
+    generator, tokens = torch.Generator().manual_seed(5), text
+    for i in range(model.top_count + model.bottom_count):
+        text_logits, (top, bottom) = model(torch.cat([tokens, torch.zeros_like(tokens[:, :1])], 1))
+        logits = top[:, i] if i < model.top_count else bottom[:, i - model.top_count]  # (B, K) for image token i
+        tokens = torch.cat([tokens, dalle.pick(logits, generator, top_k=10, top_p=0.9)[:, None]], 1)
+    assert torch.equal(tokens[:, model.text_len:], samples[1.0, True])
+
+
+def test_dalle_top_k_and_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert set(dalle.pick(logits, generator, top_k=2).tolist()) == {0, 1}
+    assert set(dalle.pick(logits, generator, top_p=0.7).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(dalle.pick(logits, generator, top_p=0.85).tolist()) == {0, 1, 2}
+    assert set(dalle.pick(logits, generator).tolist()) == {0, 1, 2, 3}
+
+
+def test_dalle_training_lowers_the_loss():
+    model = tiny_dalle().train()
+    tokens = random_tokens(model, 4).repeat(4, 1)  # (16, L)
+    optimizer = torch.optim.AdamW(dalle.parameter_groups(model, 0.01), lr=3e-3)
+    history = []
+    for _ in range(30):
+        text, nll = dalle.losses(model, tokens)
+        loss = text / 8 + 7 / 8 * nll.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0], history
+    # a model that has learned the pairs: the caption raises its own image's likelihood
+    gain = dalle.caption_gain(model.eval(), tokens[:4, :model.text_len], tokens[:4, model.text_len:])
+    assert gain.shape == (4,) and (gain[[0, 1, 3]] > 1).all()
+    assert abs(gain[2]) < 1e-4  # the empty caption is the padded one: it cannot raise anything
+
+
+def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
+    common = ["--train", tiny_shapes, *TINY_DALLE, "--log-every", 2, "--save-every", 3, "--out", tmp_path / "run"]
+    trained = run(ROOT / "dalle.py", *common, "--steps", 3)
+    assert trained.returncode == 0, trained.stderr
+    for stage in ("stage 1/3", "stage 2/3", "stage 3/3", "caption gap"):
+        assert stage in trained.stdout, trained.stdout
+    for name in ("vqvae2/ckpt.pt", "codes.pt", "ckpt.pt", "metrics.jsonl", "samples_000003.png", "samples.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert_clean_error(run(ROOT / "dalle.py", *common, "--steps", 3), "exists", "--resume")
+    resumed = run(ROOT / "dalle.py", "--resume", "--steps", 5, "--out", tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage 1/3" not in resumed.stdout and "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "image_loss" in r] == [2, 3, 4, 5]
+
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a small red square at the top\n\n一个红色的圆\n".encode() + b"\xff bad bytes\n")
+    sampled = run(ROOT / "dalle.py", "--sample", "a large blue circle at the center", "--prompts", prompts,
+                  "--ckpt", ckpt, "-n", 3, "--keep", 2, "--nearest", "--out", tmp_path / "s")
+    assert sampled.returncode == 0, sampled.stderr
+    pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
+    assert len(pairs) == 4 * 2 and Image.open(pairs[0]).size == (16, 16)  # 4 captions x 2 kept
+    assert (tmp_path / "s" / "samples" / "0002.txt").read_text() == "a small red square at the top"
+    assert (tmp_path / "s" / "samples.png").is_file()
+    scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
+    assert scored.returncode == 0, scored.stderr
+    interactive = subprocess.run([sys.executable, ROOT / "dalle.py", "--interactive", "--ckpt", ckpt, "-n", "2",
+                                  "--out", tmp_path / "i"], input="a red circle\n\nun cercle bleu\n",
+                                 capture_output=True, text=True, timeout=120)
+    assert interactive.returncode == 0, interactive.stderr
+    assert len(list((tmp_path / "i").glob("interactive_*.png"))) == 2
+    evaluated = run(ROOT / "dalle.py", "--eval", "--ckpt", ckpt, "--test", tiny_shapes, "--guidance", 2)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "48 test captions, guidance 2" in evaluated.stdout and "seen " in evaluated.stdout  # a folder of shapes
+
+    assert_clean_error(run(ROOT / "dalle.py", "--sample", "x", "--ckpt", tmp_path / "run" / "codes.pt"),
+                       "not a dalle checkpoint")
+    assert_clean_error(run(ROOT / "dalle.py", "--prompts", tmp_path / "none.txt", "--ckpt", ckpt), "no such file")
+    assert_clean_error(run(ROOT / "dalle.py", "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
+    assert_clean_error(run(ROOT / "dalle.py", "--width", 30, "--heads", 4), "--width")
+    assert_clean_error(run(ROOT / "dalle.py", "--train", tmp_path / "missing"), "missing")
+
+
+def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(ROOT / "dalle.py"), "--train", str(tiny_shapes),
+         *map(str, TINY_DALLE), "--steps", "4", "--batch-size", "4", "--log-every", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("stage 3/3") == 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4

@@ -1,0 +1,678 @@
+"""Zero-Shot Text-to-Image Generation: a decoder-only transformer over [caption bytes; VQ-VAE-2 codes].
+
+Paper:  Ramesh, Pavlov, Goh, Gray, Voss, Radford, Chen & Sutskever, "Zero-Shot Text-to-Image
+        Generation", 2021, arXiv:2102.12092. Guidance: Ho & Salimans, "Classifier-Free Diffusion
+        Guidance", 2022, arXiv:2207.12598. The tokenizer: vqvae2.py (Razavi et al. 2019, arXiv:1906.00446).
+
+Usage:
+    python dalle.py --train shapes                  # tokenizer, codes, transformer, score (runs/dalle)
+    python dalle.py --train DIR --vqvae runs/vqvae2/ckpt.pt   # reuse a trained tokenizer
+    python dalle.py --resume --out runs/dalle       # continue a stopped run exactly
+    python dalle.py --sample "a large red circle at the top left" "a small blue square at the top" \\
+                    --ckpt runs/dalle/ckpt.pt -n 16 --keep 4        # grid + one PNG/TXT pair per image
+    python dalle.py --prompts captions.txt --ckpt runs/dalle/ckpt.pt     # one caption per line
+    python dalle.py --interactive --ckpt runs/dalle/ckpt.pt              # captions from standard input
+    python dalle.py --eval --ckpt runs/dalle/ckpt.pt                     # shapes scorer, seen / held-out
+    python dalle.py --benchmark --image-size 64     # training and sampling speed (random weights)
+    torchrun --nproc_per_node=2 dalle.py --train shapes                  # data parallel
+
+Shapes: B batch, T = text_len caption bytes, Nt = Ht*Wt top codes, Nb = Hb*Wb bottom codes,
+L = T + Nt + Nb tokens in a sequence, C width, H heads, K codes per level.
+
+The model (DALL-E section 2.2): one sequence per image, text first, then the image codes in raster
+order, the top level before the bottom one:
+    s        = [t_1 .. t_T ; a_1 .. a_Nt ; b_1 .. b_Nb]                  (L,)
+    p(s)     = prod_i p(s_i | s_<i)        a decoder-only pre-LayerNorm transformer, causal attention
+    loss     = 1/8 CE_text + 7/8 CE_image           each cross-entropy a mean over its tokens (sec. 2.2)
+Each position predicts only from the vocabulary of the token that follows it (text bytes, top codes
+or bottom codes). With probability cond_drop a caption is replaced by padding during training, so
+one model gives both p(image | caption) and p(image); sampling mixes them (Ho & Salimans eq. 6):
+    logits   = logits_uncond + s (logits_cond - logits_uncond)                 guidance scale s
+
+Known deviations from the paper:
+    - UTF-8 bytes instead of BPE (no tokenizer dependency, any language) and VQ-VAE-2 codes (two
+      levels, vqvae2.py) instead of the dVAE's 32x32 grid; a padded caption is the unconditional one;
+    - dense causal attention instead of the row/column/convolutional sparse masks (short sequences);
+    - classifier-free guidance and reranking by the caption's likelihood gain instead of CLIP reranking
+      (no downloaded network);
+    - a small model, fp32 on CPU or bf16 autocast on CUDA, instead of 12B parameters in fp16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+import vqvae2
+from data import (PAD, TEXT_VOCAB, Logger, StopRequest, UsageError, atomic_write, autocast, batches, check,
+                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
+                  step_generator, teardown)
+
+
+@dataclass
+class Config:
+    train: str = "shapes"  # captioned training images: a folder (NAME.png + NAME.txt) or 'shapes' (built in)
+    test: str = ""  # held-out folder; default: the shapes test split, or a fixed 5% of the training folder
+    out: str = "runs/dalle"  # run folder: vqvae2/ (the tokenizer), codes.pt, ckpt.pt, metrics.jsonl, grids
+    vqvae: str = ""  # a trained vqvae2 checkpoint to use as the tokenizer; '' trains one in OUT/vqvae2 first
+    vqvae_steps: int = 3200  # steps of that tokenizer training (vqvae2.py default)
+    vqvae_flags: str = ""  # more vqvae2.py flags for that training, written with '=': --vqvae-flags='--hidden 32'
+    image_size: int = 32  # side S of the square images (with --vqvae: the tokenizer's)
+    text_len: int = 48  # T, caption bytes per sequence; longer captions are cut, shorter ones padded
+    width: int = 128  # C, the transformer's width
+    layers: int = 4  # transformer blocks
+    heads: int = 4  # attention heads per block
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+    cond_drop: float = 0.1  # probability of training on a padded (dropped) caption, for guidance
+    text_weight: float = 0.125  # weight of the text loss; the image loss gets 1 - this (paper 1/8)
+    steps: int = 2000  # transformer optimizer steps in total
+    batch_size: int = 64  # sequences per micro-batch and per process
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    lr: float = 1e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.045  # AdamW weight decay on matrices and embeddings (paper 4.5e-2)
+    warmup: int = 100  # steps of linear warmup before cosine decay to lr/10
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    compile: bool = False  # torch.compile the transformer (CUDA; slower to start)
+    log_every: int = 100  # steps between progress lines and metric records
+    save_every: int = 500  # steps between held-out losses, sample grids and checkpoints
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+    seed: int = 0  # seeds initialisation, data order, caption dropping and sampling
+    resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
+    sample: list[str] = field(default_factory=list)  # captions to draw images for with --ckpt, then exit
+    prompts: str = ""  # a text file of captions, one per line, sampled like --sample
+    interactive: bool = False  # read captions from standard input, one grid per line, until end of input
+    n: int = 8  # images drawn per caption by --sample, --prompts and --interactive
+    keep: int = 0  # M > 0: keep the M of the n images per caption whose caption raises their likelihood most
+    guidance: float = 3.0  # classifier-free guidance scale s (1: plain conditional sampling)
+    temperature: float = 1.0  # divide the logits by this before sampling
+    top_k: int = 0  # sample among the k most likely codes only (0: all)
+    top_p: float = 1.0  # sample among the smallest set of codes with this much probability (1: all)
+    nearest: bool = False  # put beside each sample the training image with the closest codes
+    eval: bool = False  # score --ckpt on the shapes test captions (seen / held-out pairs), then exit
+    benchmark: bool = False  # measure training and sampling speed of this config (random weights), then exit
+    ckpt: str = ""  # checkpoint for --sample, --eval and --resume; '' means OUT/ckpt.pt
+
+
+def validate(config):
+    for name in ("vqvae_steps", "text_len", "width", "layers", "heads", "steps", "batch_size", "accumulate",
+                 "log_every", "save_every", "n"):
+        check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    check(config.width % config.heads == 0, "--width must be a multiple of --heads")
+    check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
+    check(0 <= config.cond_drop < 1 and 0 <= config.text_weight <= 1 and 0 <= config.dropout < 1,
+          "--cond-drop and --dropout must be in [0, 1), --text-weight in [0, 1]")
+    check(config.lr > 0 and config.warmup >= 0 and config.grad_clip >= 0 and config.weight_decay >= 0,
+          "--lr must be positive; --warmup, --grad-clip and --weight-decay must not be negative")
+    check(config.temperature > 0 and config.top_k >= 0 and 0 < config.top_p <= 1 and config.guidance >= 0,
+          "--temperature must be positive, --top-k >= 0, --top-p in (0, 1], --guidance >= 0")
+    check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The transformer
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position i attends to positions <= i, with an optional cache of
+    keys and values so that sampling computes each position once."""
+
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, cache=None, start=0):
+        """x (B, L, C) at sequence positions start .. start+L-1; cache = (keys, values), each (B, H, L_max, C/H)."""
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, L, C)
+        q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, C/H)
+        mask, causal = None, L > 1
+        if cache is not None:
+            cache[0][:, :, start:start + L], cache[1][:, :, start:start + L] = k, v
+            k, v = cache[0][:, :, :start + L], cache[1][:, :, :start + L]  # (B, H, start+L, C/H)
+            if start > 0 and L > 1:  # new positions see the whole cache and the new ones up to themselves
+                mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+                causal = False
+        # softmax(q k^T / sqrt(C/H)) v over the allowed positions (Vaswani et al. 2017, eq. 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, C/H)
+        return F.dropout(self.proj(y.transpose(1, 2).reshape(B, L, C)), self.dropout, self.training)  # (B, L, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x, cache=None, start=0):
+        x = x + self.attention(self.norm1(x), cache, start)
+        return x + self.mlp(self.norm2(x))
+
+
+class DALLE(nn.Module):
+    """p(caption bytes, top codes, bottom codes) in one causal sequence of length L = T + Nt + Nb."""
+
+    def __init__(self, config, top_shape, bottom_shape, top_codebook_size, bottom_codebook_size):
+        super().__init__()
+        C, T = config.width, config.text_len
+        self.text_len, self.top_shape, self.bottom_shape = T, tuple(top_shape), tuple(bottom_shape)
+        self.top_count, self.bottom_count = math.prod(top_shape), math.prod(bottom_shape)  # Nt, Nb
+        self.length = T + self.top_count + self.bottom_count  # L
+        # each part of the sequence has its own vocabulary, input embedding, positions and output head
+        self.text_embedding = nn.Embedding(TEXT_VOCAB, C)
+        self.top_embedding = nn.Embedding(top_codebook_size, C)
+        self.bottom_embedding = nn.Embedding(bottom_codebook_size, C)
+        self.text_position = nn.Parameter(torch.zeros(T, C))  # learned, one per byte
+        self.top_row, self.top_column = nn.Parameter(torch.zeros(top_shape[0], C)), nn.Parameter(torch.zeros(top_shape[1], C))
+        self.bottom_row = nn.Parameter(torch.zeros(bottom_shape[0], C))
+        self.bottom_column = nn.Parameter(torch.zeros(bottom_shape[1], C))
+        self.blocks = nn.ModuleList(Block(C, config.heads, config.dropout) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(C)
+        self.text_head = nn.Linear(C, TEXT_VOCAB, bias=False)
+        self.top_head = nn.Linear(C, top_codebook_size, bias=False)
+        self.bottom_head = nn.Linear(C, bottom_codebook_size, bias=False)
+        for name, parameter in self.named_parameters():  # GPT-2 initialisation, as in nanoGPT
+            if parameter.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * config.layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(parameter, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(parameter)
+
+    def positions(self):
+        """Position embeddings of the whole sequence: (L, C), row + column embeddings for the codes."""
+        top = (self.top_row[:, None] + self.top_column[None]).flatten(0, 1)  # (Ht, 1, C) + (1, Wt, C) -> (Nt, C)
+        bottom = (self.bottom_row[:, None] + self.bottom_column[None]).flatten(0, 1)  # (Nb, C)
+        return torch.cat([self.text_position, top, bottom])  # (L, C)
+
+    def parts(self):
+        """(first position, end, embedding, head) of the text, top and bottom parts of the sequence."""
+        T, Nt = self.text_len, self.top_count
+        return ((0, T, self.text_embedding, self.text_head), (T, T + Nt, self.top_embedding, self.top_head),
+                (T + Nt, self.length, self.bottom_embedding, self.bottom_head))
+
+    def hidden(self, tokens, start=0, cache=None):
+        """tokens (B, L') at positions start .. start+L'-1, each an id in its part's vocabulary -> (B, L', C)."""
+        pieces = []
+        for first, end, embedding, _ in self.parts():
+            a, b = max(first, start), min(end, start + tokens.shape[1])
+            if a < b:
+                pieces.append(embedding(tokens[:, a - start: b - start]))  # (B, b - a, C)
+        x = torch.cat(pieces, 1) + self.positions()[start: start + tokens.shape[1]]  # (B, L', C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache[i] if cache is not None else None, start)
+        return self.norm(x)
+
+    def head(self, position):
+        """The output head at `position`: it predicts the token at position + 1, from that token's vocabulary."""
+        return next(head for first, end, _, head in self.parts() if first <= position + 1 < end)
+
+    def forward(self, tokens):
+        """tokens (B, L) -> (text logits (B, T-1, 257), image logits [(B, Nt, K), (B, Nb, K)]); the
+        output at position i predicts token i + 1, so the first byte is never predicted."""
+        h = self.hidden(tokens[:, :-1])  # (B, L-1, C)
+        T, Nt = self.text_len, self.top_count
+        return (self.text_head(h[:, :T - 1]),  # predicts tokens 1 .. T-1
+                [self.top_head(h[:, T - 1: T - 1 + Nt]), self.bottom_head(h[:, T - 1 + Nt:])])
+
+    def new_cache(self, batch, device, dtype):
+        C, H = self.norm.normalized_shape[0], self.blocks[0].attention.heads
+        return [(torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype),
+                 torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype)) for _ in self.blocks]
+
+
+def losses(model, tokens):
+    """Mean cross-entropies in nats per token: text over bytes 2 .. T, image over all Nt + Nb codes."""
+    text_logits, image_logits = model(tokens)
+    T = text_logits.shape[1] + 1
+    text = F.cross_entropy(text_logits.flatten(0, 1).float(), tokens[:, 1:T].flatten())  # mean over B (T-1)
+    image_targets = tokens[:, T:]  # (B, Nt + Nb)
+    log_probs = torch.cat([logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+                           for logits, targets in zip(image_logits, image_targets.split(
+                               [logits.shape[1] for logits in image_logits], 1))], 1)  # (B, Nt + Nb)
+    return text, -log_probs  # scalar, (B, Nt + Nb) per-token NLL
+
+
+def drop_captions(text, probability, generator):
+    """Replace each caption (B, T) by padding with the given probability: the unconditional model."""
+    dropped = torch.rand(text.shape[0], device=text.device, generator=generator) < probability  # (B,)
+    return torch.where(dropped[:, None], torch.full_like(text, PAD), text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
+    """One token per row from logits (B, K): temperature, then top-k, then top-p (nucleus) filtering."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)  # (B, K)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+
+
+@torch.no_grad()
+def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, cache=True):
+    """text (B, T) -> image codes (B, Nt + Nb), one token per step. With guidance != 1 the conditional
+    rows and their unconditional twins (padded captions) run as one batch of 2B with their own caches.
+    cache=False recomputes the whole prefix at every step (for the speed comparison and the tests)."""
+    guided = guidance != 1.0
+    rows = torch.cat([text, torch.full_like(text, PAD)]) if guided else text  # (R, T), R = 2B or B
+    T, count = model.text_len, model.top_count + model.bottom_count
+    dtype = next(model.parameters()).dtype
+    kv = model.new_cache(len(rows), text.device, dtype) if cache else None
+    sequence, hidden = rows, model.hidden(rows, 0, kv)[:, -1]  # the caption is computed once: (R, C)
+    codes = []
+    for i in range(count):
+        logits = model.head(T - 1 + i)(hidden)  # (R, K) for image token i
+        if guided:  # = uncond + s (cond - uncond), written so that s = 1 gives cond exactly
+            conditional, unconditional = logits.chunk(2)
+            logits = conditional + (guidance - 1) * (conditional - unconditional)  # (B, K)
+        token = pick(logits, generator, temperature, top_k, top_p)  # (B,)
+        codes.append(token)
+        if i + 1 < count:
+            new = (torch.cat([token, token]) if guided else token)[:, None]  # (R, 1)
+            if cache:
+                hidden = model.hidden(new, T + i, kv)[:, -1]
+            else:
+                sequence = torch.cat([sequence, new], 1)  # (R, T + i + 1)
+                hidden = model.hidden(sequence)[:, -1]
+    return torch.stack(codes, 1)  # (B, Nt + Nb)
+
+
+@torch.no_grad()
+def caption_gain(model, text, codes):
+    """sum over image tokens of log p(code | caption) - log p(code | no caption): (B,), used to rerank."""
+    both = torch.cat([torch.cat([text, codes], 1), torch.cat([torch.full_like(text, PAD), codes], 1)])  # (2B, L)
+    _, nll = losses(model, both)  # (2B, Nt + Nb)
+    conditional, unconditional = nll.sum(1).chunk(2)
+    return unconditional - conditional
+
+
+def to_images(tokenizer, codes):
+    """codes (B, Nt + Nb) -> images (B, 3, S, S) in [0, 1] through the VQ-VAE-2 decoder."""
+    return tokenizer.decode(*vqvae2.split_codes(codes, tokenizer))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, captions, config, device, seed):
+    """n images per caption (keeping the best `keep` if reranking): images, captions, their codes."""
+    generator = torch.Generator(device).manual_seed(seed)
+    text = encode_text([c for c in captions for _ in range(config.n)], model.text_len).to(device)  # (B n, T)
+    codes = torch.cat([sample_codes(model, chunk, generator, config.guidance, config.temperature, config.top_k,
+                                    config.top_p) for chunk in text.split(256)])  # (B n, Nt + Nb)
+    if config.keep:
+        gain = caption_gain(model, text, codes).view(len(captions), config.n)  # (B, n)
+        best = gain.topk(config.keep, 1).indices + torch.arange(len(captions), device=device)[:, None] * config.n
+        codes, text = codes[best.flatten()], text[best.flatten()]  # (B M, Nt + Nb)
+    per_caption = config.keep or config.n
+    return to_images(tokenizer, codes), [c for c in captions for _ in range(per_caption)], codes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: a codes file (vqvae2.py --encode) as token sequences
+
+
+class TokenDataset(Dataset):
+    """One split of a codes file as (tokens (L,) = [caption bytes; top codes; bottom codes], caption)."""
+
+    def __init__(self, split, text_len):
+        self.codes = vqvae2.CodesDataset(split).codes  # (N, Nt + Nb)
+        self.captions = split["captions"]
+        self.tokens = torch.cat([encode_text(self.captions, text_len), self.codes], 1)  # (N, L)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        return self.tokens[index], self.captions[index]
+
+
+def barrier(runtime):
+    if runtime.distributed:
+        dist.barrier()
+
+
+def prepare_codes(config, runtime):
+    """Stages 1 and 2: train the tokenizer (unless --vqvae), then encode the dataset once. Both resume
+    where a stopped run left them."""
+    out = Path(config.out)
+    path = Path(config.vqvae) if config.vqvae else out / "vqvae2" / "ckpt.pt"
+    if not config.vqvae:
+        barrier(runtime)
+        tokenizer_config, _ = parse_config(vqvae2.Config, shlex.split(config.vqvae_flags))
+        tokenizer_config = dataclasses.replace(tokenizer_config, train=config.train, test=config.test,
+                                               out=str(path.parent), image_size=config.image_size,
+                                               steps=config.vqvae_steps, device=config.device, seed=config.seed)
+        vqvae2.validate(tokenizer_config)
+        checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
+        if checkpoint:
+            tokenizer_config = config_from_dict(vqvae2.Config, checkpoint["config"])
+        if checkpoint is None or checkpoint["step"] < tokenizer_config.steps:
+            if runtime.is_main:
+                print(f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}", flush=True)
+            vqvae2.train(tokenizer_config, runtime, checkpoint)
+    codes_path = out / "codes.pt"
+    if runtime.is_main and not codes_path.exists():
+        print(f"stage 2/3: encoding the dataset with {path}", flush=True)
+        vqvae2.encode_dataset(vqvae2.Config(encode=config.train, test=config.test, ckpt=str(path),
+                                            out=str(codes_path)), runtime, out_given=True)
+    barrier(runtime)
+    return load_checkpoint(codes_path, "vqvae2-codes", required=("tokenizer", "train", "test"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and training
+
+
+@torch.no_grad()
+def held_out_losses(model, tokens):
+    """Text and image loss on held-out sequences (B, L), and the image-loss gap between real and
+    dropped captions in nats per image token: how much the model uses the text."""
+    text, nll = losses(model, tokens)
+    _, nll_dropped = losses(model, torch.cat([torch.full_like(tokens[:, :model.text_len], PAD),
+                                              tokens[:, model.text_len:]], 1))
+    return dict(text_loss=text.item(), image_loss=nll.mean().item(), caption_gap=(nll_dropped - nll).mean().item())
+
+
+@torch.no_grad()
+def score(model, tokenizer, captions, config, device):
+    """One sample per caption, scored by data.py's pixel scorer for seen and held-out pairs."""
+    images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0), device,
+                                   config.seed)
+    return score_report(images.cpu(), captions), images
+
+
+def write_samples(model, tokenizer, captions, config, device, path):
+    images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0),
+                                   device, config.seed)
+    save_grid(images, path, nrow=8, captions=captions)
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups as in nanoGPT: matrices and embeddings decay, biases and LayerNorm gains do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def train(config, runtime, checkpoint=None):
+    """Stage 3: the transformer, on the cached codes (stages 1 and 2 run first when needed)."""
+    out, device = Path(config.out), runtime.device
+    check(checkpoint or not (out / "ckpt.pt").exists(),
+          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
+    codes = prepare_codes(config, runtime)
+    tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], device, out / "codes.pt")
+    train_set, test_set = TokenDataset(codes["train"], config.text_len), TokenDataset(codes["test"], config.text_len)
+    model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
+                  tokenizer.bottom_codebook_size).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.96),
+                                  eps=1e-8, fused=device.type == "cuda")  # betas and eps from the paper (B.2)
+    step = 0
+    if checkpoint:
+        load_state(model, checkpoint["model"], out / "ckpt.pt")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
+    if runtime.is_main:
+        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
+        print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "
+              f"{len(train_set)} training, {len(test_set)} held out, device {device}, "
+              f"{runtime.world_size} process(es), from step {step}", flush=True)
+    network = torch.compile(model) if config.compile else model
+    network = DistributedDataParallel(network) if runtime.distributed else network
+    logger = Logger(out, config.steps, step, runtime.is_main)
+    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step * config.accumulate)
+    held_out = test_set.tokens[:256].to(device)  # (256, L), a fixed held-out batch
+    fixed_captions = test_set.captions[:16]  # on shapes: seen and held-out pairs alternate
+
+    def save():
+        save_checkpoint(out / "ckpt.pt", "dalle", config, step, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
+
+    start_time, start_step, paused = time.time(), step, 0.0  # `paused`: evaluation time, left out of speed
+    with StopRequest() as stop:
+        while step < config.steps and not stop.requested:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
+            generator = step_generator(device, config.seed, runtime.rank, step)
+            for micro in range(config.accumulate):
+                tokens, _ = next(data)  # (B, L)
+                tokens = torch.cat([drop_captions(tokens[:, :config.text_len], config.cond_drop, generator),
+                                    tokens[:, config.text_len:]], 1)
+                syncing = micro == config.accumulate - 1 or not runtime.distributed
+                with (network.no_sync() if not syncing else torch.enable_grad()), autocast(device):
+                    text_loss, nll = losses(network, tokens)
+                    image_loss = nll.mean()
+                    # loss = 1/8 CE_text + 7/8 CE_image (DALL-E sec. 2.2), averaged over micro-batches
+                    loss = (config.text_weight * text_loss + (1 - config.text_weight) * image_loss) / config.accumulate
+                    loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % config.log_every == 0 or step == config.steps:
+                seconds = time.time() - start_time - paused
+                tokens_per_second = ((step - start_step) * config.batch_size * config.accumulate * runtime.world_size
+                                     * (model.length - 1) / seconds)
+                logger.log(step, loss=loss.item() * config.accumulate, text_loss=text_loss.item(),
+                           image_loss=image_loss.item(), lr=optimizer.param_groups[0]["lr"],
+                           grad_norm=grad_norm.item(), tokens_per_second=tokens_per_second)
+                logger.progress(step, text=text_loss.item(), image=image_loss.item(), tok_per_s=tokens_per_second)
+            if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
+                evaluation_start = time.time()
+                model.eval()
+                metrics = held_out_losses(model, held_out)
+                logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
+                print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
+                      f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
+                write_samples(model, tokenizer, fixed_captions, config, device, out / f"samples_{step:06d}.png")
+                model.train()
+                save()
+                paused += time.time() - evaluation_start
+    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
+        if runtime.is_main:
+            save()
+            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
+        raise KeyboardInterrupt
+    if runtime.is_main:
+        seconds = time.time() - start_time
+        print(f"trained {step - start_step} steps in {seconds:.0f} s ({paused:.0f} s of it held-out evaluation)")
+        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
+
+
+def report(model, tokenizer, captions, config, device, out, logger=None, step=None):
+    """On shapes: the scorer on one sample per test caption, at guidance 1 and at --guidance."""
+    if not all(parse_caption(caption) for caption in captions[:20]):
+        write_samples(model, tokenizer, captions[:16], config, device, out / "samples.png")
+        print(f"samples for held-out captions: {out / 'samples.png'}")
+        return
+    for guidance in sorted({1.0, config.guidance}):
+        start = time.time()
+        result, images = score(model, tokenizer, captions, dataclasses.replace(config, guidance=guidance), device)
+        print(f"shapes scorer on {len(captions)} test captions, guidance {guidance:g} ({time.time() - start:.0f} s):\n"
+              + format_score(result))
+        if logger:
+            logger.log(step, **{f"guidance_{guidance:g}_{name}_all": value["all"] for name, value in result.items()})
+        if guidance == config.guidance:
+            save_grid(images[:32], out / "samples.png", nrow=8, captions=captions[:32])
+            parts = [f"{name.replace('_', '-')} {100 * result[name]['all']:.1f}%" for name in ("seen", "held_out")
+                     if name in result]
+            print(f"faithfulness (guidance {guidance:g}): {', '.join(parts)}; sample grid: {out / 'samples.png'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling from a checkpoint, and the speed benchmark
+
+
+def load_model(path, device):
+    checkpoint = load_checkpoint(path, "dalle", required=("config", "model", "tokenizer"))
+    saved = config_from_dict(Config, checkpoint["config"])
+    tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
+    model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
+                  tokenizer.bottom_codebook_size).to(device)
+    load_state(model, checkpoint["model"], path)
+    return model.eval(), tokenizer, saved
+
+
+def read_prompts(path):
+    check(Path(path).is_file(), f"--prompts {path}: no such file")
+    try:
+        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as error:
+        raise UsageError(f"--prompts {path}: cannot be read ({error.strerror})") from None
+    captions = [line.strip() for line in lines if line.strip()]
+    check(captions, f"--prompts {path}: no captions in it")
+    return captions
+
+
+@torch.no_grad()
+def nearest_training_codes(codes, train_codes):
+    """For each sample (B, Nt + Nb): the index of the training code grid at the smallest Hamming
+    distance, and that distance (how many of the Nt + Nb codes differ)."""
+    distances = torch.cat([(chunk[:, None] != train_codes[None]).sum(-1) for chunk in codes.split(16)])  # (B, N)
+    distance, index = distances.min(1)
+    return index, distance
+
+
+def write_outputs(model, tokenizer, captions, config, device, out, name, train_codes=None):
+    images, captions, codes = generate(model, tokenizer, captions, config, device, config.seed)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, caption) in enumerate(zip(images, captions)):  # PNG + TXT pairs: `python data.py score`
+        save_grid(image[None], folder / f"{i:04d}.png", nrow=1, padding=0)
+        atomic_write(folder / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode()))
+    per_row = config.keep or config.n
+    labels = captions
+    if train_codes is not None:
+        index, distance = nearest_training_codes(codes, train_codes.to(device))
+        nearest = to_images(tokenizer, train_codes[index.cpu()].to(device).long())
+        images = torch.stack([images, nearest], 1).flatten(0, 1)  # sample, nearest, sample, ...: (2N, 3, S, S)
+        labels = [label for caption, d in zip(captions, distance.tolist())
+                  for label in (caption, f"nearest training codes: {d}/{codes.shape[1]} differ")]
+        per_row = 2 * min(per_row, 4)
+    save_grid(images, out / f"{name}.png", nrow=min(per_row, 8), captions=labels)
+    print(f"wrote {out / f'{name}.png'} and {len(captions)} PNG + TXT pairs in {folder}")
+
+
+def sample(config, runtime, out_given):
+    path = config.ckpt or str(Path(config.out) / "ckpt.pt")
+    model, tokenizer, _ = load_model(path, runtime.device)
+    out = Path(config.out) if out_given else Path(path).parent
+    train_codes = None
+    if config.nearest:
+        codes_path = Path(path).parent / "codes.pt"
+        check(codes_path.is_file(), f"--nearest needs the run's codes file, {codes_path}, which is not there")
+        codes = load_checkpoint(codes_path, "vqvae2-codes", required=("tokenizer", "train"))
+        train_codes = vqvae2.CodesDataset(codes["train"]).codes  # (N, Nt + Nb)
+    if config.sample or config.prompts:
+        captions = list(config.sample) + (read_prompts(config.prompts) if config.prompts else [])
+        write_outputs(model, tokenizer, captions, config, runtime.device, out, "samples", train_codes)
+    if config.interactive:
+        print("type a caption and press enter (end of input stops)", flush=True)
+        for i, line in enumerate(sys.stdin):
+            if line.strip():
+                write_outputs(model, tokenizer, [line.strip()], config, runtime.device, out, f"interactive_{i:03d}",
+                              train_codes)
+
+
+def benchmark(config, runtime):
+    """Training tokens/s, and image tokens/s of sampling with and without the cache, random weights."""
+    device = runtime.device
+    tokenizer_config = vqvae2.Config(image_size=config.image_size)
+    top, bottom = (config.image_size // 8,) * 2, (config.image_size // 4,) * 2
+    model = DALLE(config, top, bottom, tokenizer_config.codebook_size, tokenizer_config.codebook_size).to(device)
+    codes = torch.randint(0, tokenizer_config.codebook_size, (config.batch_size, model.length - config.text_len),
+                          device=device)
+    tokens = torch.cat([encode_text(["a large red circle at the top left"] * config.batch_size,
+                                    config.text_len).to(device), codes], 1)  # (B, L)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = dict(parameters=sum(p.numel() for p in model.parameters()), image_tokens=model.length - config.text_len)
+    for timed in (False, True):  # a warm-up round, then the measured one
+        synchronize()
+        start = time.time()
+        for _ in range(5 if timed else 1):
+            with autocast(device):
+                text_loss, nll = losses(model, tokens)
+                loss = config.text_weight * text_loss + (1 - config.text_weight) * nll.mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize()
+    results["train_tokens_per_second"] = 5 * config.batch_size * (model.length - 1) / (time.time() - start)
+    model.eval()
+    text = tokens[:config.n, :config.text_len]
+    for cache in (True, False):
+        generator = torch.Generator(device).manual_seed(0)
+        synchronize()
+        start = time.time()
+        with autocast(device):
+            sample_codes(model, text, generator, config.guidance, cache=cache)
+        synchronize()
+        results[f"sample_tokens_per_second_{'cached' if cache else 'uncached'}"] = (
+            len(text) * results["image_tokens"] / (time.time() - start))
+    results["cache_speedup"] = results["sample_tokens_per_second_cached"] / results["sample_tokens_per_second_uncached"]
+    results["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({key: round(value, 1) if isinstance(value, float) else value for key, value in results.items()}))
+    return results
+
+
+def main(argv=None):
+    config, given = parse_config(Config, argv, description=__doc__)
+    validate(config)
+    checkpoint = None
+    path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
+    if config.resume and (path.exists() or not (Path(config.out) / "vqvae2").exists()):
+        checkpoint = load_checkpoint(path, "dalle")  # else: stopped before stage 3, which picks up by itself
+        saved = config_from_dict(Config, checkpoint["config"])
+        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
+        validate(config)
+    runtime = setup(config.device, config.seed)
+    try:
+        if config.benchmark:
+            benchmark(config, runtime)
+        elif config.sample or config.prompts or config.interactive:
+            sample(config, runtime, "out" in given)
+        elif config.eval:
+            model, tokenizer, saved = load_model(path, runtime.device)
+            test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
+            out = Path(config.out) if "out" in given else path.parent
+            captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
+            report(model, tokenizer, captions, config, runtime.device, out)
+        else:
+            train(config, runtime, checkpoint)
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    run_cli(main)
