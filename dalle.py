@@ -35,6 +35,7 @@ Known deviations from the paper:
     - dense causal attention instead of the row/column/convolutional sparse masks (short sequences);
     - classifier-free guidance and reranking by the caption's likelihood gain instead of CLIP reranking
       (no downloaded network);
+    - sampling at temperature 0.2 by default (see the NOTE in pick);
     - a small model, fp32 on CPU or bf16 autocast on CUDA, instead of 12B parameters in fp16.
 """
 
@@ -80,16 +81,16 @@ class Config:
     dropout: float = 0.0  # dropout on attention weights and residual branches
     cond_drop: float = 0.1  # probability of training on a padded (dropped) caption, for guidance
     text_weight: float = 0.125  # weight of the text loss; the image loss gets 1 - this (paper 1/8)
-    steps: int = 2000  # transformer optimizer steps in total
-    batch_size: int = 64  # sequences per micro-batch and per process
+    steps: int = 1800  # transformer optimizer steps in total
+    batch_size: int = 32  # sequences per micro-batch and per process
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    lr: float = 1e-3  # peak learning rate of AdamW
+    lr: float = 2e-3  # peak learning rate of AdamW
     weight_decay: float = 0.045  # AdamW weight decay on matrices and embeddings (paper 4.5e-2)
     warmup: int = 100  # steps of linear warmup before cosine decay to lr/10
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     compile: bool = False  # torch.compile the transformer (CUDA; slower to start)
     log_every: int = 100  # steps between progress lines and metric records
-    save_every: int = 500  # steps between held-out losses, sample grids and checkpoints
+    save_every: int = 600  # steps between held-out losses, sample grids and checkpoints
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     seed: int = 0  # seeds initialisation, data order, caption dropping and sampling
     resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
@@ -98,8 +99,8 @@ class Config:
     interactive: bool = False  # read captions from standard input, one grid per line, until end of input
     n: int = 8  # images drawn per caption by --sample, --prompts and --interactive
     keep: int = 0  # M > 0: keep the M of the n images per caption whose caption raises their likelihood most
-    guidance: float = 3.0  # classifier-free guidance scale s (1: plain conditional sampling)
-    temperature: float = 1.0  # divide the logits by this before sampling
+    guidance: float = 1.5  # classifier-free guidance scale s (1: plain conditional sampling)
+    temperature: float = 0.2  # divide the logits by this before sampling (see the NOTE in pick)
     top_k: int = 0  # sample among the k most likely codes only (0: all)
     top_p: float = 1.0  # sample among the smallest set of codes with this much probability (1: all)
     nearest: bool = False  # put beside each sample the training image with the closest codes
@@ -265,6 +266,9 @@ def drop_captions(text, probability, generator):
 
 def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     """One token per row from logits (B, K): temperature, then top-k, then top-p (nucleus) filtering."""
+    # NOTE: the paper samples at temperature 1 and reranks with CLIP. Our small CPU-trained model draws
+    # far more faithful images colder: on shapes, 57% -> 89% of seen captions right at temperature
+    # 1 -> 0.2 (README), at the price of less varied images.
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, -1).values[:, -1:]  # (B, 1)

@@ -612,6 +612,8 @@ def setup(device="auto", seed=0):
     if device == "cuda" and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # set_device needs an index: plain 'cuda' is GPU 0
+        device = torch.device("cuda", 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
