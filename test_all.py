@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cvae
 import dalle
 import data
 import vae
@@ -886,4 +887,209 @@ def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("stage 3/3") == 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# cvae.py
+
+TINY_CVAE = ["--image-size", 16, "--width", 8, "--latent-dim", 4, "--text-dim", 16, "--text-len", 32,
+             "--batch-size", 8, "--device", "cpu"]
+
+
+def tiny_cvae(image_size=16, **changes):
+    torch.manual_seed(0)
+    config = cvae.Config(image_size=image_size, width=8, latent_dim=4, text_dim=16, text_len=32, **changes)
+    return cvae.CVAE(config)
+
+
+def test_cvae_shapes_for_several_sizes():
+    captions = ["a large red circle at the top left", "一个红色的圆 🎨"]
+    tokens = data.encode_text(captions, 32)
+    for size in (16, 32, 64):
+        for fixed_prior in (False, True):
+            model = tiny_cvae(size, fixed_prior=fixed_prior)
+            logits, prior_logits, (mu, logvar), (mu_p, logvar_p) = model(torch.rand(2, 3, size, size), tokens)
+            assert logits.shape == prior_logits.shape == (2, 3, size, size)
+            assert all(t.shape == (2, 4) for t in (mu, logvar, mu_p, logvar_p))
+            assert bool((mu_p == 0).all() and (logvar_p == 0).all()) == fixed_prior  # N(0, I) only when fixed
+            images = model.generate(captions, 32)
+            assert images.shape == (2, 3, size, size) and 0 <= images.min() and images.max() <= 1
+
+
+def test_cvae_text_encoder_takes_any_utf8_and_ignores_padding():
+    torch.manual_seed(0)
+    encoder = cvae.TextEncoder(cvae.Config(text_dim=16))
+    captions = ["a red circle", "", "日本語のキャプション 🎨", "x" * 100, "\ud800 lone surrogate", "😀" * 3]
+    short, long = (encoder(data.encode_text(captions, length)) for length in (40, 120))
+    assert short.shape == (6, 16) and torch.isfinite(short).all() and torch.isfinite(long).all()
+    fits = [0, 1, 2, 4, 5]  # every caption but the 100 bytes fits in 40: more padding must change nothing
+    assert torch.allclose(short[fits], long[fits], atol=1e-5)
+    assert not torch.allclose(short[3], long[3], atol=1e-3)  # 40 vs 100 bytes of it
+    cut = encoder(data.encode_text(["x" * 100, "x" * 40 + "yyy", "y" * 100], 40))  # truncated to 40 bytes
+    assert torch.allclose(cut[0], cut[1]) and not torch.allclose(cut[0], cut[2], atol=1e-3)
+    assert not torch.allclose(short[0], short[2], atol=1e-3)
+
+
+def test_cvae_kl_between_gaussians_matches_torch_distributions():
+    mu, logvar, mu_p, logvar_p = torch.randn(4, 5, 6).unbind(0)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(mu_p, torch.exp(0.5 * logvar_p))
+    expected = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(cvae.gaussian_kl(mu, logvar, mu_p, logvar_p), expected, atol=1e-5)
+    zeros = torch.zeros_like(mu)  # against N(0, I) it is the VAE's KL
+    assert torch.allclose(cvae.gaussian_kl(mu, logvar, zeros, zeros), vae.kl_divergence(mu, logvar), atol=1e-5)
+    assert torch.allclose(cvae.gaussian_kl(mu, logvar, mu, logvar), torch.zeros(5), atol=1e-6)
+
+
+def test_cvae_importance_weighted_nll_exact_and_bounds_the_elbo():
+    # q(z|x,c) = p(z|c) = N(0, I) and every logit 0: the IW estimate is exactly D ln 2 for every K
+    model = tiny_cvae()
+    for layer in (model.recognition.to_stats, model.prior.net[-1], model.decoder.to_logits):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    x, tokens = torch.rand(3, 3, 16, 16).round(), data.encode_text(["a", "b", "c"], 32)
+    expected = torch.full((3,), 3 * 16 * 16 * np.log(2))
+    for K in (1, 7, 60):
+        assert torch.allclose(cvae.importance_weighted_nll(model, x, tokens, K), expected, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(cvae.losses(model, x, tokens)[0], expected, rtol=1e-5)
+    # p(x|z,c) still 2^-D for every z, but now q(z|x,c) = N(1/2, I) and p(z|c) = N(0, I): log p(x|c) = -D ln 2,
+    # the -ELBO is D ln 2 + KL with KL = 4 (1/2)^2 / 2 = 0.5 nats, K = 1 gives the -ELBO on average, and the
+    # IW estimate approaches D ln 2 as K grows
+    torch.nn.init.constant_(model.recognition.to_stats.bias[:4], 0.5)  # mu
+    with torch.no_grad():
+        assert torch.allclose(cvae.losses(model, x, tokens)[0], expected + 0.5, rtol=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    single = torch.stack([cvae.importance_weighted_nll(model, x, tokens, 1, generator) for _ in range(400)]).mean(0)
+    assert torch.allclose(single, expected + 0.5, atol=0.2), single - expected
+    assert torch.allclose(cvae.importance_weighted_nll(model, x, tokens, 2000, generator), expected, atol=0.15)
+    model = tiny_cvae().eval()  # a random model: log p(x|c) >= IW bound >= ELBO, and K = 1 is the ELBO
+    x, tokens = torch.rand(8, 3, 16, 16), data.encode_text(["a red circle", "a blue square"] * 4, 32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        neg_elbo = torch.stack([cvae.losses(model, x, tokens, 1.0, generator)[0] for _ in range(50)]).mean(0)
+    assert cvae.importance_weighted_nll(model, x, tokens, 200, generator).mean() < neg_elbo.mean()
+    single = torch.stack([cvae.importance_weighted_nll(model, x, tokens, 1, generator) for _ in range(50)]).mean(0)
+    assert torch.allclose(single, neg_elbo, rtol=0.02)
+
+
+def test_cvae_caption_changes_the_decoder_output():
+    model = tiny_cvae().eval()
+    with torch.no_grad():
+        c = model.text(data.encode_text(["a large red circle at the top left", "a small blue square at the center"], 32))
+        z = torch.randn(1, 4).expand(2, 4)  # one z for both captions
+        assert torch.equal(*model.decoder(z, c[[0, 0]]))  # same z, same caption: same image
+        assert (model.decoder(z, c)[0] - model.decoder(z, c)[1]).abs().max() > 1e-3  # same z, other caption
+        assert not torch.allclose(*model.prior(c)[0]) and not torch.allclose(*model.recognition(torch.zeros(2, 3, 16, 16), c)[0])
+
+
+def test_cvae_training_lowers_the_loss(tiny_shapes, tmp_path):
+    cvae.main(["--train", str(tiny_shapes), *map(str, TINY_CVAE), "--steps", "60", "--batch-size", "16",
+               "--log-every", "10", "--save-every", "10", "--iw", "20", "--warmup", "5", "--lr", "3e-3",
+               "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    held_out = [r["test_neg_elbo"] for r in records if "test_neg_elbo" in r and "test_iw_nll" not in r]
+    assert len(losses) == len(held_out) == 6
+    assert losses[-1] < 0.7 * losses[0] and held_out[-1] < 0.7 * held_out[0], (losses, held_out)
+    assert records[-1]["test_iw_nll"] < records[-1]["test_neg_elbo"] and "score_overall_all" in records[-1]
+
+
+def test_cvae_cli_train_resume_sample_eval(tiny_shapes, tmp_path, capsys):
+    common = ["--train", tiny_shapes, *TINY_CVAE, "--iw", 2, "--log-every", 1]
+    trained = run(ROOT / "cvae.py", *common, "--steps", 3, "--save-every", 2, "--out", tmp_path / "a")
+    assert trained.returncode == 0, trained.stderr
+    assert "IW-NLL (K=2)" in trained.stdout and "shapes scorer" in trained.stdout
+    for name in ("ckpt.pt", "metrics.jsonl", "config.json", "samples_000002.png", "samples_000003.png"):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert Image.open(tmp_path / "a" / "samples_000003.png").size[0] == 4 * (96 + 2) + 2  # captioned: 4 per row
+    cvae.main(["--resume", "--steps", "5", "--out", str(tmp_path / "a")])
+    assert "from step 3" in capsys.readouterr().out
+    ckpt = tmp_path / "a" / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+    sampled = run(ROOT / "cvae.py", "--sample", "a large red circle at the top left", "一只猫 🐱", "-n", 3,
+                  "--ckpt", ckpt, "--out", tmp_path / "s")
+    assert sampled.returncode == 0, sampled.stderr
+    pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
+    assert len(pairs) == 6 and Image.open(pairs[0]).size == (16, 16)
+    assert (tmp_path / "s" / "samples" / "0004.txt").read_text() == "一只猫 🐱"
+    assert Image.open(tmp_path / "s" / "samples.png").size[0] == 3 * (96 + 2) + 2
+    data.main(["score", str(tmp_path / "s" / "samples")])  # the pairs are scorable as they are
+    assert "overall   n=6" in capsys.readouterr().out
+
+    data.main(["shapes", str(tmp_path / "test"), "--n", "8", "--size", "16", "--split", "test"])
+    capsys.readouterr()
+    cvae.main(["--eval", "--ckpt", str(ckpt), "--iw", "3", "--test", str(tmp_path / "test")])
+    evaluated = capsys.readouterr().out
+    assert "IW-NLL (K=3)" in evaluated and "on held-out colour-shape pairs" in evaluated
+    assert "seen      n=4" in evaluated and "held_out  n=4" in evaluated
+
+
+def test_cvae_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_path, monkeypatch):
+    args = ["--train", str(tiny_shapes), *map(str, TINY_CVAE), "--iw", "2", "--log-every", "1",
+            "--save-every", "100", "--steps", "6", "--warmup", "1"]
+    cvae.main(args + ["--out", str(tmp_path / "straight")])
+    real_batches = cvae.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, batch in enumerate(real_batches(*arguments, **keywords)):
+            if i == 2:  # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(cvae, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cvae.main(args + ["--out", str(tmp_path / "stopped")])
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(cvae, "batches", real_batches)
+    cvae.main(["--resume", "--out", str(tmp_path / "stopped")])
+
+    def losses(folder):
+        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"], r["kl"]) for r in records if "loss" in r]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 6
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 6
+
+
+def test_cvae_cli_bad_inputs(tmp_path, capsys):
+    def cli(*argv):  # run_cli in this process: its exit status and output, as run() would return them
+        with pytest.raises(SystemExit) as stopped:
+            cvae.run_cli(cvae.main, [str(arg) for arg in argv])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, stopped.value.code, captured.out, captured.err)
+
+    out = ["--out", tmp_path / "run"]
+    assert_clean_error(cli("--train", tmp_path / "missing", *out), "no such folder")
+    data.save_checkpoint(tmp_path / "vae.pt", "vae", vae.Config(), 1, model={}, optimizer={})
+    assert_clean_error(run(ROOT / "cvae.py", "--sample", "a red circle", "--ckpt", tmp_path / "vae.pt"),
+                       "vae checkpoint, not a cvae checkpoint")  # the real command line, once
+    assert_clean_error(cli("--eval", "--ckpt", tmp_path / "vae.pt"), "vae checkpoint, not a cvae checkpoint")
+    assert_clean_error(cli("--resume", "--ckpt", tmp_path / "vae.pt", *out), "not a cvae checkpoint")
+    assert_clean_error(cli("--resume", *out), "no such checkpoint")
+    assert_clean_error(cli("--steps", "abc"), "invalid int")
+    assert_clean_error(cli("--alpha", 1.5), "--alpha")
+    assert_clean_error(cli("--text-len", 0), "--text-len")
+    assert_clean_error(cli("-n", 0, "--sample", "x"), "--n")
+    assert_clean_error(cli("--image-size", 20), "--image-size")
+    assert_clean_error(cli("--sample"), "expected at least one argument")
+    assert_clean_error(cli("--sample", "x", "--eval"), "cannot be combined")
+    assert_clean_error(cli("--nonsense"), "unrecognized arguments")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(ROOT / "cvae.py"), "--train", str(tiny_shapes),
+         *map(str, TINY_CVAE), "--steps", "4", "--batch-size", "4", "--iw", "2", "--log-every", "2",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("held-out (") == 1  # rank 0 reports once
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
