@@ -19,6 +19,7 @@ from PIL import Image
 import cvae
 import dalle
 import data
+import dcgan
 import vae
 import vqvae2
 
@@ -886,6 +887,211 @@ def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("stage 3/3") == 1
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# dcgan.py
+
+TINY_DCGAN = ["--image-size", "16", "--width", "8", "--latent-dim", "8", "--text-dim", "8", "--text-len", "48",
+              "--batch-size", "8", "--device", "cpu"]
+
+
+def tiny_dcgan(image_size=16, cond=False, width=8):
+    return dcgan.Config(image_size=image_size, cond=cond, width=width, latent_dim=8, text_dim=8, text_len=48)
+
+
+def dcgan_cli(capsys, *args):
+    """dcgan's command line run in this process (as `python dcgan.py ARGS` runs it): a CompletedProcess."""
+    try:
+        data.run_cli(dcgan.main, [str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_dcgan_shapes_for_several_sizes():
+    captions = ["a large red circle at the top left", "a small blue square at the center"]
+    for size in (16, 32, 64, 128):
+        for cond in (False, True):
+            config = tiny_dcgan(size, cond, width=4)
+            generator, discriminator = dcgan.Generator(config), dcgan.Discriminator(config)
+            tokens = data.encode_text(captions, config.text_len) if cond else None
+            images = generator(dcgan.noise(2, config, "cpu"), tokens)
+            assert images.shape == (2, 3, size, size) and images.abs().max() <= 1
+            assert discriminator(images, tokens).shape == (2,)
+            # the paper's guidelines: no batch norm at G's output (a Tanh) or at D's input
+            assert isinstance(generator.net[-1], torch.nn.Tanh) and isinstance(generator.net[-2], torch.nn.ConvTranspose2d)
+            assert [type(layer) for layer in discriminator.features[:2]] == [torch.nn.Conv2d, torch.nn.LeakyReLU]
+            assert discriminator.features[1].negative_slope == 0.2
+            strides = [m.stride for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert len(strides) == np.log2(size) - 2 and set(strides) == {(2, 2)}
+    assert abs(generator.net[2].weight.std().item() - 0.02) < 0.002  # N(0, 0.02) initialisation
+
+
+def test_dcgan_conditioning_matters():
+    torch.manual_seed(0)
+    config = tiny_dcgan(16, cond=True)
+    generator, discriminator = dcgan.Generator(config), dcgan.Discriminator(config)  # batch statistics
+    z = dcgan.noise(2, config, "cpu").repeat(2, 1)  # the same two z for both captions
+    captions = ["a large red circle at the top left"] * 2 + ["a small blue square at the bottom right"] * 2
+    tokens = data.encode_text(captions, config.text_len)
+    with torch.no_grad():
+        images = generator(z, tokens)
+        logits = discriminator(images[:2].repeat(2, 1, 1, 1), tokens)
+    assert (images[:2] - images[2:]).abs().amax((1, 2, 3)).min() > 1e-4  # y changes G(z, y) (float noise: 1e-7)
+    assert (logits[:2] - logits[2:]).abs().min() > 1e-4  # and the projection term changes l(x, y)
+    # pads are masked out of the caption embedding: more padding changes nothing
+    longer = data.encode_text(captions, config.text_len + 20)
+    assert torch.allclose(generator.text(tokens), generator.text(longer), atol=1e-6)
+
+
+def test_dcgan_ema_and_health_checks():
+    live, average = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    start = average.weight.detach().clone()
+    dcgan.update_ema(average, live, 0.75)
+    assert torch.allclose(average.weight, 0.75 * start + 0.25 * live.weight)
+    healthy = dict(step=600, first_step=501, total_steps=1000, d_loss=0.1, g_loss=4.0, d_accuracy=1.0, diversity=0.8)
+    assert dcgan.health_warnings(**healthy) == []
+    assert "mode collapse" in dcgan.health_warnings(**healthy | dict(diversity=0.05))[0]
+    assert "wins outright" in dcgan.health_warnings(**healthy | dict(d_loss=0.003))[0]
+    assert "diverged" in dcgan.health_warnings(**healthy | dict(g_loss=float("nan")))[0]
+    assert dcgan.health_warnings(**healthy | dict(step=100, diversity=0.05, d_loss=0.003)) == []  # early on: no verdict
+    assert dcgan.mean_pairwise_distance(torch.ones(5, 3, 4, 4)) == 0
+
+
+def test_dcgan_steps_update_both_networks_and_ema_lags(tiny_shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 100)  # the scorer is slow; 100 samples exercise it
+    args = ["--train", str(tiny_shapes), *TINY_DCGAN, "--steps", "6", "--log-every", "2", "--save-every", "6",
+            "--out", str(tmp_path), "--ema", "0.9"]
+    dcgan.main(args)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.manual_seed(0)  # the initial weights, made as train() makes them
+    config = tiny_dcgan(16)
+    initial = {"generator": dcgan.Generator(config).state_dict(), "discriminator": dcgan.Discriminator(config).state_dict()}
+    weights = [name for name, _ in dcgan.Generator(config).named_parameters()]
+    for network in ("generator", "discriminator"):
+        changed = [not torch.equal(value, checkpoint[network][name]) for name, value in initial[network].items()
+                   if "num_batches" not in name]
+        assert all(changed), network  # every weight and statistic moved
+    live, average, start = (torch.cat([state[name].flatten() for name in weights])
+                            for state in (checkpoint["generator"], checkpoint["ema_generator"], initial["generator"]))
+    assert not torch.allclose(live, average)
+    assert 0 < (average - start).norm() < (live - start).norm()  # it moved, but less far than the live weights
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "d_loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert all(0 <= r["d_accuracy"] <= 1 and r["diversity"] > 0 and np.isfinite(r["g_loss"]) for r in logged)
+    assert "clean" in records[-1]["score"] and (tmp_path / "samples_000006.png").is_file()
+
+
+def test_dcgan_collapse_is_reported(tiny_shapes, tmp_path, monkeypatch, capsys):
+    # a generator whose every z is the same can only make one image: the collapse check must say so
+    monkeypatch.setattr(dcgan, "noise", lambda count, config, device, generator=None: torch.zeros(count, config.latent_dim))
+    monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 10)
+    dcgan.main(["--train", str(tiny_shapes), *TINY_DCGAN, "--steps", "2", "--log-every", "2", "--save-every", "2",
+                "--out", str(tmp_path)])
+    assert "mode collapse" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("mode collapse" in warning for r in records for warning in r.get("warnings", []))
+
+
+def test_dcgan_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_path, monkeypatch):
+    args = ["--train", str(tiny_shapes), *TINY_DCGAN, "--cond", "--steps", "5", "--log-every", "1",
+            "--save-every", "100"]
+    dcgan.main(args + ["--out", str(tmp_path / "straight")])
+    real_batches = dcgan.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, batch in enumerate(real_batches(*arguments, **keywords)):
+            if i == 2:  # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(dcgan, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dcgan.main(args + ["--out", str(tmp_path / "stopped")])
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(dcgan, "batches", real_batches)
+    dcgan.main(["--resume", "--out", str(tmp_path / "stopped")])
+
+    def records(folder):
+        return [{k: v for k, v in r.items() if k != "time"}
+                for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "d_loss" in r]
+    assert records(tmp_path / "straight") == records(tmp_path / "stopped") and len(records(tmp_path / "stopped")) == 5
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    for key in ("generator", "discriminator", "ema_generator"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+    assert a["discriminator_optimizer"]["state"][0]["step"] == b["discriminator_optimizer"]["state"][0]["step"] == 5
+
+
+def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 100)
+    common = ["--train", tiny_shapes, *TINY_DCGAN, "--log-every", 1]
+    cond = tmp_path / "cond"
+    trained = dcgan_cli(capsys, *common, "--cond", "--steps", 3, "--save-every", 2, "--out", cond)
+    assert trained.returncode == 0, trained.stderr
+    assert "caption-conditioned" in trained.stdout and "d_loss" in trained.stdout and "overall " in trained.stdout
+    for name in ("ckpt.pt", "metrics.jsonl", "config.json", "samples_000002.png", "samples_000003.png"):
+        assert (cond / name).is_file(), name
+    assert_clean_error(dcgan_cli(capsys, *common, "--steps", 3, "--out", cond), "exists", "--resume")
+    resumed = dcgan_cli(capsys, "--resume", "--steps", 5, "--out", cond)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
+    assert torch.load(cond / "ckpt.pt", weights_only=True)["step"] == 5
+
+    captions = ["a large red triangle at the top", "a small green square at the center", "x" * 60]
+    sampled = dcgan_cli(capsys, "--sample", *captions, "-n", 2, "--ckpt", cond / "ckpt.pt", "--out", tmp_path / "s")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "first 48 bytes" in sampled.stderr  # a caption longer than --text-len is cut, and said so
+    pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
+    assert len(pairs) == 6 and Image.open(pairs[0]).size == (16, 16)
+    assert (tmp_path / "s" / "samples" / "001_000.txt").read_text() == captions[1] + "\n"
+    assert Image.open(tmp_path / "s" / "samples.png").size[0] == 2 * (96 + 2) + 2  # 2 per row, captioned
+    scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
+    assert scored.returncode == 0 and "overall   n=6" in scored.stdout, scored.stderr
+    evaluated = dcgan_cli(capsys, "--eval", "--ckpt", cond / "ckpt.pt", "--test", tiny_shapes)
+    assert evaluated.returncode == 0 and "overall   n=48 " in evaluated.stdout, evaluated.stderr
+
+    plain = tmp_path / "plain"
+    trained = dcgan_cli(capsys, *common, "--steps", 2, "--out", plain)
+    assert trained.returncode == 0 and "clean shape" in trained.stdout, trained.stderr
+    sampled = dcgan_cli(capsys, "--sample", 5, "--ckpt", plain / "ckpt.pt")
+    assert sampled.returncode == 0, sampled.stderr
+    assert len(list((plain / "samples").glob("*.png"))) == 5 and (plain / "samples" / "00004.txt").read_text() == "\n"
+    assert Image.open(plain / "samples.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    evaluated = dcgan_cli(capsys, "--eval", "--out", plain)
+    assert evaluated.returncode == 0 and "% of 100\n" in evaluated.stdout, evaluated.stderr
+    assert_clean_error(dcgan_cli(capsys, "--sample", "a red circle", "--ckpt", plain / "ckpt.pt"), "unconditional")
+
+
+def test_dcgan_cli_bad_inputs(tmp_path, capsys):
+    assert_clean_error(run(ROOT / "dcgan.py", "--train", tmp_path / "missing"), "no such folder")  # a real process
+    assert_clean_error(dcgan_cli(capsys, "--image-size", 48), "power of two")
+    assert_clean_error(dcgan_cli(capsys, "--image-size", 256), "power of two")
+    assert_clean_error(dcgan_cli(capsys, "--steps", "abc"), "invalid int")
+    assert_clean_error(dcgan_cli(capsys, "--ema", 1.5), "--ema")
+    assert_clean_error(dcgan_cli(capsys, "--bogus-flag", 3), "unrecognized arguments")
+    assert_clean_error(dcgan_cli(capsys, "--sample", 4, "--eval"), "cannot be combined")
+    data.save_checkpoint(tmp_path / "vae.pt", "vae", vae.Config(), 1, model={})
+    for mode in (["--sample", 4], ["--eval"], ["--resume"]):
+        assert_clean_error(dcgan_cli(capsys, *mode, "--ckpt", tmp_path / "vae.pt"), "vae checkpoint, not a dcgan")
+    assert_clean_error(dcgan_cli(capsys, "--sample", 4, "--ckpt", tmp_path / "none.pt"), "no such checkpoint")
+
+
+def test_dcgan_torchrun_two_processes(tiny_shapes, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(ROOT / "dcgan.py"), "--train", str(tiny_shapes), *TINY_DCGAN,
+         "--cond", "--steps", "4", "--batch-size", "4", "--log-every", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("overall ") == 1  # rank 0 reports once
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "d_loss" in r] == [2, 4]
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 4 and checkpoint["generator_optimizer"]["state"][0]["step"] == 4
 
 
 # ----------------------------------------------------------------------------------------------------
