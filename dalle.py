@@ -59,9 +59,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import vqvae2
-from data import (PAD, TEXT_VOCAB, Logger, StopRequest, UsageError, atomic_write, autocast, batches, check,
-                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches,
+                  check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
+                  load_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
                   step_generator, teardown)
 
 
@@ -454,6 +454,7 @@ def train(config, runtime, checkpoint=None):
     network = DistributedDataParallel(network) if runtime.distributed else network
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step * config.accumulate)
+    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
     held_out = test_set.tokens[:256].to(device)  # (256, L), a fixed held-out batch
     fixed_captions = test_set.captions[:16]  # on shapes: seen and held-out pairs alternate
 
@@ -479,7 +480,8 @@ def train(config, runtime, checkpoint=None):
                     loss = (config.text_weight * text_loss + (1 - config.text_weight) * image_loss) / config.accumulate
                     loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.finite(step, loss, grad_norm):  # else this step (all its micro-batches) is skipped
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % config.log_every == 0 or step == config.steps:

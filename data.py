@@ -762,6 +762,53 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+class NonFiniteGuard:
+    """Leaves out the update of a training step whose loss or gradient norm is NaN or infinite, and
+    stops the run (one line, exit status 2, naming the step) at the first such step after `limit` were
+    skipped in this process.
+
+    A skipped step still counts: its batch, learning rate and noise are used up, so step t always sees
+    batch t and --resume stays exact. Only the update is left out: no optimizer step, no moving
+    average, and the buffers of `modules` (batch-norm statistics, EMA codebooks), which the forward
+    pass has already moved, go back to the copy remember() took. Since every update is checked, the
+    weights never become non-finite and a checkpoint saved meanwhile is a good one; the stop itself
+    saves nothing, so the last checkpoint is kept. Under torchrun the verdict is summed over ranks, so
+    every rank skips the same steps.
+    """
+
+    def __init__(self, *modules, limit=10):
+        self.modules, self.limit, self.skipped, self.saved = modules, limit, 0, []
+
+    def buffers(self):
+        return [buffer for module in self.modules for buffer in module.buffers()]
+
+    def remember(self):
+        """Copy the modules' buffers; call it before each step's forward pass."""
+        self.saved = [buffer.clone() for buffer in self.buffers()]
+
+    @torch.no_grad()
+    def finite(self, step, *values):
+        """True when every value (tensors on one device) is finite: update. Otherwise restore the buffers
+        (in place, so call it after the backward pass), warn, and return False, or stop. `step` counts the
+        steps before this one; messages say step + 1, as the logs do."""
+        bad = torch.stack([~torch.isfinite(value).all() for value in values]).any().float()
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        if not bad.item():
+            return True
+        for buffer, saved in zip(self.buffers(), self.saved):
+            buffer.copy_(saved)
+        self.skipped += 1
+        shown = ", ".join(f"{value.float().item():.4g}" if value.numel() == 1 else "..." for value in values)
+        check(self.skipped <= self.limit, f"step {step + 1}: the loss or gradient norm is not finite ({shown}) "
+              f"after {self.limit} skipped steps; stopped without saving, so the last checkpoint is kept "
+              "(try a lower --lr, or look for bad data)")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            warn(f"step {step + 1}: the loss or gradient norm is not finite ({shown}); its update is skipped "
+                 f"({self.skipped} of at most {self.limit})")
+        return False
+
+
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

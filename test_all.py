@@ -32,6 +32,17 @@ def run(*args, cwd=None, env=None):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def in_process(capsys, module, *args):
+    """A model file's command line run in this process (as `python FILE.py ARGS` runs it): a CompletedProcess."""
+    try:
+        data.run_cli(module.main, [str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def assert_clean_error(result, *fragments):
     """Exit status 2, one line on stderr, no traceback, mentioning every fragment."""
     assert result.returncode == 2, result.stderr
@@ -901,14 +912,7 @@ def tiny_dcgan(image_size=16, cond=False, width=8):
 
 
 def dcgan_cli(capsys, *args):
-    """dcgan's command line run in this process (as `python dcgan.py ARGS` runs it): a CompletedProcess."""
-    try:
-        data.run_cli(dcgan.main, [str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return in_process(capsys, dcgan, *args)
 
 
 def test_dcgan_shapes_for_several_sizes():
@@ -1297,3 +1301,52 @@ def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing lost: kills at any moment, untrusted checkpoints, non-finite losses, determinism
+
+def poisoned(module, steps):
+    """Make the training batches (or, for dalle, the training loss) NaN at the given 0-based steps."""
+    if module is dalle:
+        real_losses, calls = dalle.losses, iter(range(10**6))
+
+        def losses(model, tokens):
+            text, nll = real_losses(model, tokens)
+            return (text * float("nan"), nll) if model.training and next(calls) in steps else (text, nll)
+        return "losses", losses
+    real_batches = module.batches
+
+    def batches(*arguments, **keywords):
+        for step, (images, captions) in enumerate(real_batches(*arguments, **keywords)):
+            yield (images * float("nan") if step in steps else images), captions
+    return "batches", batches
+
+
+NAN_RUNS = {  # tiny runs of each trainer: 20 steps, a checkpoint every 4
+    "vae": ["--width", 8, "--iw", 2],
+    "vqvae2": [*TINY_VQVAE2[2:], "--window", 2],
+    "dcgan": [*TINY_DCGAN[2:], "--cond"],
+    "cvae": [*TINY_CVAE[2:], "--iw", 2],
+    "dalle": [*TINY_DALLE[2:]],
+}
+
+
+@pytest.mark.parametrize("name", list(NAN_RUNS))
+def test_non_finite_loss_skips_the_step_then_stops_keeping_the_last_checkpoint(name, tiny_shapes, tmp_path, capsys,
+                                                                              monkeypatch):
+    module = globals()[name]
+    monkeypatch.setattr(data, "_warned", set())
+    monkeypatch.setattr(module, *poisoned(module, {2} | set(range(6, 100))))  # step 3, then every step from 7
+    result = in_process(capsys, module, "--train", tiny_shapes, "--image-size", 16, "--batch-size", 8,
+                        *NAN_RUNS[name], "--steps", 20, "--save-every", 4, "--log-every", 1, "--device", "cpu",
+                        "--out", tmp_path)
+    # steps 3 and 7..16 are not finite: ten are skipped, the eleventh stops the run, without saving
+    assert_clean_error(result, "step 16:", "not finite", "last checkpoint is kept")
+    assert "step 3: the loss or gradient norm is not finite" in result.stderr and "(10 of at most 10)" in result.stderr
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 12  # the checkpoints of steps 4, 8 and 12 were saved; nothing after
+    states = [checkpoint[key] for key in ("model", "generator", "discriminator", "ema_generator") if key in checkpoint]
+    assert all(tensor.isfinite().all() for state in states for tensor in state.values() if tensor.is_floating_point())
+    optimizers = [value for key, value in checkpoint.items() if key.endswith("optimizer")]
+    assert [optimizer["state"][0]["step"] for optimizer in optimizers] == [5] * len(optimizers)  # steps 1, 2, 4, 5, 6
