@@ -707,6 +707,8 @@ def save_checkpoint(path, kind, config, step, **state):
     whatever state dicts are passed (model=..., optimizer=...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
+    for stale in Path(path).parent.glob(f".{Path(path).name}.tmp*"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
@@ -814,9 +816,20 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _record_step(line):
+    """The step of one metrics.jsonl line, or None for a blank line or one cut short by a crash."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class Logger:
     """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
-    Only rank 0 writes."""
+    Only rank 0 writes. On resume, the records after the checkpoint's step (logged by the run that
+    stopped or was killed after saving it) and any line cut short are dropped, so the file reads as if
+    the run had never stopped."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -825,8 +838,8 @@ class Logger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
+            kept = [line for line, step in records if step is not None and step <= start_step]
             atomic_write(self.path, lambda file: file.write("".join(f"{line}\n" for line in kept).encode()))
 
     def log(self, step, **metrics):

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1305,6 +1306,79 @@ def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # Nothing lost: kills at any moment, untrusted checkpoints, non-finite losses, determinism
+
+KILLED_MID_SAVE = """
+import io, os, signal, sys
+import torch
+import data, vae
+real_save = torch.save
+
+def save_half_then_die(payload, file):  # SIGKILL with half of the step-6 checkpoint written
+    if isinstance(payload, dict) and payload.get("step") == 6:
+        whole = io.BytesIO()
+        real_save(payload, whole)
+        file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(payload, file)
+
+torch.save = save_half_then_die
+data.run_cli(vae.main, sys.argv[1:])
+"""
+
+
+def wait_for_replacement(path, process, timeout=120):
+    """Return once `path` is replaced by a newer file (or the process has ended)."""
+    def identity():
+        return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+    before, deadline = identity(), time.time() + timeout
+    while process.poll() is None and identity() == before and time.time() < deadline:
+        time.sleep(0.005)
+
+
+def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tiny_shapes, tmp_path, capsys):
+    args = ["--train", tiny_shapes, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
+            "--log-every", 1, "--save-every", 2, "--steps", 30, "--warmup", 1, "--device", "cpu"]
+    vae.main([str(arg) for arg in args + ["--out", tmp_path / "straight"]])
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # as this process: the same sums, bit for bit
+    out, ckpt = tmp_path / "killed", tmp_path / "killed" / "ckpt.pt"
+    killed = run("-c", KILLED_MID_SAVE, *args, "--out", out, env=threads)  # dies writing its step-6 checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(out.glob(".ckpt.pt.tmp*")) and data.load_checkpoint(ckpt, "vae")["step"] == 4  # the old one, whole
+    resume = [sys.executable, str(ROOT / "vae.py"), "--resume", "--out", str(out)]
+    environment = {**os.environ, **threads}
+    process = subprocess.Popen(resume, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_replacement(ckpt, process)  # it saved once; a SIGKILL some milliseconds later, mid-step or mid-save
+    time.sleep(random.uniform(0.0, 0.03))
+    process.kill()
+    process.wait()
+    steps = [4, data.load_checkpoint(ckpt, "vae")["step"]]  # it loads, whatever the moment was
+    process = subprocess.Popen(resume, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_replacement(ckpt, process)
+    process.send_signal(signal.SIGTERM)  # what a cluster sends before it takes the machine back
+    stdout, stderr = process.communicate(timeout=120)
+    steps.append(data.load_checkpoint(ckpt, "vae")["step"])
+    assert process.returncode == 130 and f"saved {ckpt} at step {steps[-1]};" in stdout, stderr
+    assert steps == sorted(steps) and steps[-1] < 30, steps  # every run moved on, none reached the end
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"step": 29, "loss": 3')  # a record cut short, as a kill in the middle of a write leaves it
+    vae.main(["--resume", "--out", str(out)])
+    assert not list(out.glob(".ckpt.pt.tmp*"))  # the half-written file is gone
+
+    def records(folder):  # every record, in order, without the wall-clock time
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert records(out) == records(tmp_path / "straight")  # nothing lost, nothing twice, nothing garbled
+    a, b = (torch.load(folder / "ckpt.pt", weights_only=True) for folder in (tmp_path / "straight", out))
+    assert a["step"] == b["step"] == 30 and all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 30
+    before = ckpt.read_bytes()  # a flag that changes the shapes cannot resume it, and does not touch it
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", out, "--width", 16, "--steps", 31),
+                       "does not fit")
+    assert ckpt.read_bytes() == before
+
 
 def poisoned(module, steps):
     """Make the training batches (or, for dalle, the training loss) NaN at the given 0-based steps."""
