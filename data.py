@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import typing
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -126,9 +127,17 @@ def parse_config(config_class, argv=None, description=None):
 
 
 def config_from_dict(config_class, values):
-    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has."""
-    names = {field.name for field in dataclasses.fields(config_class)}
-    return config_class(**{key: value for key, value in values.items() if key in names})
+    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has and refusing
+    values of the wrong type (a crafted checkpoint)."""
+    check(isinstance(values, dict), "a checkpoint whose config is not a dict")
+    types = typing.get_type_hints(config_class)
+    kept = {key: value for key, value in values.items() if key in types}
+    for key, value in kept.items():
+        expected = typing.get_origin(types[key]) or types[key]
+        check(type(value) is expected or (expected is float and type(value) is int),
+              f"a checkpoint whose config has {key} = {str(value)[:40]!r} ({type(value).__name__}, expected "
+              f"{expected.__name__})")
+    return config_class(**kept)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -716,16 +725,21 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
     incomplete ones."""
     check(Path(path).is_file(), f"{path}: no such checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UsageError(f"{path}: refused, it holds Python objects that could run code "
                          "(only plain-data checkpoints are loaded)") from None
-    except Exception as error:
-        raise UsageError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # cut short, empty, not a checkpoint at all: name the error's kind and first sentence
+        detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
+        raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
-    check(found == kind, f"{path}: this is a {found} checkpoint, not a {kind} checkpoint")
+    check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
     missing = [key for key in required if key not in checkpoint]
     check(not missing, f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
+    check(isinstance(checkpoint.get("config", {}), dict) and type(checkpoint.get("step", 0)) is int,
+          f"{path}: a malformed {kind} checkpoint (its config is not a dict or its step not an integer)")
     return checkpoint
 
 
@@ -733,7 +747,7 @@ def load_state(module, state, path):
     """load_state_dict with a one-line error when the shapes do not match."""
     try:
         module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as error:
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
         detail = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UsageError(f"{path}: does not fit this model ({detail[-1] if detail else error})") from None
 

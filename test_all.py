@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 import os
+import pickle
 import random
 import signal
 import socket
@@ -1378,6 +1379,64 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tiny_sha
     assert_clean_error(in_process(capsys, vae, "--resume", "--out", out, "--width", 16, "--steps", 31),
                        "does not fit")
     assert ckpt.read_bytes() == before
+
+
+def mismatched_checkpoint(name, path):
+    """A `name` checkpoint whose weights are those of a model twice as wide as its config says."""
+    if name == "vae":
+        data.save_checkpoint(path, "vae", vae.Config(image_size=16, width=8), 1,
+                             model=vae.VAE(vae.Config(image_size=16, width=16)).state_dict())
+    elif name == "cvae":
+        data.save_checkpoint(path, "cvae", cvae.Config(image_size=16, width=8), 1,
+                             model=cvae.CVAE(cvae.Config(image_size=16, width=16)).state_dict())
+    elif name == "dcgan":
+        data.save_checkpoint(path, "dcgan", tiny_dcgan(width=8), 1,
+                             ema_generator=dcgan.Generator(tiny_dcgan(width=16)).state_dict())
+    elif name == "vqvae2":
+        config = tiny_vqvae2().config
+        wide = vqvae2.VQVAE2(dataclasses.replace(config, hidden=32))
+        data.save_checkpoint(path, "vqvae2", config, 1, model=wide.state_dict())
+    else:  # a tokenizer that fits and a transformer that does not
+        tokenizer, config = tiny_vqvae2(), dalle.Config(width=32, layers=1, heads=2, text_len=12)
+        wide = dalle.DALLE(dataclasses.replace(config, width=64), tokenizer.top_shape, tokenizer.bottom_shape,
+                           tokenizer.top_codebook_size, tokenizer.bottom_codebook_size)
+        data.save_checkpoint(path, "dalle", config, 1, model=wide.state_dict(), tokenizer=tokenizer.state())
+
+
+LOADING_MODES = {  # every way each command line reads a checkpoint; CKPT stands for its path
+    "vae": [["--sample", 2, "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"]],
+    "vqvae2": [["--eval", "--ckpt", "CKPT"], ["--encode", "shapes", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"],
+               ["--sample", 2, "--ckpt", "CKPT"], ["--train-prior", "CKPT"]],
+    "dcgan": [["--sample", 2, "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"]],
+    "cvae": [["--sample", "x", "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"]],
+    "dalle": [["--sample", "x", "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"],
+              ["--train", "shapes", "--vqvae", "CKPT"]],
+}
+
+
+@pytest.mark.parametrize("name", list(LOADING_MODES))
+def test_untrusted_and_wrong_checkpoints_are_refused_by_every_cli(name, tmp_path, capsys):
+    module, marker = globals()[name], tmp_path / "pwned"
+    torch.save({"kind": name, "payload": Exploit(str(marker))}, tmp_path / "evil.pt")  # runs code when unpickled
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Exploit(str(marker))))  # a raw pickle, not torch's format
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "evil.pt").read_bytes()[:300])  # a file cut short
+    data.save_checkpoint(tmp_path / "other.pt", "dcgan" if name == "vae" else "vae", vae.Config(), 1, model={})
+    expected = {"evil.pt": "could run code", "evil.pkl": "could run code", "cut.pt": "not a readable checkpoint",
+                "other.pt": "checkpoint, not a"}
+    for mode in LOADING_MODES[name]:
+        for file, message in expected.items():
+            argv = [str(tmp_path / file) if arg == "CKPT" else arg for arg in mode] + ["--out", tmp_path / "run"]
+            assert_clean_error(in_process(capsys, module, *argv), file, message)
+    assert not marker.exists() and not (tmp_path / "run" / "ckpt.pt").exists()
+    mismatched_checkpoint(name, tmp_path / "wide.pt")
+    mode = ["--eval"] if name == "vqvae2" else ["--sample", "2" if name in ("vae", "dcgan") else "x"]
+    assert_clean_error(in_process(capsys, module, *mode, "--ckpt", tmp_path / "wide.pt", "--out", tmp_path / "s"),
+                       "wide.pt: does not fit this model", "size mismatch")
+    data.save_checkpoint(tmp_path / "typed.pt", name, vae.Config(), 1, model={}, ema_generator={}, tokenizer={})
+    torch.save(torch.load(tmp_path / "typed.pt", weights_only=True) | {"config": {"image_size": "16"}},
+               tmp_path / "typed.pt")  # a crafted config: a string where an integer belongs
+    assert_clean_error(in_process(capsys, module, *mode, "--ckpt", tmp_path / "typed.pt"),
+                       "image_size = '16' (str, expected int)")
 
 
 def poisoned(module, steps):
