@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, encode_text, format_score, is_held_out, learning_rate, load_checkpoint, load_state,
                   load_test, load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid,
-                  score_report, setup, spread_batch, step_generator, teardown)
+                  score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
 
 
 @dataclass
@@ -438,6 +438,7 @@ def sample(config, runtime, out_given):
     model, saved, run_folder = load_model(config, runtime.device)
     out = Path(config.out) if out_given else run_folder
     generator = torch.Generator(runtime.device).manual_seed(config.seed)
+    warn_if_cut(config.sample, saved.text_len)
     captions = [caption for caption in config.sample for _ in range(config.n)]
     images = model.generate(captions, saved.text_len, generator)  # (N, 3, S, S)
     save_grid(images, out / "samples.png", nrow=min(config.n, 8), captions=captions)

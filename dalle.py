@@ -62,7 +62,7 @@ import vqvae2
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches,
                   check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
                   load_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
-                  step_generator, teardown)
+                  step_generator, teardown, warn_if_cut)
 
 
 @dataclass
@@ -370,7 +370,11 @@ def prepare_codes(config, runtime):
     path = Path(config.vqvae) if config.vqvae else out / "vqvae2" / "ckpt.pt"
     if not config.vqvae:
         barrier(runtime)
-        tokenizer_config, _ = parse_config(vqvae2.Config, shlex.split(config.vqvae_flags))
+        try:
+            flags = shlex.split(config.vqvae_flags)
+        except ValueError as error:  # an unclosed quote
+            raise UsageError(f"--vqvae-flags {config.vqvae_flags!r}: {error}") from None
+        tokenizer_config, _ = parse_config(vqvae2.Config, flags)
         tokenizer_config = dataclasses.replace(tokenizer_config, train=config.train, test=config.test,
                                                out=str(path.parent), image_size=config.image_size,
                                                steps=config.vqvae_steps, device=config.device, seed=config.seed)
@@ -569,12 +573,13 @@ def nearest_training_codes(codes, train_codes):
 
 
 def write_outputs(model, tokenizer, captions, config, device, out, name, train_codes=None):
+    warn_if_cut(captions, model.text_len)
     images, captions, codes = generate(model, tokenizer, captions, config, device, config.seed)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, caption) in enumerate(zip(images, captions)):  # PNG + TXT pairs: `python data.py score`
         save_grid(image[None], folder / f"{i:04d}.png", nrow=1, padding=0)
-        atomic_write(folder / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode()))
+        atomic_write(folder / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode("utf-8", errors="replace")))
     per_row = config.keep or config.n
     labels = captions
     if train_codes is not None:

@@ -50,10 +50,11 @@ class UsageError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback."""
+    """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback.
+    So does an OSError (an --out that is a file, a full disk, a folder without write permission)."""
     try:
         main(argv)
-    except UsageError as error:
+    except (UsageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -120,10 +121,25 @@ def parse_config(config_class, argv=None, description=None):
             parser.add_argument(*flags, nargs="+", type=typing.get_args(kind)[0], default=argparse.SUPPRESS,
                                 help=help_text, metavar="TEXT")
         else:
-            parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, help=help_text,
-                                metavar={int: "N", float: "X"}.get(kind, "TEXT"))
+            parser.add_argument(*flags, type=finite_float if kind is float else kind, default=argparse.SUPPRESS,
+                                help=help_text, metavar={int: "N", float: "X"}.get(kind, "TEXT"))
     given = vars(parser.parse_args(argv))  # only the flags actually given
-    return dataclasses.replace(config_class(), **given), set(given)
+    defaults = config_class()
+    for name, value in given.items():  # --out "" would be the current folder: an unset shell variable, likely
+        check(value != "" or getattr(defaults, name) == "",
+              f"--{name.replace('_', '-')} '': an empty value (leave the flag out for {getattr(defaults, name)!r})")
+    return dataclasses.replace(defaults, **given), set(given)
+
+
+def finite_float(text):
+    """The value of a float flag: nan and inf are refused, since no setting means them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def config_from_dict(config_class, values):
@@ -469,6 +485,15 @@ def encode_text(captions, length):
     return tokens
 
 
+def warn_if_cut(captions, length):
+    """Say which captions are longer than the `length` bytes a model reads (it sees their start only)."""
+    for caption in captions:
+        size = len(caption.encode("utf-8", errors="replace"))
+        if size > length:
+            shown = repr(caption[:40]) + ("..." if len(caption) > 40 else "")
+            warn(f"the model reads the first {length} bytes of {shown} only ({size} bytes)")
+
+
 def decode_text(tokens):
     """Inverse of encode_text: (B, T) -> captions (pads dropped, a cut character replaced)."""
     return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace")
@@ -608,6 +633,7 @@ def setup(device="auto", seed=0):
     """Pick the device (cuda, then mps, then cpu), join torchrun's process group if launched by it
     (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    check(0 <= seed < 10**8, f"--seed {seed}: use 0 to 99999999")  # step_generator's seeds stay below 2**64
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else (
             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")

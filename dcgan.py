@@ -68,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
                   load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report,
-                  score_shapes, setup, spread_batch, step_generator, teardown, warn)
+                  score_shapes, setup, spread_batch, step_generator, teardown, warn, warn_if_cut)
 
 
 @dataclass
@@ -455,12 +455,10 @@ def sample(config, runtime, out_given):
     if saved.cond:
         captions, per_row = [caption for caption in config.sample for _ in range(config.n)], config.n
         names = [f"{i // config.n:03d}_{i % config.n:03d}" for i in range(len(captions))]
-        for caption in config.sample:
-            if len(caption.encode("utf-8", errors="replace")) > saved.text_len:
-                warn(f"the model reads the first {saved.text_len} bytes of {caption!r} only")
+        warn_if_cut(config.sample, saved.text_len)
     else:
         check(len(config.sample) == 1 and config.sample[0].isdigit() and int(config.sample[0]) > 0,
-              f"{config.ckpt or 'the checkpoint'} is unconditional: --sample takes a count N, not captions")
+              f"{config.ckpt or 'the checkpoint'} is unconditional: --sample takes a count N >= 1, not captions")
         captions, per_row = None, math.ceil(math.sqrt(int(config.sample[0])))
         names = [f"{i:05d}" for i in range(int(config.sample[0]))]
     images = generate(ema, saved, runtime.device, len(names), captions, config.seed)  # (N, 3, S, S)
