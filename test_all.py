@@ -1483,3 +1483,52 @@ def test_non_finite_loss_skips_the_step_then_stops_keeping_the_last_checkpoint(n
     assert all(tensor.isfinite().all() for state in states for tensor in state.values() if tensor.is_floating_point())
     optimizers = [value for key, value in checkpoint.items() if key.endswith("optimizer")]
     assert [optimizer["state"][0]["step"] for optimizer in optimizers] == [5] * len(optimizers)  # steps 1, 2, 4, 5, 6
+
+
+DETERMINISM = {  # training, then sampling, each twice with the same seed; RUN stands for the run folder
+    "vae": [["--train", "TINY", "--width", 8, "--iw", 2, "--steps", 3, "--out", "RUN"],
+            ["--sample", 4, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+    "vqvae2": [["--train", "TINY", *TINY_VQVAE2, "--steps", 3, "--window", 2, "--out", "RUN"],
+               ["--encode", "TINY", "--ckpt", "RUN/ckpt.pt", "--out", "RUN/codes.pt"],
+               ["--train-prior", "RUN/codes.pt", "--prior-width", 8, "--prior-layers", 2, "--steps", 2,
+                "--out", "RUN/prior"],
+               ["--sample", 2, "--ckpt", "RUN/prior/ckpt.pt", "--out", "RUN/samples"]],
+    "dcgan": [["--train", "TINY", *TINY_DCGAN, "--cond", "--steps", 3, "--out", "RUN"],
+              ["--sample", "a red circle", "-n", 2, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+    "cvae": [["--train", "TINY", *TINY_CVAE, "--iw", 2, "--steps", 3, "--out", "RUN"],
+             ["--sample", "a red circle", "-n", 2, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+    "dalle": [["--train", "TINY", *TINY_DALLE, "--steps", 2, "--out", "RUN"],
+              ["--sample", "a red circle", "-n", 2, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+}
+
+
+@pytest.mark.parametrize("name", list(DETERMINISM))
+def test_same_seed_same_losses_and_samples(name, tiny_shapes, tmp_path, capsys, monkeypatch):
+    module = globals()[name]
+    monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 10)
+    for run_folder in (tmp_path / "a", tmp_path / "b"):
+        for command in DETERMINISM[name]:
+            argv = [str(arg).replace("TINY", str(tiny_shapes)).replace("RUN", str(run_folder)) for arg in command]
+            result = in_process(capsys, module, "--image-size", 16, "--device", "cpu", *argv)
+            assert result.returncode == 0, result.stderr
+
+    def outputs(folder):  # the metrics without times and speeds, and every image and checkpoint written
+        found = {}
+        for path in sorted(folder.rglob("*")):
+            if path.name == "metrics.jsonl":
+                found[path.relative_to(folder)] = [
+                    {k: v for k, v in json.loads(line).items() if k != "time" and "per_second" not in k}
+                    for line in path.read_text().splitlines()]
+            elif path.suffix == ".png":
+                found[path.relative_to(folder)] = path.read_bytes()
+            elif path.name == "ckpt.pt":
+                found[path.relative_to(folder)] = torch.load(path, weights_only=True)["generator" if name == "dcgan"
+                                                                                      else "model"]
+        return found
+    a, b = outputs(tmp_path / "a"), outputs(tmp_path / "b")
+    assert a.keys() == b.keys() and any(path.name == "samples.png" for path in a)
+    for path in a:
+        if path.name == "ckpt.pt":
+            assert all(torch.equal(a[path][key], b[path][key]) for key in a[path]), path
+        else:
+            assert a[path] == b[path], path
