@@ -50,10 +50,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (PAD, TEXT_VOCAB, Logger, StopRequest, atomic_write, autocast, batches, check, config_from_dict,
-                  encode_text, format_score, is_held_out, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report,
-                  setup, spread_batch, step_generator, teardown)
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
+                  config_from_dict, encode_text, format_score, is_held_out, learning_rate, load_checkpoint, load_state,
+                  load_test, load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid,
+                  score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
 
 
 @dataclass
@@ -355,6 +355,7 @@ def train(config, runtime, checkpoint=None):
     network = DistributedDataParallel(model) if runtime.distributed else model
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 
     def save():
         save_checkpoint(out / "ckpt.pt", "cvae", config, step, model=model.state_dict(),
@@ -373,7 +374,8 @@ def train(config, runtime, checkpoint=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.finite(step, loss, grad_norm):  # else this batch is skipped
+                optimizer.step()
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 metrics = dict(loss=loss.item(), neg_elbo=neg_elbo.mean().item(),
@@ -436,6 +438,7 @@ def sample(config, runtime, out_given):
     model, saved, run_folder = load_model(config, runtime.device)
     out = Path(config.out) if out_given else run_folder
     generator = torch.Generator(runtime.device).manual_seed(config.seed)
+    warn_if_cut(config.sample, saved.text_len)
     captions = [caption for caption in config.sample for _ in range(config.n)]
     images = model.generate(captions, saved.text_len, generator)  # (N, 3, S, S)
     save_grid(images, out / "samples.png", nrow=min(config.n, 8), captions=captions)

@@ -59,10 +59,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import vqvae2
-from data import (PAD, TEXT_VOCAB, Logger, StopRequest, UsageError, atomic_write, autocast, batches, check,
-                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
-                  step_generator, teardown)
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches,
+                  check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
+                  load_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
+                  step_generator, teardown, warn_if_cut)
 
 
 @dataclass
@@ -370,7 +370,11 @@ def prepare_codes(config, runtime):
     path = Path(config.vqvae) if config.vqvae else out / "vqvae2" / "ckpt.pt"
     if not config.vqvae:
         barrier(runtime)
-        tokenizer_config, _ = parse_config(vqvae2.Config, shlex.split(config.vqvae_flags))
+        try:
+            flags = shlex.split(config.vqvae_flags)
+        except ValueError as error:  # an unclosed quote
+            raise UsageError(f"--vqvae-flags {config.vqvae_flags!r}: {error}") from None
+        tokenizer_config, _ = parse_config(vqvae2.Config, flags)
         tokenizer_config = dataclasses.replace(tokenizer_config, train=config.train, test=config.test,
                                                out=str(path.parent), image_size=config.image_size,
                                                steps=config.vqvae_steps, device=config.device, seed=config.seed)
@@ -454,6 +458,7 @@ def train(config, runtime, checkpoint=None):
     network = DistributedDataParallel(network) if runtime.distributed else network
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step * config.accumulate)
+    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
     held_out = test_set.tokens[:256].to(device)  # (256, L), a fixed held-out batch
     fixed_captions = test_set.captions[:16]  # on shapes: seen and held-out pairs alternate
 
@@ -479,7 +484,8 @@ def train(config, runtime, checkpoint=None):
                     loss = (config.text_weight * text_loss + (1 - config.text_weight) * image_loss) / config.accumulate
                     loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.finite(step, loss, grad_norm):  # else this step (all its micro-batches) is skipped
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % config.log_every == 0 or step == config.steps:
@@ -567,12 +573,13 @@ def nearest_training_codes(codes, train_codes):
 
 
 def write_outputs(model, tokenizer, captions, config, device, out, name, train_codes=None):
+    warn_if_cut(captions, model.text_len)
     images, captions, codes = generate(model, tokenizer, captions, config, device, config.seed)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, caption) in enumerate(zip(images, captions)):  # PNG + TXT pairs: `python data.py score`
         save_grid(image[None], folder / f"{i:04d}.png", nrow=1, padding=0)
-        atomic_write(folder / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode()))
+        atomic_write(folder / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode("utf-8", errors="replace")))
     per_row = config.keep or config.n
     labels = captions
     if train_codes is not None:

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import typing
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,10 +50,11 @@ class UsageError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback."""
+    """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback.
+    So does an OSError (an --out that is a file, a full disk, a folder without write permission)."""
     try:
         main(argv)
-    except UsageError as error:
+    except (UsageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -119,16 +121,39 @@ def parse_config(config_class, argv=None, description=None):
             parser.add_argument(*flags, nargs="+", type=typing.get_args(kind)[0], default=argparse.SUPPRESS,
                                 help=help_text, metavar="TEXT")
         else:
-            parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, help=help_text,
-                                metavar={int: "N", float: "X"}.get(kind, "TEXT"))
+            parser.add_argument(*flags, type=finite_float if kind is float else kind, default=argparse.SUPPRESS,
+                                help=help_text, metavar={int: "N", float: "X"}.get(kind, "TEXT"))
     given = vars(parser.parse_args(argv))  # only the flags actually given
-    return dataclasses.replace(config_class(), **given), set(given)
+    defaults = config_class()
+    for name, value in given.items():  # --out "" would be the current folder: an unset shell variable, likely
+        check(value != "" or getattr(defaults, name) == "",
+              f"--{name.replace('_', '-')} '': an empty value (leave the flag out for {getattr(defaults, name)!r})")
+    return dataclasses.replace(defaults, **given), set(given)
+
+
+def finite_float(text):
+    """The value of a float flag: nan and inf are refused, since no setting means them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def config_from_dict(config_class, values):
-    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has."""
-    names = {field.name for field in dataclasses.fields(config_class)}
-    return config_class(**{key: value for key, value in values.items() if key in names})
+    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has and refusing
+    values of the wrong type (a crafted checkpoint)."""
+    check(isinstance(values, dict), "a checkpoint whose config is not a dict")
+    types = typing.get_type_hints(config_class)
+    kept = {key: value for key, value in values.items() if key in types}
+    for key, value in kept.items():
+        expected = typing.get_origin(types[key]) or types[key]
+        check(type(value) is expected or (expected is float and type(value) is int),
+              f"a checkpoint whose config has {key} = {str(value)[:40]!r} ({type(value).__name__}, expected "
+              f"{expected.__name__})")
+    return config_class(**kept)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -460,6 +485,15 @@ def encode_text(captions, length):
     return tokens
 
 
+def warn_if_cut(captions, length):
+    """Say which captions are longer than the `length` bytes a model reads (it sees their start only)."""
+    for caption in captions:
+        size = len(caption.encode("utf-8", errors="replace"))
+        if size > length:
+            shown = repr(caption[:40]) + ("..." if len(caption) > 40 else "")
+            warn(f"the model reads the first {length} bytes of {shown} only ({size} bytes)")
+
+
 def decode_text(tokens):
     """Inverse of encode_text: (B, T) -> captions (pads dropped, a cut character replaced)."""
     return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace")
@@ -599,6 +633,7 @@ def setup(device="auto", seed=0):
     """Pick the device (cuda, then mps, then cpu), join torchrun's process group if launched by it
     (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    check(0 <= seed < 10**8, f"--seed {seed}: use 0 to 99999999")  # step_generator's seeds stay below 2**64
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else (
             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
@@ -707,6 +742,8 @@ def save_checkpoint(path, kind, config, step, **state):
     whatever state dicts are passed (model=..., optimizer=...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
+    for stale in Path(path).parent.glob(f".{Path(path).name}.tmp*"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
@@ -714,16 +751,21 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
     incomplete ones."""
     check(Path(path).is_file(), f"{path}: no such checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UsageError(f"{path}: refused, it holds Python objects that could run code "
                          "(only plain-data checkpoints are loaded)") from None
-    except Exception as error:
-        raise UsageError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # cut short, empty, not a checkpoint at all: name the error's kind and first sentence
+        detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
+        raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
-    check(found == kind, f"{path}: this is a {found} checkpoint, not a {kind} checkpoint")
+    check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
     missing = [key for key in required if key not in checkpoint]
     check(not missing, f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
+    check(isinstance(checkpoint.get("config", {}), dict) and type(checkpoint.get("step", 0)) is int,
+          f"{path}: a malformed {kind} checkpoint (its config is not a dict or its step not an integer)")
     return checkpoint
 
 
@@ -731,7 +773,7 @@ def load_state(module, state, path):
     """load_state_dict with a one-line error when the shapes do not match."""
     try:
         module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as error:
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
         detail = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UsageError(f"{path}: does not fit this model ({detail[-1] if detail else error})") from None
 
@@ -762,14 +804,72 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+class NonFiniteGuard:
+    """Leaves out the update of a training step whose loss or gradient norm is NaN or infinite, and
+    stops the run (one line, exit status 2, naming the step) at the first such step after `limit` were
+    skipped in this process.
+
+    A skipped step still counts: its batch, learning rate and noise are used up, so step t always sees
+    batch t and --resume stays exact. Only the update is left out: no optimizer step, no moving
+    average, and the buffers of `modules` (batch-norm statistics, EMA codebooks), which the forward
+    pass has already moved, go back to the copy remember() took. Since every update is checked, the
+    weights never become non-finite and a checkpoint saved meanwhile is a good one; the stop itself
+    saves nothing, so the last checkpoint is kept. Under torchrun the verdict is summed over ranks, so
+    every rank skips the same steps.
+    """
+
+    def __init__(self, *modules, limit=10):
+        self.modules, self.limit, self.skipped, self.saved = modules, limit, 0, []
+
+    def buffers(self):
+        return [buffer for module in self.modules for buffer in module.buffers()]
+
+    def remember(self):
+        """Copy the modules' buffers; call it before each step's forward pass."""
+        self.saved = [buffer.clone() for buffer in self.buffers()]
+
+    @torch.no_grad()
+    def finite(self, step, *values):
+        """True when every value (tensors on one device) is finite: update. Otherwise restore the buffers
+        (in place, so call it after the backward pass), warn, and return False, or stop. `step` counts the
+        steps before this one; messages say step + 1, as the logs do."""
+        bad = torch.stack([~torch.isfinite(value).all() for value in values]).any().float()
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        if not bad.item():
+            return True
+        for buffer, saved in zip(self.buffers(), self.saved):
+            buffer.copy_(saved)
+        self.skipped += 1
+        shown = ", ".join(f"{value.float().item():.4g}" if value.numel() == 1 else "..." for value in values)
+        check(self.skipped <= self.limit, f"step {step + 1}: the loss or gradient norm is not finite ({shown}) "
+              f"after {self.limit} skipped steps; stopped without saving, so the last checkpoint is kept "
+              "(try a lower --lr, or look for bad data)")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            warn(f"step {step + 1}: the loss or gradient norm is not finite ({shown}); its update is skipped "
+                 f"({self.skipped} of at most {self.limit})")
+        return False
+
+
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _record_step(line):
+    """The step of one metrics.jsonl line, or None for a blank line or one cut short by a crash."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class Logger:
     """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
-    Only rank 0 writes."""
+    Only rank 0 writes. On resume, the records after the checkpoint's step (logged by the run that
+    stopped or was killed after saving it) and any line cut short are dropped, so the file reads as if
+    the run had never stopped."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -778,8 +878,8 @@ class Logger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
+            kept = [line for line, step in records if step is not None and step <= start_step]
             atomic_write(self.path, lambda file: file.write("".join(f"{line}\n" for line in kept).encode()))
 
     def log(self, step, **metrics):

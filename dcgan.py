@@ -37,7 +37,9 @@ batch norm everywhere except G's output and D's input; ReLU in G with Tanh at it
 
 Health checks: every --log-every steps the log and metrics.jsonl get D's accuracy and the diversity
 of G's batch (mean pairwise distance of its images over that of the real batch's); a collapse of the
-diversity, D winning outright, or non-finite losses are printed as warning lines and recorded.
+diversity, D winning outright, or non-finite losses are printed as warning lines and recorded. A step
+whose loss or gradient is not finite updates nothing, and the 11th such step stops the run
+(data.NonFiniteGuard).
 
 Known deviations from the paper:
     - sized for a CPU: width 32 (the paper's 64-px G starts at 1024 channels), batch 64 (paper 128);
@@ -63,10 +65,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (PAD, TEXT_VOCAB, Logger, StopRequest, atomic_write, autocast, batches, check, config_from_dict,
-                  encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
+                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
                   load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report,
-                  score_shapes, setup, spread_batch, step_generator, teardown, warn)
+                  score_shapes, setup, spread_batch, step_generator, teardown, warn, warn_if_cut)
 
 
 @dataclass
@@ -225,6 +227,12 @@ def generator_loss(fake_logits):
     return F.softplus(-fake_logits.float()).mean()
 
 
+def gradient_norm(network):
+    """The L2 norm of all of a network's gradients together: not finite when any of them is not."""
+    return torch.stack([parameter.grad.float().norm() for parameter in network.parameters()
+                        if parameter.grad is not None]).norm()
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """theta_ema <- decay theta_ema + (1 - decay) theta, for every weight (not the batch-norm statistics)."""
@@ -323,6 +331,7 @@ def train(config, runtime, checkpoint=None):
         generator_network, discriminator_network = generator, discriminator
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    guard = NonFiniteGuard(generator, discriminator)  # a NaN or infinite loss skips its step; too many stop the run
 
     def save():
         refresh_statistics(ema, config, device, refresh_captions)
@@ -334,6 +343,7 @@ def train(config, runtime, checkpoint=None):
     with StopRequest() as stop:
         while step < config.steps and not stop.requested:
             x, captions = next(data)  # (B, 3, S, S) in [0, 1]
+            guard.remember()  # the batch-norm statistics before this step
             real, tokens = 2 * x - 1, caption_tokens(captions, config, device)  # G's tanh range; (B, T)
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
@@ -347,20 +357,25 @@ def train(config, runtime, checkpoint=None):
             d_loss = discriminator_loss(real_logits, fake_logits)
             optimizers[1].zero_grad(set_to_none=True)
             d_loss.backward()
-            optimizers[1].step()
-            # G step: descend -log D(G(z)) through the updated D. Only G's gradients are computed; D is
-            # called bare (not through its DDP wrapper), since it gets no gradient to average.
-            with autocast(device):
-                g_loss = generator_loss(discriminator(fake, tokens))
-            optimizers[0].zero_grad(set_to_none=True)
-            g_loss.backward(inputs=list(generator.parameters()))
-            optimizers[0].step()
+            updated = guard.finite(step, d_loss, gradient_norm(discriminator))  # else no D, G or EMA update
+            if updated:
+                optimizers[1].step()
+                # G step: descend -log D(G(z)) through the updated D. Only G's gradients are computed; D is
+                # called bare (not through its DDP wrapper), since it gets no gradient to average.
+                with autocast(device):
+                    g_loss = generator_loss(discriminator(fake, tokens))
+                optimizers[0].zero_grad(set_to_none=True)
+                g_loss.backward(inputs=list(generator.parameters()))
+                updated = guard.finite(step, g_loss, gradient_norm(generator))
+                if updated:
+                    optimizers[0].step()
             step += 1
-            update_ema(ema, generator, min(config.ema, (1 + step) / (10 + step)))  # short memory early on
-            with torch.no_grad():
-                accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
-                diversity = mean_pairwise_distance(fake) / mean_pairwise_distance(real).clamp(min=1e-8)
-                window += torch.stack([d_loss, g_loss, accuracy, diversity, torch.ones_like(d_loss)]).detach()
+            if updated:  # a skipped step leaves the moving average and the health window alone
+                update_ema(ema, generator, min(config.ema, (1 + step) / (10 + step)))  # short memory early on
+                with torch.no_grad():
+                    accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
+                    diversity = mean_pairwise_distance(fake) / mean_pairwise_distance(real).clamp(min=1e-8)
+                    window += torch.stack([d_loss, g_loss, accuracy, diversity, torch.ones_like(d_loss)]).detach()
             if step % config.log_every == 0 or step == config.steps:
                 d_mean, g_mean, accuracy_mean, diversity_mean = (window[:4] / window[4]).tolist()
                 warnings = health_warnings(step, step - int(window[4].item()) + 1, config.steps, d_mean, g_mean,
@@ -372,8 +387,6 @@ def train(config, runtime, checkpoint=None):
                 logger.progress(step, d_loss=d_mean, g_loss=g_mean, d_accuracy=accuracy_mean, diversity=diversity_mean)
                 for line in warnings if runtime.is_main else []:
                     warn(line)
-                check(math.isfinite(d_mean + g_mean), f"training diverged at step {step}; the last checkpoint "
-                      f"is kept (try a lower --lr)")
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
                 save()
                 write_grid(ema, grid_noise, grid_captions, config, out / f"samples_{step:06d}.png", device)
@@ -442,12 +455,10 @@ def sample(config, runtime, out_given):
     if saved.cond:
         captions, per_row = [caption for caption in config.sample for _ in range(config.n)], config.n
         names = [f"{i // config.n:03d}_{i % config.n:03d}" for i in range(len(captions))]
-        for caption in config.sample:
-            if len(caption.encode("utf-8", errors="replace")) > saved.text_len:
-                warn(f"the model reads the first {saved.text_len} bytes of {caption!r} only")
+        warn_if_cut(config.sample, saved.text_len)
     else:
         check(len(config.sample) == 1 and config.sample[0].isdigit() and int(config.sample[0]) > 0,
-              f"{config.ckpt or 'the checkpoint'} is unconditional: --sample takes a count N, not captions")
+              f"{config.ckpt or 'the checkpoint'} is unconditional: --sample takes a count N >= 1, not captions")
         captions, per_row = None, math.ceil(math.sqrt(int(config.sample[0])))
         names = [f"{i:05d}" for i in range(int(config.sample[0]))]
     images = generate(ema, saved, runtime.device, len(names), captions, config.seed)  # (N, 3, S, S)

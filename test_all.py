@@ -4,11 +4,13 @@ import dataclasses
 import gzip
 import json
 import os
+import pickle
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,17 @@ def run(*args, cwd=None, env=None):
     """Run a command line with this Python; returns the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def in_process(capsys, module, *args):
+    """A model file's command line run in this process (as `python FILE.py ARGS` runs it): a CompletedProcess."""
+    try:
+        data.run_cli(module.main, [str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def assert_clean_error(result, *fragments):
@@ -901,14 +914,7 @@ def tiny_dcgan(image_size=16, cond=False, width=8):
 
 
 def dcgan_cli(capsys, *args):
-    """dcgan's command line run in this process (as `python dcgan.py ARGS` runs it): a CompletedProcess."""
-    try:
-        data.run_cli(dcgan.main, [str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return in_process(capsys, dcgan, *args)
 
 
 def test_dcgan_shapes_for_several_sizes():
@@ -1297,3 +1303,232 @@ def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing lost: kills at any moment, untrusted checkpoints, non-finite losses, determinism
+
+KILLED_MID_SAVE = """
+import io, os, signal, sys
+import torch
+import data, vae
+real_save = torch.save
+
+def save_half_then_die(payload, file):  # SIGKILL with half of the step-6 checkpoint written
+    if isinstance(payload, dict) and payload.get("step") == 6:
+        whole = io.BytesIO()
+        real_save(payload, whole)
+        file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(payload, file)
+
+torch.save = save_half_then_die
+data.run_cli(vae.main, sys.argv[1:])
+"""
+
+
+def wait_for_replacement(path, process, timeout=120):
+    """Return once `path` is replaced by a newer file (or the process has ended)."""
+    def identity():
+        return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+    before, deadline = identity(), time.time() + timeout
+    while process.poll() is None and identity() == before and time.time() < deadline:
+        time.sleep(0.005)
+
+
+def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tiny_shapes, tmp_path, capsys):
+    args = ["--train", tiny_shapes, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
+            "--log-every", 1, "--save-every", 2, "--steps", 30, "--warmup", 1, "--device", "cpu"]
+    vae.main([str(arg) for arg in args + ["--out", tmp_path / "straight"]])
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # as this process: the same sums, bit for bit
+    out, ckpt = tmp_path / "killed", tmp_path / "killed" / "ckpt.pt"
+    killed = run("-c", KILLED_MID_SAVE, *args, "--out", out, env=threads)  # dies writing its step-6 checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(out.glob(".ckpt.pt.tmp*")) and data.load_checkpoint(ckpt, "vae")["step"] == 4  # the old one, whole
+    resume = [sys.executable, str(ROOT / "vae.py"), "--resume", "--out", str(out)]
+    environment = {**os.environ, **threads}
+    process = subprocess.Popen(resume, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_replacement(ckpt, process)  # it saved once; a SIGKILL some milliseconds later, mid-step or mid-save
+    time.sleep(random.uniform(0.0, 0.03))
+    process.kill()
+    process.wait()
+    steps = [4, data.load_checkpoint(ckpt, "vae")["step"]]  # it loads, whatever the moment was
+    process = subprocess.Popen(resume, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_replacement(ckpt, process)
+    process.send_signal(signal.SIGTERM)  # what a cluster sends before it takes the machine back
+    stdout, stderr = process.communicate(timeout=120)
+    steps.append(data.load_checkpoint(ckpt, "vae")["step"])
+    assert process.returncode == 130 and f"saved {ckpt} at step {steps[-1]};" in stdout, stderr
+    assert steps == sorted(steps) and steps[-1] < 30, steps  # every run moved on, none reached the end
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"step": 29, "loss": 3')  # a record cut short, as a kill in the middle of a write leaves it
+    vae.main(["--resume", "--out", str(out)])
+    assert not list(out.glob(".ckpt.pt.tmp*"))  # the half-written file is gone
+
+    def records(folder):  # every record, in order, without the wall-clock time
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert records(out) == records(tmp_path / "straight")  # nothing lost, nothing twice, nothing garbled
+    a, b = (torch.load(folder / "ckpt.pt", weights_only=True) for folder in (tmp_path / "straight", out))
+    assert a["step"] == b["step"] == 30 and all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 30
+    before = ckpt.read_bytes()  # a flag that changes the shapes cannot resume it, and does not touch it
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", out, "--width", 16, "--steps", 31),
+                       "does not fit")
+    assert ckpt.read_bytes() == before
+
+
+def mismatched_checkpoint(name, path):
+    """A `name` checkpoint whose weights are those of a model twice as wide as its config says."""
+    if name == "vae":
+        data.save_checkpoint(path, "vae", vae.Config(image_size=16, width=8), 1,
+                             model=vae.VAE(vae.Config(image_size=16, width=16)).state_dict())
+    elif name == "cvae":
+        data.save_checkpoint(path, "cvae", cvae.Config(image_size=16, width=8), 1,
+                             model=cvae.CVAE(cvae.Config(image_size=16, width=16)).state_dict())
+    elif name == "dcgan":
+        data.save_checkpoint(path, "dcgan", tiny_dcgan(width=8), 1,
+                             ema_generator=dcgan.Generator(tiny_dcgan(width=16)).state_dict())
+    elif name == "vqvae2":
+        config = tiny_vqvae2().config
+        wide = vqvae2.VQVAE2(dataclasses.replace(config, hidden=32))
+        data.save_checkpoint(path, "vqvae2", config, 1, model=wide.state_dict())
+    else:  # a tokenizer that fits and a transformer that does not
+        tokenizer, config = tiny_vqvae2(), dalle.Config(width=32, layers=1, heads=2, text_len=12)
+        wide = dalle.DALLE(dataclasses.replace(config, width=64), tokenizer.top_shape, tokenizer.bottom_shape,
+                           tokenizer.top_codebook_size, tokenizer.bottom_codebook_size)
+        data.save_checkpoint(path, "dalle", config, 1, model=wide.state_dict(), tokenizer=tokenizer.state())
+
+
+LOADING_MODES = {  # every way each command line reads a checkpoint; CKPT stands for its path
+    "vae": [["--sample", 2, "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"]],
+    "vqvae2": [["--eval", "--ckpt", "CKPT"], ["--encode", "shapes", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"],
+               ["--sample", 2, "--ckpt", "CKPT"], ["--train-prior", "CKPT"]],
+    "dcgan": [["--sample", 2, "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"]],
+    "cvae": [["--sample", "x", "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"]],
+    "dalle": [["--sample", "x", "--ckpt", "CKPT"], ["--eval", "--ckpt", "CKPT"], ["--resume", "--ckpt", "CKPT"],
+              ["--train", "shapes", "--vqvae", "CKPT"]],
+}
+
+
+@pytest.mark.parametrize("name", list(LOADING_MODES))
+def test_untrusted_and_wrong_checkpoints_are_refused_by_every_cli(name, tmp_path, capsys):
+    module, marker = globals()[name], tmp_path / "pwned"
+    torch.save({"kind": name, "payload": Exploit(str(marker))}, tmp_path / "evil.pt")  # runs code when unpickled
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Exploit(str(marker))))  # a raw pickle, not torch's format
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "evil.pt").read_bytes()[:300])  # a file cut short
+    data.save_checkpoint(tmp_path / "other.pt", "dcgan" if name == "vae" else "vae", vae.Config(), 1, model={})
+    expected = {"evil.pt": "could run code", "evil.pkl": "could run code", "cut.pt": "not a readable checkpoint",
+                "other.pt": "checkpoint, not a"}
+    for mode in LOADING_MODES[name]:
+        for file, message in expected.items():
+            argv = [str(tmp_path / file) if arg == "CKPT" else arg for arg in mode] + ["--out", tmp_path / "run"]
+            assert_clean_error(in_process(capsys, module, *argv), file, message)
+    assert not marker.exists() and not (tmp_path / "run" / "ckpt.pt").exists()
+    mismatched_checkpoint(name, tmp_path / "wide.pt")
+    mode = ["--eval"] if name == "vqvae2" else ["--sample", "2" if name in ("vae", "dcgan") else "x"]
+    assert_clean_error(in_process(capsys, module, *mode, "--ckpt", tmp_path / "wide.pt", "--out", tmp_path / "s"),
+                       "wide.pt: does not fit this model", "size mismatch")
+    data.save_checkpoint(tmp_path / "typed.pt", name, vae.Config(), 1, model={}, ema_generator={}, tokenizer={})
+    torch.save(torch.load(tmp_path / "typed.pt", weights_only=True) | {"config": {"image_size": "16"}},
+               tmp_path / "typed.pt")  # a crafted config: a string where an integer belongs
+    assert_clean_error(in_process(capsys, module, *mode, "--ckpt", tmp_path / "typed.pt"),
+                       "image_size = '16' (str, expected int)")
+
+
+def poisoned(module, steps):
+    """Make the training batches (or, for dalle, the training loss) NaN at the given 0-based steps."""
+    if module is dalle:
+        real_losses, calls = dalle.losses, iter(range(10**6))
+
+        def losses(model, tokens):
+            text, nll = real_losses(model, tokens)
+            return (text * float("nan"), nll) if model.training and next(calls) in steps else (text, nll)
+        return "losses", losses
+    real_batches = module.batches
+
+    def batches(*arguments, **keywords):
+        for step, (images, captions) in enumerate(real_batches(*arguments, **keywords)):
+            yield (images * float("nan") if step in steps else images), captions
+    return "batches", batches
+
+
+NAN_RUNS = {  # tiny runs of each trainer: 20 steps, a checkpoint every 4
+    "vae": ["--width", 8, "--iw", 2],
+    "vqvae2": [*TINY_VQVAE2[2:], "--window", 2],
+    "dcgan": [*TINY_DCGAN[2:], "--cond"],
+    "cvae": [*TINY_CVAE[2:], "--iw", 2],
+    "dalle": [*TINY_DALLE[2:]],
+}
+
+
+@pytest.mark.parametrize("name", list(NAN_RUNS))
+def test_non_finite_loss_skips_the_step_then_stops_keeping_the_last_checkpoint(name, tiny_shapes, tmp_path, capsys,
+                                                                              monkeypatch):
+    module = globals()[name]
+    monkeypatch.setattr(data, "_warned", set())
+    monkeypatch.setattr(module, *poisoned(module, {2} | set(range(6, 100))))  # step 3, then every step from 7
+    result = in_process(capsys, module, "--train", tiny_shapes, "--image-size", 16, "--batch-size", 8,
+                        *NAN_RUNS[name], "--steps", 20, "--save-every", 4, "--log-every", 1, "--device", "cpu",
+                        "--out", tmp_path)
+    # steps 3 and 7..16 are not finite: ten are skipped, the eleventh stops the run, without saving
+    assert_clean_error(result, "step 16:", "not finite", "last checkpoint is kept")
+    assert "step 3: the loss or gradient norm is not finite" in result.stderr and "(10 of at most 10)" in result.stderr
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 12  # the checkpoints of steps 4, 8 and 12 were saved; nothing after
+    states = [checkpoint[key] for key in ("model", "generator", "discriminator", "ema_generator") if key in checkpoint]
+    assert all(tensor.isfinite().all() for state in states for tensor in state.values() if tensor.is_floating_point())
+    optimizers = [value for key, value in checkpoint.items() if key.endswith("optimizer")]
+    assert [optimizer["state"][0]["step"] for optimizer in optimizers] == [5] * len(optimizers)  # steps 1, 2, 4, 5, 6
+
+
+DETERMINISM = {  # training, then sampling, each twice with the same seed; RUN stands for the run folder
+    "vae": [["--train", "TINY", "--width", 8, "--iw", 2, "--steps", 3, "--out", "RUN"],
+            ["--sample", 4, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+    "vqvae2": [["--train", "TINY", *TINY_VQVAE2, "--steps", 3, "--window", 2, "--out", "RUN"],
+               ["--encode", "TINY", "--ckpt", "RUN/ckpt.pt", "--out", "RUN/codes.pt"],
+               ["--train-prior", "RUN/codes.pt", "--prior-width", 8, "--prior-layers", 2, "--steps", 2,
+                "--out", "RUN/prior"],
+               ["--sample", 2, "--ckpt", "RUN/prior/ckpt.pt", "--out", "RUN/samples"]],
+    "dcgan": [["--train", "TINY", *TINY_DCGAN, "--cond", "--steps", 3, "--out", "RUN"],
+              ["--sample", "a red circle", "-n", 2, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+    "cvae": [["--train", "TINY", *TINY_CVAE, "--iw", 2, "--steps", 3, "--out", "RUN"],
+             ["--sample", "a red circle", "-n", 2, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+    "dalle": [["--train", "TINY", *TINY_DALLE, "--steps", 2, "--out", "RUN"],
+              ["--sample", "a red circle", "-n", 2, "--ckpt", "RUN/ckpt.pt", "--out", "RUN/samples"]],
+}
+
+
+@pytest.mark.parametrize("name", list(DETERMINISM))
+def test_same_seed_same_losses_and_samples(name, tiny_shapes, tmp_path, capsys, monkeypatch):
+    module = globals()[name]
+    monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 10)
+    for run_folder in (tmp_path / "a", tmp_path / "b"):
+        for command in DETERMINISM[name]:
+            argv = [str(arg).replace("TINY", str(tiny_shapes)).replace("RUN", str(run_folder)) for arg in command]
+            result = in_process(capsys, module, "--image-size", 16, "--device", "cpu", *argv)
+            assert result.returncode == 0, result.stderr
+
+    def outputs(folder):  # the metrics without times and speeds, and every image and checkpoint written
+        found = {}
+        for path in sorted(folder.rglob("*")):
+            if path.name == "metrics.jsonl":
+                found[path.relative_to(folder)] = [
+                    {k: v for k, v in json.loads(line).items() if k != "time" and "per_second" not in k}
+                    for line in path.read_text().splitlines()]
+            elif path.suffix == ".png":
+                found[path.relative_to(folder)] = path.read_bytes()
+            elif path.name == "ckpt.pt":
+                found[path.relative_to(folder)] = torch.load(path, weights_only=True)["generator" if name == "dcgan"
+                                                                                      else "model"]
+        return found
+    a, b = outputs(tmp_path / "a"), outputs(tmp_path / "b")
+    assert a.keys() == b.keys() and any(path.name == "samples.png" for path in a)
+    for path in a:
+        if path.name == "ckpt.pt":
+            assert all(torch.equal(a[path][key], b[path][key]) for key in a[path]), path
+        else:
+            assert a[path] == b[path], path

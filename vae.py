@@ -42,9 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (Logger, StopRequest, UsageError, atomic_write, autocast, batches, check, config_from_dict,
-                  learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_config, run_cli,
-                  save_checkpoint, save_grid, score_shapes, setup, spread_batch, step_generator, teardown, warn)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
+                  config_from_dict, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
+                  parse_config, run_cli, save_checkpoint, save_grid, score_shapes, setup, spread_batch, step_generator,
+                  teardown, warn)
 
 
 @dataclass
@@ -249,6 +250,7 @@ def train(config, runtime, checkpoint=None):
     network = DistributedDataParallel(model) if runtime.distributed else model
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 
     def save():
         save_checkpoint(out / "ckpt.pt", "vae", config, step, model=model.state_dict(),
@@ -267,7 +269,8 @@ def train(config, runtime, checkpoint=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.finite(step, loss, grad_norm):  # else this batch is skipped
+                optimizer.step()
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 metrics = dict(loss=loss.item(), loss_bpd=loss.item() / (dimensions * math.log(2)),

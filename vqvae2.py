@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, StopRequest, UsageError, atomic_write, autocast, batches, check, config_from_dict,
-                  format_score, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
-                  parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, score_shapes,
-                  setup, step_generator, teardown)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
+                  config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report,
+                  score_shapes, setup, step_generator, teardown)
 
 
 @dataclass
@@ -515,6 +515,7 @@ def train(config, runtime, checkpoint=None):
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
     levels = (("top", model.quantize_top), ("bottom", model.quantize_bottom))
+    guard = NonFiniteGuard(model)  # a NaN or infinite loss skips its update, EMA included; too many stop the run
 
     def save():
         save_checkpoint(out / "ckpt.pt", "vqvae2", config, step, model=model.state_dict(),
@@ -524,6 +525,8 @@ def train(config, runtime, checkpoint=None):
     with StopRequest() as stop:
         while step < config.steps and not stop.requested:
             x, _ = next(data)  # (B, 3, S, S) in [0, 1]
+            guard.remember()  # the codebooks before this step's EMA update
+            recent = [quantizer.recent for _, quantizer in levels]  # the last batch, where dead codes restart
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
             with autocast(device):
@@ -533,7 +536,11 @@ def train(config, runtime, checkpoint=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.finite(step, loss, grad_norm):
+                optimizer.step()
+            else:  # the guard put the codebooks back; dead codes must not restart from this batch either
+                for (_, quantizer), previous in zip(levels, recent):
+                    quantizer.recent = previous
             step += 1
             if step % config.window == 0:  # the restart draws depend only on (seed, step): exact resume
                 restart_noise = step_generator(device, config.seed, 0, step)
@@ -684,6 +691,7 @@ def train_prior(config, runtime, checkpoint=None):
     network = DistributedDataParallel(priors) if runtime.distributed else priors
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 
     def save():
         save_checkpoint(out / "ckpt.pt", "vqvae2-prior", config, step, model=priors.state_dict(),
@@ -700,7 +708,8 @@ def train_prior(config, runtime, checkpoint=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(priors.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            if guard.finite(step, loss, grad_norm):  # else this batch is skipped
+                optimizer.step()
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 bits_top, bits_bottom = nll_top.item() / math.log(2), nll_bottom.item() / math.log(2)
