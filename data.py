@@ -178,6 +178,16 @@ def load_image(path, image_size=None):
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
+def reason(error):
+    """An exception as one short line, for a warning."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def caption_lines(content):
+    """The non-blank lines of a caption file's bytes (invalid UTF-8 becomes replacement characters)."""
+    return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+
 def _header_problem(path):
     """Cheap check made once per file when a folder is scanned (full decoding happens on access)."""
     try:
@@ -186,7 +196,7 @@ def _header_problem(path):
         with Image.open(path):
             return None
     except Exception as error:  # PIL raises many kinds for many formats; any of them means skip
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
+        return reason(error)
 
 
 class ImageTextFolder(Dataset):
@@ -215,19 +225,21 @@ class ImageTextFolder(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def caption(self, path):
+    def caption_choices(self, path):
+        """Every caption an image can get: the non-blank lines of its .txt file, else its subfolder's name."""
         text_path = path.with_suffix(".txt")
         if text_path.is_file():
             try:  # invalid UTF-8 is decoded with replacement characters rather than refused
-                text = text_path.read_bytes().decode("utf-8", errors="replace")
-                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                lines = caption_lines(text_path.read_bytes())
                 if lines:
-                    return random.choice(lines)
+                    return lines
             except OSError as error:
                 warn(f"cannot read caption {text_path}: {error}")
-        if path.parent != self.root:
-            return path.parent.name.replace("_", " ")
-        return ""
+        return [path.parent.name.replace("_", " ")] if path.parent != self.root else []
+
+    def caption(self, path):
+        lines = self.caption_choices(path)
+        return random.choice(lines) if lines else ""  # drawn again at every access
 
     def __getitem__(self, index):
         for attempt in range(len(self.paths)):
@@ -238,7 +250,7 @@ class ImageTextFolder(Dataset):
                 image = load_image(path, self.image_size)
             except Exception as error:  # corrupt or truncated: skip it, never stop a long run
                 self.broken.add(path)
-                warn(f"skipping {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+                warn(f"skipping {path}: {reason(error)}")
                 continue
             return image.float() / 255.0, self.caption(path)
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
