@@ -1471,3 +1471,40 @@ def test_shard_sampler_deals_disjoint_shards_and_resumes_exactly(capsys):
     assert capsys.readouterr().err == ""
     data.ShardSampler([0] * 10 + [1], world_size=2)  # each epoch, one rank holds 1 sample: the other uses 1 of 10
     assert "the shards differ in size: an epoch of 2 processes uses 18% of the samples" in capsys.readouterr().err
+
+
+def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
+    spec = str(tiny_shards / "{000000..000003}.tar")
+    trained = run(ROOT / "vae.py", "--train", spec, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
+                  "--steps", 2, "--out", tmp_path / "cli", "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert "46 training images, 2 held out" in trained.stdout  # the last 2 samples of the last shard
+    evaluated = run(ROOT / "vae.py", "--eval", "--ckpt", tmp_path / "cli" / "ckpt.pt")
+    assert evaluated.returncode == 0 and "held-out (2 images)" in evaluated.stdout, evaluated.stderr
+    assert_clean_error(run(ROOT / "vae.py", "--train", tiny_shards / "{000000..000009}.tar"),
+                       "000004.tar: no such shard")
+
+    # stopped at step 4 of 7 (8 images a step: the run crosses an epoch of 46), then resumed: the same run
+    args = ["--train", spec, "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2", "--log-every",
+            "1", "--save-every", "100", "--steps", "7", "--warmup", "1", "--device", "cpu"]
+    vae.main(args + ["--out", str(tmp_path / "straight")])
+    real_batches = vae.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, batch in enumerate(real_batches(*arguments, **keywords)):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(vae, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        vae.main(args + ["--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(vae, "batches", real_batches)
+    vae.main(["--resume", "--out", str(tmp_path / "stopped")])
+
+    def losses(folder):
+        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
