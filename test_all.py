@@ -1508,3 +1508,44 @@ def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
     assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def two_node_torchrun(script, *args, timeout=300):
+    """Two torchrun launchers, one per "node", meeting at a c10d rendezvous on this machine, one process
+    each; returns (exit status, stdout, stderr) of both."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / script),
+               *map(str, args)]
+    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+        return [(node.returncode, *output) for node, output in zip(nodes, outputs)]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.terminate()  # torchrun passes it on to its worker
+                node.wait(30)
+
+
+def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
+    nodes = two_node_torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
+                              "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, "--out", tmp_path)
+    for status, _, stderr in nodes:
+        assert status == 0, stderr[-3000:]
+    stdout = "".join(stdout for _, stdout, _ in nodes)
+    assert stdout.count("2 process(es)") == 1 and stdout.count("held-out (2 images)") == 1  # global rank 0 only
+    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert all(r["codebook_spread"] == 0.0 for r in logged)  # the two nodes hold the same codebooks
+
+
+def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
+    nodes = two_node_torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
+                              "--log-every", 2, "--out", tmp_path)
+    for status, _, stderr in nodes:
+        assert status == 0, stderr[-3000:]
+    stdout = "".join(stdout for _, stdout, _ in nodes)
+    assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
+    assert "46 train, 2 held out" in stdout  # the codes of the shards, encoded by global rank 0
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
