@@ -332,7 +332,7 @@ class ShardDataset(Dataset):
                     elif places is not None:
                         places.setdefault(folder + slash + key, (member.offset_data, member.size))
         except (tarfile.TarError, OSError) as error:
-            warn(f"{self.paths[shard]}: not read to the end ({reason(error)}); skipping the rest of it")
+            warn(f"skipping the rest of {self.paths[shard]}: {reason(error)} (shards are uncompressed tar files)")
         return [(shard, key, place, captions.get(key)) for key, place in images.items()]
 
     def __len__(self):
