@@ -58,8 +58,8 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_w
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images with captions: a folder or 'shapes' (built in)
-    test: str = ""  # held-out folder; default: the shapes test split, or a fixed 5% of a --train folder
+    train: str = "shapes"  # training images with captions: a folder, tar shards or 'shapes' (built in)
+    test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/cvae"  # run folder: ckpt.pt, metrics.jsonl, grids; with --sample, where samples go
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
     latent_dim: int = 16  # J, the dimension of z

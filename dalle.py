@@ -67,8 +67,8 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageErr
 
 @dataclass
 class Config:
-    train: str = "shapes"  # captioned training images: a folder (NAME.png + NAME.txt) or 'shapes' (built in)
-    test: str = ""  # held-out folder; default: the shapes test split, or a fixed 5% of the training folder
+    train: str = "shapes"  # captioned training images: a folder (NAME.png + NAME.txt), tar shards or 'shapes'
+    test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/dalle"  # run folder: vqvae2/ (the tokenizer), codes.pt, ckpt.pt, metrics.jsonl, grids
     vqvae: str = ""  # a trained vqvae2 checkpoint to use as the tokenizer; '' trains one in OUT/vqvae2 first
     vqvae_steps: int = 3200  # steps of that tokenizer training (vqvae2.py default)

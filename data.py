@@ -12,6 +12,7 @@ Command line:
     python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
     python data.py score DIR                                                  # score them from pixels
     python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
+    python data.py shard DIR OUT --per-shard 10000                            # a folder to tar shards
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import gzip
 import inspect
+import io
 import json
 import math
 import os
@@ -28,6 +30,7 @@ import random
 import re
 import signal
 import sys
+import tarfile
 import time
 import typing
 import warnings
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 
@@ -203,6 +206,16 @@ def load_image(path, image_size=None):
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
+def reason(error):
+    """An exception as one short line, for a warning."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def caption_lines(content):
+    """The non-blank lines of a caption file's bytes (invalid UTF-8 becomes replacement characters)."""
+    return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+
 def _header_problem(path):
     """Cheap check made once per file when a folder is scanned (full decoding happens on access)."""
     try:
@@ -211,7 +224,7 @@ def _header_problem(path):
         with Image.open(path):
             return None
     except Exception as error:  # PIL raises many kinds for many formats; any of them means skip
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
+        return reason(error)
 
 
 class ImageTextFolder(Dataset):
@@ -240,19 +253,21 @@ class ImageTextFolder(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def caption(self, path):
+    def caption_choices(self, path):
+        """Every caption an image can get: the non-blank lines of its .txt file, else its subfolder's name."""
         text_path = path.with_suffix(".txt")
         if text_path.is_file():
             try:  # invalid UTF-8 is decoded with replacement characters rather than refused
-                text = text_path.read_bytes().decode("utf-8", errors="replace")
-                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                lines = caption_lines(text_path.read_bytes())
                 if lines:
-                    return random.choice(lines)
+                    return lines
             except OSError as error:
                 warn(f"cannot read caption {text_path}: {error}")
-        if path.parent != self.root:
-            return path.parent.name.replace("_", " ")
-        return ""
+        return [path.parent.name.replace("_", " ")] if path.parent != self.root else []
+
+    def caption(self, path):
+        lines = self.caption_choices(path)
+        return random.choice(lines) if lines else ""  # drawn again at every access
 
     def __getitem__(self, index):
         for attempt in range(len(self.paths)):
@@ -263,10 +278,152 @@ class ImageTextFolder(Dataset):
                 image = load_image(path, self.image_size)
             except Exception as error:  # corrupt or truncated: skip it, never stop a long run
                 self.broken.add(path)
-                warn(f"skipping {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+                warn(f"skipping {path}: {reason(error)}")
                 continue
             return image.float() / 255.0, self.caption(path)
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shards: tar files in the WebDataset layout (KEY.png or KEY.jpg ..., plus KEY.txt), read in place
+
+
+def expand_braces(spec):
+    """'s/{000..099}.tar' -> ['s/000.tar', ..., 's/099.tar']. As in bash, an end written with a leading
+    zero pads every number to the wider end; several ranges multiply out, the leftmost slowest."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if not match:
+        return [spec]
+    first, last = match.groups()
+    check(int(first) <= int(last), f"{spec}: the range {match.group()} runs backwards")
+    width = max(len(first), len(last)) if any(len(end) > 1 and end[0] == "0" for end in (first, last)) else 0
+    return [expanded for number in range(int(first), int(last) + 1)
+            for expanded in expand_braces(spec[:match.start()] + str(number).zfill(width) + spec[match.end():])]
+
+
+def shard_paths(name):
+    """The tar files that a --train or --test value names, or None when it names none: a brace range
+    ('shards/{000000..000099}.tar'), one .tar file, or a folder that holds only .tar files."""
+    path = Path(name)
+    if path.is_dir():
+        files = [child for child in path.iterdir() if not child.name.startswith(".")]
+        shards = sorted(child for child in files if child.suffix == ".tar")
+        return shards if shards and len(shards) == len(files) else None
+    if not name.endswith(".tar"):
+        return None
+    paths = [Path(expanded) for expanded in expand_braces(name)]
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such shard" + (f" ({len(missing)} of {len(paths)} missing)"
+                                                           if len(missing) > 1 else ""))
+    return paths
+
+
+class ShardDataset(Dataset):
+    """The samples of uncompressed tar shards as (image (3, S, S) float in [0, 1], caption str), in
+    shard order. A sample is the regular files of one tar that share a KEY (the member name up to the
+    first dot of its last part): KEY.png (or .jpg, .webp, ...) is the image and KEY.txt its caption,
+    a random non-blank line of it drawn at every access, as for a folder ("" without one). An image
+    that cannot be decoded is skipped with one warning, as ImageTextFolder does.
+
+    NOTE: WebDataset streams each shard front to back through an IterableDataset. We read the tar
+    headers once (tarfile seeks over the data, so this costs a few bytes per member) and keep where
+    each member's bytes lie: a sample is then one seek and read in its tar, nothing is extracted, and
+    the dataset stays map-style, so len(), dataset[i], the held-out split, spread_batch and an exact
+    --resume work unchanged in every trainer. ShardSampler deals whole shards to torchrun ranks.
+    Member names are only dictionary keys, never paths: `../../x.png` or `/etc/x.png` reach nothing
+    on disk, and links, folders and devices are skipped.
+    """
+
+    def __init__(self, paths, image_size, samples=None):
+        self.paths, self.image_size, self.broken = [str(path) for path in paths], image_size, set()
+        self.samples = samples if samples is not None else [  # (shard, key, image at, caption at or None)
+            sample for shard in range(len(self.paths)) for sample in self._scan(shard)]
+        check(self.samples, f"{self.paths[0]}{' ...' if len(self.paths) > 1 else ''}: no image in "
+                            f"{len(self.paths)} shard(s) (looked for KEY.png, KEY.jpg, ...)")
+
+    def _scan(self, shard):
+        """The samples of one tar: where each image's and caption's bytes lie, as (offset, size)."""
+        images, captions = {}, {}
+        try:
+            with tarfile.open(self.paths[shard], "r:") as archive:  # "r:": uncompressed only, so seekable
+                for member in archive:
+                    folder, slash, base = member.name.rpartition("/")
+                    key, _, extension = base.partition(".")
+                    places = (images if f".{extension.lower()}" in IMAGE_EXTENSIONS
+                              else captions if extension.lower() == "txt" else None)
+                    if places is not None and not member.isfile():
+                        warn(f"skipping {self.paths[shard]}: {member.name!r} is not a regular file")
+                    elif places is not None:
+                        places.setdefault(folder + slash + key, (member.offset_data, member.size))
+        except (tarfile.TarError, OSError) as error:
+            warn(f"skipping the rest of {self.paths[shard]}: {reason(error)} (shards are uncompressed tar files)")
+        return [(shard, key, place, captions.get(key)) for key, place in images.items()]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _read(self, shard, place):
+        offset, size = place
+        with open(self.paths[shard], "rb") as file:  # opened per read: safe in forked DataLoader workers
+            file.seek(offset)
+            content = file.read(size)
+        if len(content) != size:
+            raise OSError(f"the tar ends {size - len(content)} bytes early")
+        return content
+
+    def caption(self, shard, key, place):
+        try:
+            lines = caption_lines(self._read(shard, place)) if place else []
+        except OSError as error:
+            warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
+            lines = []
+        return random.choice(lines) if lines else ""
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            shard, key, image_place, caption_place = self.samples[(index + attempt) % len(self.samples)]
+            if (shard, key) in self.broken:
+                continue
+            try:
+                image = load_image(io.BytesIO(self._read(shard, image_place)), self.image_size)
+            except Exception as error:  # corrupt or truncated: skip it, never stop a long run
+                self.broken.add((shard, key))
+                problem = "not an image" if isinstance(error, UnidentifiedImageError) else reason(error)
+                warn(f"skipping {self.paths[shard]}: {key!r}: {problem}")
+                continue
+            return image.float() / 255.0, self.caption(shard, key, caption_place)
+        raise UsageError(f"{self.paths[0]} ...: no usable image (every one failed to decode)")
+
+    def split(self, held):
+        """(training set, held-out set): the last `held` samples in shard order are held out."""
+        return (ShardDataset(self.paths, self.image_size, self.samples[:-held]),
+                ShardDataset(self.paths, self.image_size, self.samples[-held:]))
+
+
+def write_shards(folder, out, per_shard, seed=0):
+    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into
+    OUT/000000.tar, OUT/000001.tar, ... of `per_shard` samples each, named by their rank in a random
+    order (seed), so that every shard, and the held-out tail of the last one, mixes the folder's
+    classes. The image files' bytes are stored as they are. Returns the number of shards."""
+    source, out = ImageTextFolder(folder, None), Path(out)
+    check(per_shard > 0, f"--per-shard {per_shard}: must be positive")
+    check(not (out.is_dir() and any(out.glob("*.tar"))), f"{out}: already holds .tar files; choose an empty folder")
+    paths = random.Random(seed).sample(source.paths, len(source.paths))
+
+    def write(file, first):
+        with tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as archive:
+            for number in range(first, min(first + per_shard, len(paths))):
+                caption = "".join(line + "\n" for line in source.caption_choices(paths[number])).encode()
+                for name, content in ((f"{number:08d}{paths[number].suffix.lower()}", paths[number].read_bytes()),
+                                      (f"{number:08d}.txt", caption)):
+                    member = tarfile.TarInfo(name)  # mtime 0, mode 644: the same folder gives the same bytes
+                    member.size, member.mode = len(content), 0o644
+                    archive.addfile(member, io.BytesIO(content))
+
+    for shard, first in enumerate(range(0, len(paths), per_shard)):
+        atomic_write(out / f"{shard:06d}.tar", lambda file: write(file, first))
+    return math.ceil(len(paths) / per_shard)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -578,10 +735,11 @@ def _wrap(text, font, width):
 
 
 def load_dataset(name, image_size, split="train"):
-    """'shapes' (that split, rendered in memory) or a folder of images."""
+    """'shapes' (that split, rendered in memory), tar shards (see shard_paths) or a folder of images."""
     if name == "shapes":
         return ShapesDataset(SHAPES_TRAIN_SIZE if split == "train" else SHAPES_TEST_SIZE, image_size, split=split)
-    return ImageTextFolder(name, image_size)
+    shards = shard_paths(name)
+    return ShardDataset(shards, image_size) if shards else ImageTextFolder(name, image_size)
 
 
 def load_test(train, test, image_size, test_size=1000):
@@ -593,8 +751,9 @@ def load_test(train, test, image_size, test_size=1000):
 
 def load_train_test(train, test, image_size, test_size=1000):
     """The training set and a held-out set: `test` if given; else the shapes test split (half of it
-    colour-shape pairs never seen in training); else a fixed 5% of the training folder (at most
-    `test_size` images), kept out of training."""
+    colour-shape pairs never seen in training); else a fixed 5% of the training folder or shards (at
+    most `test_size` images), kept out of training: random images of a folder, the last samples of
+    shards (`python data.py shard` wrote them in a random order)."""
     dataset = load_dataset(train, image_size, split="train")
     if test or train == "shapes":
         return dataset, load_dataset(test or train, image_size, split="test")
@@ -603,6 +762,8 @@ def load_train_test(train, test, image_size, test_size=1000):
     if held == 0:
         warn(f"{train}: fewer than 20 images, so the held-out figures use the training images")
         return dataset, dataset
+    if isinstance(dataset, ShardDataset):
+        return dataset.split(held)
     return Subset(dataset, order[held:]), Subset(dataset, order[:held])
 
 
@@ -694,9 +855,56 @@ class InfiniteSampler(Sampler):
             offset, epoch = 0, epoch + 1
 
 
+class ShardSampler(Sampler):
+    """InfiniteSampler for shards: epoch e shuffles the list of shards by (seed, e) and deals them out,
+    largest first, each to the rank holding the fewest samples so far; a rank visits its shards'
+    samples in a random order. Every rank stops its epoch after as many samples as the poorest rank
+    was dealt (the rest come back in later epochs, when the shards are dealt again), so the ranks are
+    always in the same epoch, each reading shards no other rank reads. `start` counts the samples this
+    rank consumed, so a resumed run sees exactly the batches it would have seen. DataLoader workers
+    fetch the indices this sampler hands them, so they never read a sample twice.
+    """
+
+    def __init__(self, shard_of, seed=0, rank=0, world_size=1, start=0):
+        groups = {}  # shard -> the indices of its samples
+        for index, shard in enumerate(shard_of):
+            groups.setdefault(shard, []).append(index)
+        self.groups = list(groups.values())
+        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+        check(len(self.groups) >= world_size, f"{len(self.groups)} training shard(s) for {world_size} processes: each "
+                                              "process needs one of its own (write smaller ones with --per-shard)")
+        kept = world_size * len(self.epoch(0)) / len(shard_of)
+        if kept < 0.9:
+            warn(f"the shards differ in size: an epoch of {world_size} processes uses {kept:.0%} of the samples")
+
+    def epoch(self, epoch):
+        """This rank's indices in epoch `epoch`, in the order it visits them."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        dealt, totals = [[] for _ in range(self.world_size)], [0] * self.world_size
+        order = torch.randperm(len(self.groups), generator=generator).tolist()
+        for shard in sorted(order, key=lambda shard: -len(self.groups[shard])):  # largest first, ties shuffled
+            poorest = totals.index(min(totals))
+            dealt[poorest].append(shard)
+            totals[poorest] += len(self.groups[shard])
+        size = min(totals)  # the same on every rank
+        indices = [index for shard in dealt[self.rank] for index in self.groups[shard]]
+        return [indices[i] for i in torch.randperm(len(indices), generator=generator)[:size].tolist()]
+
+    def __iter__(self):
+        epoch, skip = 0, self.start
+        while True:
+            indices = self.epoch(epoch)
+            yield from indices[skip:]
+            skip, epoch = max(skip - len(indices), 0), epoch + 1
+
+
 def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     """An endless iterator of (images, captions) batches for this rank, resuming at `start_step`."""
-    sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
+    if isinstance(dataset, ShardDataset):
+        shard_of = [shard for shard, *_ in dataset.samples]
+        sampler = ShardSampler(shard_of, seed, runtime.rank, runtime.world_size, start_step * batch_size)
+    else:
+        sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
     in_memory = isinstance(dataset, ShapesDataset)
     workers = 0 if in_memory or runtime.device.type != "cuda" else min(8, os.cpu_count() or 1)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -899,7 +1107,7 @@ class Logger:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: python data.py shapes|score|idx
+# Command line: python data.py shapes|score|idx|shard
 
 
 def main(argv=None):
@@ -921,6 +1129,12 @@ def main(argv=None):
     idx.add_argument("out", help="output folder: OUT/<class name>/<index>.png")
     idx.add_argument("--names", default=",".join(str(i) for i in range(10)),
                      help="comma-separated class names, label 0 first")
+    shard = commands.add_parser("shard", help="pack a folder of images (+ same-stem .txt captions) into tar shards",
+                                formatter_class=_HelpFormatter)
+    shard.add_argument("folder", help="folder of images, as --train reads it")
+    shard.add_argument("out", help="output folder: OUT/000000.tar, OUT/000001.tar, ...")
+    shard.add_argument("--per-shard", type=int, default=10000, help="samples per shard")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in")
     args = parser.parse_args(argv)
 
     if args.command == "shapes":
@@ -951,6 +1165,9 @@ def main(argv=None):
         check(images, f"{folder}: no PNG + TXT pairs to score")
         check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
         print(format_score(score_report(torch.stack(images), captions)))
+    elif args.command == "shard":
+        count = write_shards(args.folder, args.out, args.per_shard, args.seed)
+        print(f"wrote {count} shard(s): --train '{Path(args.out) / f'{{000000..{count - 1:06d}}}.tar'}'")
     else:
         count = idx_to_folder(args.images, args.labels, args.out, args.names.split(","))
         print(f"wrote {count} images to {args.out}")

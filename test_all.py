@@ -2,6 +2,8 @@
 
 import dataclasses
 import gzip
+import io
+import itertools
 import json
 import os
 import pickle
@@ -10,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -446,7 +449,7 @@ def test_vae_cli_bad_inputs(tmp_path, tiny_shapes):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"")
     (tmp_path / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not really")
-    assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "missing"), "no such folder")
+    assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "no such folder")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "empty"), "no usable image")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "broken"), "no usable image")
     assert_clean_error(run(ROOT / "vae.py", "--steps", "abc"), "invalid int")
@@ -888,7 +891,7 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
     assert_clean_error(run(ROOT / "dalle.py", "--prompts", tmp_path / "none.txt", "--ckpt", ckpt), "no such file")
     assert_clean_error(run(ROOT / "dalle.py", "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
     assert_clean_error(run(ROOT / "dalle.py", "--width", 30, "--heads", 4), "--width")
-    assert_clean_error(run(ROOT / "dalle.py", "--train", tmp_path / "missing"), "missing")
+    assert_clean_error(run(ROOT / "dalle.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
 
 
 def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
@@ -1073,7 +1076,7 @@ def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, 
 
 
 def test_dcgan_cli_bad_inputs(tmp_path, capsys):
-    assert_clean_error(run(ROOT / "dcgan.py", "--train", tmp_path / "missing"), "no such folder")  # a real process
+    assert_clean_error(run(ROOT / "dcgan.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "no such folder")  # a real process
     assert_clean_error(dcgan_cli(capsys, "--image-size", 48), "power of two")
     assert_clean_error(dcgan_cli(capsys, "--image-size", 256), "power of two")
     assert_clean_error(dcgan_cli(capsys, "--steps", "abc"), "invalid int")
@@ -1532,3 +1535,254 @@ def test_same_seed_same_losses_and_samples(name, tiny_shapes, tmp_path, capsys, 
             assert all(torch.equal(a[path][key], b[path][key]) for key in a[path]), path
         else:
             assert a[path] == b[path], path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded data (tar files in the WebDataset layout) and several machines
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tiny_shapes, tmp_path_factory):
+    """The 48 tiny shapes images in 4 shards of 12: OUT/000000.tar ... OUT/000003.tar."""
+    folder = tmp_path_factory.mktemp("shards")
+    assert data.write_shards(tiny_shapes, folder, 12) == 4
+    return folder
+
+
+def write_tar(path, members):
+    """A tar of `members`: (name, bytes) pairs become regular files; a TarInfo is added as it is."""
+    with tarfile.open(path, "w") as archive:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                archive.addfile(member)
+            else:
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                archive.addfile(info, io.BytesIO(member[1]))
+
+
+def png_bytes(colour, size=16):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_shards_round_trip_to_the_folder_dataset(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    (folder / "red_apple").mkdir(parents=True)
+    images, captions, _ = data.make_shapes(12, 16, seed=5)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
+    Image.new("RGB", (20, 16), (200, 0, 0)).save(folder / "red_apple" / "apple.jpg")  # captioned by its folder
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(folder / "uncaptioned.png")
+    Image.new("RGB", (16, 16), (0, 0, 90)).save(folder / "two.png")
+    (folder / "two.txt").write_bytes(b"first line\n\n  second line \n")
+    (folder / "empty.png").write_bytes(b"")  # skipped with a warning when sharding, as when training
+
+    result = run(ROOT / "data.py", "shard", folder, tmp_path / "shards", "--per-shard", 4)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 shard(s)" in result.stdout and "{000000..000003}.tar" in result.stdout
+    assert "empty.png" in result.stderr
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [f"00000{i}.tar" for i in range(4)]
+
+    def pairs(dataset):  # (pixels, every caption drawn in 30 accesses) for each image, in a fixed order
+        return sorted((dataset[i][0].numpy().tobytes(), frozenset(dataset[i][1] for _ in range(30)))
+                      for i in range(len(dataset)))
+    expected = pairs(data.ImageTextFolder(folder, 16))
+    assert len(expected) == 15 and frozenset({"first line", "second line"}) in [c for _, c in expected]
+    assert frozenset({"red apple"}) in [c for _, c in expected] and frozenset({""}) in [c for _, c in expected]
+    for name in (tmp_path / "shards", tmp_path / "shards" / "{000000..000003}.tar"):
+        dataset = data.load_dataset(str(name), 16)
+        assert isinstance(dataset, data.ShardDataset) and pairs(dataset) == expected
+    # the same folder and seed give the same bytes; an output folder that holds shards is refused
+    assert data.write_shards(folder, tmp_path / "again", 4) == 4
+    assert all((tmp_path / "again" / name).read_bytes() == (tmp_path / "shards" / name).read_bytes()
+               for name in ("000000.tar", "000003.tar"))
+    assert_clean_error(run(ROOT / "data.py", "shard", folder, tmp_path / "shards"), "already holds")
+    assert_clean_error(run(ROOT / "data.py", "shard", folder, tmp_path / "x", "--per-shard", 0), "--per-shard")
+
+
+def test_shard_names_brace_ranges_files_and_folders(tmp_path):
+    twelve = data.expand_braces("s/{000..011}.tar")
+    assert len(twelve) == 12 and twelve[:2] == ["s/000.tar", "s/001.tar"] and twelve[-1] == "s/011.tar"
+    assert data.expand_braces("{8..10}.tar") == ["8.tar", "9.tar", "10.tar"]  # no leading zero: no padding
+    assert data.expand_braces("{1..03}") == ["01", "02", "03"]  # as in bash: the zero-padded end sets the width
+    assert data.expand_braces("n{0..1}/{00..01}.tar") == ["n0/00.tar", "n0/01.tar", "n1/00.tar", "n1/01.tar"]
+    assert data.expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(data.UsageError, match="backwards"):
+        data.expand_braces("{3..1}.tar")
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        write_tar(tmp_path / "s" / f"{i:02d}.tar", [(f"{i}.png", png_bytes((255, 0, 0)))])
+    paths = [tmp_path / "s" / f"{i:02d}.tar" for i in range(3)]
+    assert data.shard_paths(str(tmp_path / "s" / "{00..02}.tar")) == paths
+    assert data.shard_paths(str(tmp_path / "s" / "01.tar")) == paths[1:2]
+    assert data.shard_paths(str(tmp_path / "s")) == paths  # a folder of .tar files only
+    with pytest.raises(data.UsageError, match=r"03.tar: no such shard \(2 of 5 missing\)"):
+        data.shard_paths(str(tmp_path / "s" / "{00..04}.tar"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "s" / "x.png")
+    assert data.shard_paths(str(tmp_path / "s")) is None  # images beside them: an image folder
+    assert data.shard_paths("shapes") is None and data.shard_paths(str(tmp_path)) is None
+
+
+def test_malicious_shard_members_touch_nothing_on_disk(tmp_path, capsys):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes((0, 0, 255)))
+    symlink = tarfile.TarInfo("link.png")
+    symlink.type, symlink.linkname = tarfile.SYMTYPE, str(outside)
+    hardlink = tarfile.TarInfo("hard.png")
+    hardlink.type, hardlink.linkname = tarfile.LNKTYPE, "good.png"
+    device = tarfile.TarInfo("device.png")
+    device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
+    folder = tarfile.TarInfo("folder.png")
+    folder.type = tarfile.DIRTYPE
+    absolute = str(tmp_path / "absolute")  # an absolute member name: where an extracting reader would write
+    write_tar(tmp_path / "evil.tar", [("good.png", png_bytes((255, 0, 0))), ("good.txt", b"a good one"),
+                                      ("../../evil.png", png_bytes((0, 255, 0))), ("../../evil.txt", b"climbing"),
+                                      (absolute + ".png", png_bytes((255, 255, 255))), symlink, hardlink,
+                                      ("link.txt", b"the link's caption"), device, folder])
+    before = sorted(tmp_path.rglob("*"))
+    dataset = data.load_dataset(str(tmp_path / "evil.tar"), 8)
+    items = {key: dataset[i] for i, (_, key, *_) in enumerate(dataset.samples)}
+    assert sorted(items) == sorted(["good", "../../evil", absolute])  # names are keys, nothing more
+    assert items["good"][1] == "a good one" and items["../../evil"][1] == "climbing"
+    assert items["../../evil"][0][1].min() == 1.0 and items[absolute][0].min() == 1.0  # green; white
+    warnings = capsys.readouterr().err
+    for name in ("link.png", "hard.png", "device.png"):
+        assert f"'{name}' is not a regular file" in warnings, warnings
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, extracted or followed
+    assert not (ROOT.parent.parent / "evil.png").exists() and not Path(absolute + ".png").exists()
+
+
+def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys):
+    good = png_bytes((255, 0, 0))
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    write_tar(tmp_path / "000.tar", [("a.png", good), ("a.txt", "café".encode("latin-1")), ("b.png", b"not an image"),
+                                     ("c.png", noise.getvalue()[:300]), ("d.jpg", b""),  # truncated; empty
+                                     ("e.png", png_bytes((0, 255, 0)))])
+    write_tar(tmp_path / "001.tar", [("f.png", good), ("g.png", noise.getvalue())])
+    with tarfile.open(tmp_path / "001.tar") as archive:
+        cut = archive.getmember("g.png").offset_data + 100
+    (tmp_path / "001.tar").write_bytes((tmp_path / "001.tar").read_bytes()[:cut])  # ends inside g.png
+    (tmp_path / "002.tar").write_bytes(b"not a tar at all " * 64)
+    (tmp_path / "003.tar").write_bytes(gzip.compress((tmp_path / "000.tar").read_bytes()))  # compressed: refused
+    dataset = data.load_dataset(str(tmp_path / "{000..003}.tar"), 8)
+    warnings = capsys.readouterr().err
+    for name in ("001.tar: ", "002.tar: ", "003.tar: "):
+        assert f"skipping the rest of {tmp_path / name}" in warnings, warnings
+    assert [key for _, key, *_ in dataset.samples] == ["a", "b", "c", "d", "e", "f", "g"]
+    items = [dataset[i] for i in range(len(dataset))]
+    warnings = capsys.readouterr().err
+    assert "000.tar: 'b': not an image" in warnings and "000.tar: 'd': not an image" in warnings, warnings
+    assert "000.tar: 'c': " in warnings  # truncated
+    assert "001.tar: 'g': the tar ends" in warnings
+    assert items[0][1] == "caf\ufffd" and items[0][0][0].min() == 1.0  # caption bytes not UTF-8: replaced
+    assert all(torch.equal(items[i][0], items[4][0]) for i in (1, 2, 3))  # a bad image gives the next good one
+    assert torch.equal(items[6][0], items[0][0])  # ... wrapping around at the end
+    with pytest.raises(data.UsageError, match="no image in 1 shard"):
+        data.load_dataset(str(tmp_path / "002.tar"), 8)
+
+
+def test_shard_sampler_deals_disjoint_shards_and_resumes_exactly(capsys):
+    shard_of = [0] * 6 + [1] * 6 + [2] * 4 + [3] * 6 + [4] * 6 + [5] * 6  # the short one is dealt to the poorer rank
+    samplers = [data.ShardSampler(shard_of, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    dealt_shards = []
+    for epoch in range(6):
+        dealt = [sampler.epoch(epoch) for sampler in samplers]
+        assert len(dealt[0]) == len(dealt[1]) == 16  # the ranks stay in the same epoch
+        shards = [{shard_of[i] for i in indices} for indices in dealt]
+        assert not shards[0] & shards[1]  # no shard is read by both ranks
+        assert all(len(set(indices)) == len(indices) for indices in dealt)
+        dealt_shards.append(shards[0])
+    assert len({frozenset(shards) for shards in dealt_shards}) > 1  # dealt again every epoch
+    single = data.ShardSampler(shard_of, seed=3).epoch(0)
+    assert sorted(single) == list(range(len(shard_of))) and single != sorted(single)  # one process: all, shuffled
+    full = list(itertools.islice(data.ShardSampler(shard_of, 3, 1, 2), 80))
+    for start in (1, len(samplers[1].epoch(0)), 41):
+        assert list(itertools.islice(data.ShardSampler(shard_of, 3, 1, 2, start=start), 80 - start)) == full[start:]
+    assert full != list(itertools.islice(data.ShardSampler(shard_of, 4, 1, 2), 80))  # the seed matters
+    with pytest.raises(data.UsageError, match="2 training shard"):
+        data.ShardSampler([0, 0, 1], world_size=3)
+    assert capsys.readouterr().err == ""
+    data.ShardSampler([0] * 10 + [1], world_size=2)  # each epoch, one rank holds 1 sample: the other uses 1 of 10
+    assert "the shards differ in size: an epoch of 2 processes uses 18% of the samples" in capsys.readouterr().err
+
+
+def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
+    spec = str(tiny_shards / "{000000..000003}.tar")
+    trained = run(ROOT / "vae.py", "--train", spec, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
+                  "--steps", 2, "--out", tmp_path / "cli", "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert "46 training images, 2 held out" in trained.stdout  # the last 2 samples of the last shard
+    evaluated = run(ROOT / "vae.py", "--eval", "--ckpt", tmp_path / "cli" / "ckpt.pt")
+    assert evaluated.returncode == 0 and "held-out (2 images)" in evaluated.stdout, evaluated.stderr
+    assert_clean_error(run(ROOT / "vae.py", "--train", tiny_shards / "{000000..000009}.tar"),
+                       "000004.tar: no such shard")
+
+    # stopped at step 4 of 7 (8 images a step: the run crosses an epoch of 46), then resumed: the same run
+    args = ["--train", spec, "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2", "--log-every",
+            "1", "--save-every", "100", "--steps", "7", "--warmup", "1", "--device", "cpu"]
+    vae.main(args + ["--out", str(tmp_path / "straight")])
+    real_batches = vae.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, batch in enumerate(real_batches(*arguments, **keywords)):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(vae, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        vae.main(args + ["--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(vae, "batches", real_batches)
+    vae.main(["--resume", "--out", str(tmp_path / "stopped")])
+
+    def losses(folder):
+        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def two_node_torchrun(script, *args, timeout=300):
+    """Two torchrun launchers, one per "node", meeting at a c10d rendezvous on this machine, one process
+    each; returns (exit status, stdout, stderr) of both."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / script),
+               *map(str, args)]
+    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+        return [(node.returncode, *output) for node, output in zip(nodes, outputs)]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.terminate()  # torchrun passes it on to its worker
+                node.wait(30)
+
+
+def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
+    nodes = two_node_torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
+                              "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, "--out", tmp_path)
+    for status, _, stderr in nodes:
+        assert status == 0, stderr[-3000:]
+    stdout = "".join(stdout for _, stdout, _ in nodes)
+    assert stdout.count("2 process(es)") == 1 and stdout.count("held-out (2 images)") == 1  # global rank 0 only
+    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert all(r["codebook_spread"] == 0.0 for r in logged)  # the two nodes hold the same codebooks
+
+
+def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
+    nodes = two_node_torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
+                              "--log-every", 2, "--out", tmp_path)
+    for status, _, stderr in nodes:
+        assert status == 0, stderr[-3000:]
+    stdout = "".join(stdout for _, stdout, _ in nodes)
+    assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
+    assert "46 train, 2 held out" in stdout  # the codes of the shards, encoded by global rank 0
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4

@@ -50,8 +50,8 @@ from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write,
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images: a folder (captions unused) or 'shapes' (built in)
-    test: str = ""  # held-out folder; default: the shapes test split, or a fixed 5% of a --train folder
+    train: str = "shapes"  # training images: a folder or tar shards (captions unused), or 'shapes' (built in)
+    test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/vae"  # run folder: ckpt.pt, metrics.jsonl, grids
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
     latent_dim: int = 16  # J, the dimension of z

@@ -65,8 +65,8 @@ from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write,
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images: a folder or 'shapes' (built in)
-    test: str = ""  # held-out folder; default: the shapes test split, or a fixed 5% of the training folder
+    train: str = "shapes"  # training images: a folder, tar shards ('s/{000..009}.tar', see data.py) or 'shapes'
+    test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/vqvae2"  # run folder (ckpt.pt, metrics.jsonl, grids); with --encode the codes file
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
     hidden: int = 64  # C, channels of the convolutional encoders and decoders on the S/4 and S/8 grids (paper 128)
@@ -90,7 +90,7 @@ class Config:
     seed: int = 0  # seeds initialisation, data order and restarts
     resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
     eval: bool = False  # report held-out MSE, PSNR, codes in use (and the shapes scorer) of --ckpt, then exit
-    encode: str = ""  # shapes or a folder: write the codes and captions of all its images to --out, then exit
+    encode: str = ""  # shapes, a folder or shards: write the codes and captions of its images to --out, then exit
     train_prior: str = ""  # a codes file from --encode: train the two PixelCNN priors on it (default --out: its folder/prior)
     prior_width: int = 64  # channels of each PixelCNN prior
     prior_layers: int = 6  # gated layers of each PixelCNN prior
