@@ -35,7 +35,7 @@ Known deviations from the paper:
     - dense causal attention instead of the row/column/convolutional sparse masks (short sequences);
     - classifier-free guidance and reranking by the caption's likelihood gain instead of CLIP reranking
       (no downloaded network);
-    - sampling at temperature 0.2 by default (see the NOTE in pick);
+    - sampling at temperature 0.2 by default (see the NOTE in pick); residual dropout 0.2 (NOTE in DALLE);
     - a small model, fp32 on CPU or bf16 autocast on CUDA, instead of 12B parameters in fp16.
 """
 
@@ -78,7 +78,7 @@ class Config:
     width: int = 128  # C, the transformer's width
     layers: int = 4  # transformer blocks
     heads: int = 4  # attention heads per block
-    dropout: float = 0.0  # dropout on attention weights and residual branches
+    dropout: float = 0.2  # dropout on the residual branches (attention and MLP outputs; see the NOTE in DALLE)
     cond_drop: float = 0.1  # probability of training on a padded (dropped) caption, for guidance
     text_weight: float = 0.125  # weight of the text loss; the image loss gets 1 - this (paper 1/8)
     steps: int = 1800  # transformer optimizer steps in total
@@ -151,8 +151,9 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
                 causal = False
         # softmax(q k^T / sqrt(C/H)) v over the allowed positions (Vaswani et al. 2017, eq. 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, C/H)
+        # NOTE: no dropout on the attention weights: on a CPU it made each training step 1.5x slower
+        # (0.48 against 0.31 s at batch 32), while dropout on the residual branches costs 4%.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, C/H)
         return F.dropout(self.proj(y.transpose(1, 2).reshape(B, L, C)), self.dropout, self.training)  # (B, L, C)
 
 
@@ -188,6 +189,9 @@ class DALLE(nn.Module):
         self.top_row, self.top_column = nn.Parameter(torch.zeros(top_shape[0], C)), nn.Parameter(torch.zeros(top_shape[1], C))
         self.bottom_row = nn.Parameter(torch.zeros(bottom_shape[0], C))
         self.bottom_column = nn.Parameter(torch.zeros(bottom_shape[1], C))
+        # NOTE: residual dropout 0.2 by default (the paper does not state one). Without it our model
+        # memorises its 20,000 code sequences on shapes (training image loss 0.19 against 1.04 nats held
+        # out after 1,800 steps) and draws unseen colour-shape pairs right 45% of the time (README).
         self.blocks = nn.ModuleList(Block(C, config.heads, config.dropout) for _ in range(config.layers))
         self.norm = nn.LayerNorm(C)
         self.text_head = nn.Linear(C, TEXT_VOCAB, bias=False)
