@@ -916,10 +916,6 @@ def tiny_dcgan(image_size=16, cond=False, width=8):
     return dcgan.Config(image_size=image_size, cond=cond, width=width, latent_dim=8, text_dim=8, text_len=48)
 
 
-def dcgan_cli(capsys, *args):
-    return in_process(capsys, dcgan, *args)
-
-
 def test_dcgan_shapes_for_several_sizes():
     captions = ["a large red circle at the top left", "a small blue square at the center"]
     for size in (16, 32, 64, 128):
@@ -1039,19 +1035,19 @@ def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, 
     monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 100)
     common = ["--train", tiny_shapes, *TINY_DCGAN, "--log-every", 1]
     cond = tmp_path / "cond"
-    trained = dcgan_cli(capsys, *common, "--cond", "--steps", 3, "--save-every", 2, "--out", cond)
+    trained = in_process(capsys, dcgan, *common, "--cond", "--steps", 3, "--save-every", 2, "--out", cond)
     assert trained.returncode == 0, trained.stderr
     assert "caption-conditioned" in trained.stdout and "d_loss" in trained.stdout and "overall " in trained.stdout
     for name in ("ckpt.pt", "metrics.jsonl", "config.json", "samples_000002.png", "samples_000003.png"):
         assert (cond / name).is_file(), name
-    assert_clean_error(dcgan_cli(capsys, *common, "--steps", 3, "--out", cond), "exists", "--resume")
-    resumed = dcgan_cli(capsys, "--resume", "--steps", 5, "--out", cond)
+    assert_clean_error(in_process(capsys, dcgan, *common, "--steps", 3, "--out", cond), "exists", "--resume")
+    resumed = in_process(capsys, dcgan, "--resume", "--steps", 5, "--out", cond)
     assert resumed.returncode == 0, resumed.stderr
     assert "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
     assert torch.load(cond / "ckpt.pt", weights_only=True)["step"] == 5
 
     captions = ["a large red triangle at the top", "a small green square at the center", "x" * 60]
-    sampled = dcgan_cli(capsys, "--sample", *captions, "-n", 2, "--ckpt", cond / "ckpt.pt", "--out", tmp_path / "s")
+    sampled = in_process(capsys, dcgan, "--sample", *captions, "-n", 2, "--ckpt", cond / "ckpt.pt", "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     assert "first 48 bytes" in sampled.stderr  # a caption longer than --text-len is cut, and said so
     pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
@@ -1060,33 +1056,33 @@ def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, 
     assert Image.open(tmp_path / "s" / "samples.png").size[0] == 2 * (96 + 2) + 2  # 2 per row, captioned
     scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
     assert scored.returncode == 0 and "overall   n=6" in scored.stdout, scored.stderr
-    evaluated = dcgan_cli(capsys, "--eval", "--ckpt", cond / "ckpt.pt", "--test", tiny_shapes)
+    evaluated = in_process(capsys, dcgan, "--eval", "--ckpt", cond / "ckpt.pt", "--test", tiny_shapes)
     assert evaluated.returncode == 0 and "overall   n=48 " in evaluated.stdout, evaluated.stderr
 
     plain = tmp_path / "plain"
-    trained = dcgan_cli(capsys, *common, "--steps", 2, "--out", plain)
+    trained = in_process(capsys, dcgan, *common, "--steps", 2, "--out", plain)
     assert trained.returncode == 0 and "clean shape" in trained.stdout, trained.stderr
-    sampled = dcgan_cli(capsys, "--sample", 5, "--ckpt", plain / "ckpt.pt")
+    sampled = in_process(capsys, dcgan, "--sample", 5, "--ckpt", plain / "ckpt.pt")
     assert sampled.returncode == 0, sampled.stderr
     assert len(list((plain / "samples").glob("*.png"))) == 5 and (plain / "samples" / "00004.txt").read_text() == "\n"
     assert Image.open(plain / "samples.png").size == (3 * 18 + 2, 2 * 18 + 2)
-    evaluated = dcgan_cli(capsys, "--eval", "--out", plain)
+    evaluated = in_process(capsys, dcgan, "--eval", "--out", plain)
     assert evaluated.returncode == 0 and "% of 100\n" in evaluated.stdout, evaluated.stderr
-    assert_clean_error(dcgan_cli(capsys, "--sample", "a red circle", "--ckpt", plain / "ckpt.pt"), "unconditional")
+    assert_clean_error(in_process(capsys, dcgan, "--sample", "a red circle", "--ckpt", plain / "ckpt.pt"), "unconditional")
 
 
 def test_dcgan_cli_bad_inputs(tmp_path, capsys):
     assert_clean_error(run(ROOT / "dcgan.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "no such folder")  # a real process
-    assert_clean_error(dcgan_cli(capsys, "--image-size", 48), "power of two")
-    assert_clean_error(dcgan_cli(capsys, "--image-size", 256), "power of two")
-    assert_clean_error(dcgan_cli(capsys, "--steps", "abc"), "invalid int")
-    assert_clean_error(dcgan_cli(capsys, "--ema", 1.5), "--ema")
-    assert_clean_error(dcgan_cli(capsys, "--bogus-flag", 3), "unrecognized arguments")
-    assert_clean_error(dcgan_cli(capsys, "--sample", 4, "--eval"), "cannot be combined")
+    assert_clean_error(in_process(capsys, dcgan, "--image-size", 48), "power of two")
+    assert_clean_error(in_process(capsys, dcgan, "--image-size", 256), "power of two")
+    assert_clean_error(in_process(capsys, dcgan, "--steps", "abc"), "invalid int")
+    assert_clean_error(in_process(capsys, dcgan, "--ema", 1.5), "--ema")
+    assert_clean_error(in_process(capsys, dcgan, "--bogus-flag", 3), "unrecognized arguments")
+    assert_clean_error(in_process(capsys, dcgan, "--sample", 4, "--eval"), "cannot be combined")
     data.save_checkpoint(tmp_path / "vae.pt", "vae", vae.Config(), 1, model={})
     for mode in (["--sample", 4], ["--eval"], ["--resume"]):
-        assert_clean_error(dcgan_cli(capsys, *mode, "--ckpt", tmp_path / "vae.pt"), "vae checkpoint, not a dcgan")
-    assert_clean_error(dcgan_cli(capsys, "--sample", 4, "--ckpt", tmp_path / "none.pt"), "no such checkpoint")
+        assert_clean_error(in_process(capsys, dcgan, *mode, "--ckpt", tmp_path / "vae.pt"), "vae checkpoint, not a dcgan")
+    assert_clean_error(in_process(capsys, dcgan, "--sample", 4, "--ckpt", tmp_path / "none.pt"), "no such checkpoint")
 
 
 def test_dcgan_torchrun_two_processes(tiny_shapes, tmp_path):
