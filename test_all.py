@@ -785,6 +785,49 @@ def test_dalle_has_no_future_leakage():
         assert not torch.allclose(per_position[:, t:], reference[:, t:])
 
 
+def test_dalle_drop_key_is_causal_never_empty_and_off_at_evaluation():
+    torch.manual_seed(0)
+    model = dalle.DALLE(dalle.Config(width=32, layers=2, heads=4, text_len=12, dropout=0.0, drop_key=0.99),
+                        (2, 2), (4, 4), 24, 40).double()
+    tokens = random_tokens(model, 2)
+    changed = tokens.clone()
+    t = model.text_len + 3
+    changed[:, t] = (changed[:, t] + 7) % 24
+    model.train()
+    outputs = []
+    for batch in (tokens, changed):
+        torch.manual_seed(1)  # the same keys dropped in both
+        outputs.append(model.hidden(batch))  # (B, L, C)
+    assert torch.isfinite(outputs[0]).all()  # nearly every key dropped, but each query still sees itself
+    assert torch.equal(outputs[0][:, :t], outputs[1][:, :t])  # dropping keys never lets the future in
+    torch.manual_seed(2)
+    assert not torch.allclose(model.hidden(tokens), outputs[0])  # a different draw drops other keys
+    model.eval()
+    assert torch.equal(model.hidden(tokens), model.hidden(tokens))  # evaluation drops nothing
+
+
+def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
+    args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
+            "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
+    dalle.main(args + ["--out", str(tmp_path / "straight")])
+    real_batches = dalle.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, batch in enumerate(real_batches(*arguments, **keywords)):
+            if i == 2:  # a Ctrl-C while step 3 runs
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(dalle, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dalle.main(args + ["--out", str(tmp_path / "stopped")])
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(dalle, "batches", real_batches)
+    dalle.main(["--resume", "--out", str(tmp_path / "stopped")])
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in ("straight", "stopped"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_dalle_cached_forward_equals_full_forward():
     model = tiny_dalle(torch.float64)
     tokens = random_tokens(model, 3)
