@@ -945,13 +945,26 @@ def atomic_write(path, write):
         temporary.unlink(missing_ok=True)  # only left if writing failed (a full disk, say)
 
 
+def remove_stale_temporaries(folder, name="*"):
+    """Delete the temporary files `.NAME.tmpPID` that atomic_write left in `folder` (for `name`) when a
+    SIGKILL stopped its process mid-write; a file whose process still runs on this machine is kept."""
+    for path in Path(folder).glob(f".{name}.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        try:
+            if pid.isdigit() and int(pid) != os.getpid():
+                os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # another user's process; a number too large to be a pid
+            pass
+
+
 def save_checkpoint(path, kind, config, step, **state):
     """Atomically save plain data only: which model (`kind`), its config as a dict, the step, and
     whatever state dicts are passed (model=..., optimizer=...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
-    for stale in Path(path).parent.glob(f".{Path(path).name}.tmp*"):  # left by a process killed while saving
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(Path(path).parent, Path(path).name)  # left by a process killed while saving
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
@@ -1077,7 +1090,8 @@ class Logger:
     """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
     Only rank 0 writes. On resume, the records after the checkpoint's step (logged by the run that
     stopped or was killed after saving it) and any line cut short are dropped, so the file reads as if
-    the run had never stopped."""
+    the run had never stopped. Every run starts by deleting the temporary files of grids and checkpoints
+    that a killed run left half-written in its folder."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1085,6 +1099,7 @@ class Logger:
         self.path = Path(out) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
             records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
             kept = [line for line, step in records if step is not None and step <= start_step]

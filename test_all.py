@@ -1364,8 +1364,12 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tiny_sha
     assert steps == sorted(steps) and steps[-1] < 30, steps  # every run moved on, none reached the end
     with open(out / "metrics.jsonl", "a") as file:
         file.write('{"step": 29, "loss": 3')  # a record cut short, as a kill in the middle of a write leaves it
+    (out / f".samples_000012.png.tmp{process.pid}").write_bytes(b"half a grid")  # its process has ended
+    (out / f".samples.png.tmp{os.getppid()}").write_bytes(b"being written")  # its process still runs
     vae.main(["--resume", "--out", str(out)])
     assert not list(out.glob(".ckpt.pt.tmp*"))  # the half-written file is gone
+    assert [path.name for path in out.glob(".*.tmp*")] == [f".samples.png.tmp{os.getppid()}"]  # so is the grid's
+    (out / f".samples.png.tmp{os.getppid()}").unlink()
 
     def records(folder):  # every record, in order, without the wall-clock time
         return [{k: v for k, v in json.loads(line).items() if k != "time"}
