@@ -385,7 +385,7 @@ def prepare_codes(config, runtime):
         vqvae2.validate(tokenizer_config)
         checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
         if checkpoint:
-            tokenizer_config = config_from_dict(vqvae2.Config, checkpoint["config"])
+            tokenizer_config = config_from_dict(vqvae2.Config, checkpoint["config"], vqvae2.validate)
         if checkpoint is None or checkpoint["step"] < tokenizer_config.steps:
             if runtime.is_main:
                 print(f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}", flush=True)
@@ -548,7 +548,7 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
 
 def load_model(path, device):
     checkpoint = load_checkpoint(path, "dalle", required=("config", "model", "tokenizer"))
-    saved = config_from_dict(Config, checkpoint["config"])
+    saved = config_from_dict(Config, checkpoint["config"], validate)
     tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
     model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
@@ -668,7 +668,7 @@ def main(argv=None):
     path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
     if config.resume and (path.exists() or not (Path(config.out) / "vqvae2").exists()):
         checkpoint = load_checkpoint(path, "dalle")  # else: stopped before stage 3, which picks up by itself
-        saved = config_from_dict(Config, checkpoint["config"])
+        saved = config_from_dict(Config, checkpoint["config"], validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)

@@ -145,9 +145,9 @@ def finite_float(text):
     return value
 
 
-def config_from_dict(config_class, values):
-    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has and refusing
-    values of the wrong type (a crafted checkpoint)."""
+def config_from_dict(config_class, values, validate):
+    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has, and refusing
+    values of the wrong type or ones its file's `validate` refuses (a crafted checkpoint: width 0, say)."""
     check(isinstance(values, dict), "a checkpoint whose config is not a dict")
     types = typing.get_type_hints(config_class)
     kept = {key: value for key, value in values.items() if key in types}
@@ -156,7 +156,12 @@ def config_from_dict(config_class, values):
         check(type(value) is expected or (expected is float and type(value) is int),
               f"a checkpoint whose config has {key} = {str(value)[:40]!r} ({type(value).__name__}, expected "
               f"{expected.__name__})")
-    return config_class(**kept)
+    config = config_class(**kept)
+    try:
+        validate(config)
+    except UsageError as error:
+        raise UsageError(f"a checkpoint whose config is refused: {error}") from None
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------

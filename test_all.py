@@ -1440,6 +1440,21 @@ def test_untrusted_and_wrong_checkpoints_are_refused_by_every_cli(name, tmp_path
                tmp_path / "typed.pt")  # a crafted config: a string where an integer belongs
     assert_clean_error(in_process(capsys, module, *mode, "--ckpt", tmp_path / "typed.pt"),
                        "image_size = '16' (str, expected int)")
+    for mode in LOADING_MODES[name]:  # well typed but nonsense, in the model's config or its tokenizer's
+        kind = ("vqvae2-codes" if "--train-prior" in mode else "vqvae2" if "--vqvae" in mode
+                else "vqvae2-prior" if name == "vqvae2" and "--sample" in mode else name)
+        nonsense = dataclasses.asdict((vqvae2 if kind.startswith("vqvae2") else module).Config()) | {"steps": -5}
+        parts = ("model", "ema_generator", "generator", "discriminator", "generator_optimizer",
+                 "discriminator_optimizer", "window", "train", "test")  # whatever one of the files requires
+        torch.save(dict(kind=kind, config=nonsense, step=1, tokenizer=dict(config=nonsense, model={}),
+                        **{part: {} for part in parts}), tmp_path / "nonsense.pt")
+        argv = [str(tmp_path / "nonsense.pt") if arg == "CKPT" else arg for arg in mode] + ["--out", tmp_path / "run"]
+        assert_clean_error(in_process(capsys, module, *argv), "config is refused: --steps must be positive")
+    if name == "dalle":
+        torch.save(dict(kind="dalle", config=dict(width=128, heads=3), step=1, model={}, tokenizer={}),
+                   tmp_path / "heads.pt")
+        assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", tmp_path / "heads.pt"),
+                           "config is refused: --width must be a multiple of --heads")
 
 
 def poisoned(module, steps):

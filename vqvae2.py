@@ -327,7 +327,8 @@ class VQVAE2(nn.Module):
 
     @classmethod
     def from_state(cls, state, device="cpu", path="checkpoint"):
-        model = cls(config_from_dict(Config, state["config"])).to(device)
+        check(isinstance(state, dict) and {"config", "model"} <= state.keys(), f"{path}: its tokenizer is incomplete")
+        model = cls(config_from_dict(Config, state["config"], validate)).to(device)
         load_state(model, state["model"], path)
         return model.eval()
 
@@ -743,7 +744,7 @@ def sample(config, runtime, out_given):
     path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
     checkpoint = load_checkpoint(path, "vqvae2-prior", required=("config", "model", "tokenizer"))
     tokenizer = VQVAE2.from_state(checkpoint["tokenizer"], runtime.device, path)
-    priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"])).to(runtime.device)
+    priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"], validate)).to(runtime.device)
     load_state(priors, checkpoint["model"], path)
     out = Path(config.out) if out_given else Path(path).parent
     write_samples(priors.eval(), tokenizer, config.sample, out / "samples.png", config.seed, runtime.device)
@@ -759,7 +760,7 @@ def main(argv=None):
     if config.resume:  # the saved run's settings, with the flags given now on top
         checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt",
                                      "vqvae2-prior" if config.train_prior else "vqvae2")
-        saved = config_from_dict(Config, checkpoint["config"])
+        saved = config_from_dict(Config, checkpoint["config"], validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)
