@@ -261,13 +261,13 @@ class ImageTextFolder(Dataset):
     def caption_choices(self, path):
         """Every caption an image can get: the non-blank lines of its .txt file, else its subfolder's name."""
         text_path = path.with_suffix(".txt")
-        if text_path.is_file():
+        if os.path.lexists(text_path):  # a folder, a dangling link or a link loop too: named in a warning, once
             try:  # invalid UTF-8 is decoded with replacement characters rather than refused
                 lines = caption_lines(text_path.read_bytes())
                 if lines:
                     return lines
             except OSError as error:
-                warn(f"cannot read caption {text_path}: {error}")
+                warn(f"cannot read caption {text_path} ({error.strerror or reason(error)}); it is left out")
         return [path.parent.name.replace("_", " ")] if path.parent != self.root else []
 
     def caption(self, path):

@@ -119,6 +119,26 @@ def test_folder_loader_modes_captions_and_bad_files(tmp_path, capsys):
     assert red[:, 0].min() > 0.9 and red[:, -1].max() < 0.1
 
 
+def test_unreadable_caption_files_are_named_once_each(tmp_path, capsys):
+    folder = tmp_path / "red_apple"
+    folder.mkdir()
+    for name in ("folder", "dangling", "loop", "good"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / f"{name}.png")
+    (folder / "folder.txt").mkdir()
+    (folder / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    (folder / "loop.txt").symlink_to(folder / "loop.txt")
+    (folder / "good.txt").write_text("a good caption\n")
+    dataset = data.ImageTextFolder(tmp_path, 8)
+    captions = {path.stem: {dataset[i][1] for _ in range(3)} for i, path in enumerate(dataset.paths)}
+    assert captions == {"dangling": {"red apple"}, "folder": {"red apple"}, "good": {"a good caption"},
+                        "loop": {"red apple"}}  # the folder's name, as if there were no .txt file
+    warnings = capsys.readouterr().err.splitlines()
+    assert sorted(warnings) == [  # one line per file, however often it is read
+        f"warning: cannot read caption {folder / 'dangling.txt'} (No such file or directory); it is left out",
+        f"warning: cannot read caption {folder / 'folder.txt'} (Is a directory); it is left out",
+        f"warning: cannot read caption {folder / 'loop.txt'} (Too many levels of symbolic links); it is left out"]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (16, 8), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 8, 8))  # white on the left
