@@ -306,6 +306,9 @@ def expand_braces(spec):
             for expanded in expand_braces(spec[:match.start()] + str(number).zfill(width) + spec[match.end():])]
 
 
+COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
 def shard_paths(name):
     """The tar files that a --train or --test value names, or None when it names none: a brace range
     ('shards/{000000..000099}.tar'), one .tar file, or a folder that holds only .tar files."""
@@ -313,7 +316,14 @@ def shard_paths(name):
     if path.is_dir():
         files = [child for child in path.iterdir() if not child.name.startswith(".")]
         shards = sorted(child for child in files if child.suffix == ".tar")
-        return shards if shards and len(shards) == len(files) else None
+        compressed = sorted(child for child in files if child.name.endswith(COMPRESSED_TAR))
+        if not compressed or len(shards) + len(compressed) < len(files):
+            return shards if shards and len(shards) == len(files) else None
+        name = str(compressed[0])
+    # NOTE: tarfile could stream a .tar.gz, but a sample could then only be reached by decompressing
+    # everything before it, which breaks random access (and so the held-out split and an exact --resume).
+    check(not name.endswith(COMPRESSED_TAR), f"{name}: compressed shards are not read (samples are read by seeking "
+                                             "into the tar); decompress them first (gunzip X.tar.gz leaves X.tar)")
     if not name.endswith(".tar"):
         return None
     paths = [Path(expanded) for expanded in expand_braces(name)]

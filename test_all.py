@@ -1656,8 +1656,16 @@ def test_shard_names_brace_ranges_files_and_folders(tmp_path):
     assert data.shard_paths(str(tmp_path / "s")) == paths  # a folder of .tar files only
     with pytest.raises(data.UsageError, match=r"03.tar: no such shard \(2 of 5 missing\)"):
         data.shard_paths(str(tmp_path / "s" / "{00..04}.tar"))
+    (tmp_path / "gz").mkdir()
+    for name in ("00.tar", "01.tar.gz", "02.tgz"):  # compressed: refused, with the way out
+        (tmp_path / "gz" / name).write_bytes(gzip.compress((tmp_path / "s" / "00.tar").read_bytes()))
+    for name in ("gz", "gz/01.tar.gz", "gz/{01..02}.tar.gz", "gz/02.tgz"):
+        with pytest.raises(data.UsageError, match=r"compressed shards are not read .*\(gunzip X.tar.gz leaves X.tar\)"):
+            data.shard_paths(str(tmp_path / name))
     Image.new("RGB", (8, 8)).save(tmp_path / "s" / "x.png")
     assert data.shard_paths(str(tmp_path / "s")) is None  # images beside them: an image folder
+    (tmp_path / "s" / "archive.tar.gz").write_bytes(b"")
+    assert data.shard_paths(str(tmp_path / "s")) is None  # ... even with an archive among them
     assert data.shard_paths("shapes") is None and data.shard_paths(str(tmp_path)) is None
 
 
