@@ -837,6 +837,12 @@ def setup(device="auto", seed=0):
     return Runtime(device, rank, world_size)
 
 
+def barrier(runtime):
+    """Under torchrun, wait until every rank gets here."""
+    if runtime.distributed:
+        dist.barrier()
+
+
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
