@@ -643,8 +643,8 @@ def parts_in(folder):
         match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
         if match:
             found.setdefault(int(match[2]), {})[int(match[1])] = path
-    check(len(found) <= 1, f"{folder}: holds the parts of {' and of '.join(map(str, sorted(found)))} processes' "
-                           "encodings; keep one set")
+    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings (of {' and of '.join(map(str, sorted(found)))} "
+                           "parts); keep one set")
     return next(iter(found.items()), (0, {}))
 
 
