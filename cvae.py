@@ -426,7 +426,7 @@ def load_model(config, device):
     """The model and its saved config from --ckpt (default OUT/ckpt.pt)."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     checkpoint = load_checkpoint(path, "cvae")
-    saved = config_from_dict(Config, checkpoint["config"])
+    saved = config_from_dict(Config, checkpoint["config"], validate)
     model = CVAE(saved).to(device)
     load_state(model, checkpoint["model"], path)
     return model.eval(), saved, Path(path).parent
@@ -456,7 +456,7 @@ def main(argv=None):
     checkpoint = None
     if config.resume:  # the saved run's settings, with the flags given now on top
         checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt", "cvae")
-        saved = config_from_dict(Config, checkpoint["config"])
+        saved = config_from_dict(Config, checkpoint["config"], validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)

@@ -7,6 +7,7 @@ Paper:  Ramesh, Pavlov, Goh, Gray, Voss, Radford, Chen & Sutskever, "Zero-Shot T
 Usage:
     python dalle.py --train shapes                  # tokenizer, codes, transformer, score (runs/dalle)
     python dalle.py --train DIR --vqvae runs/vqvae2/ckpt.pt   # reuse a trained tokenizer
+    python dalle.py --codes runs/vqvae2/codes      # train on codes from vqvae2.py --encode (file or folder of parts)
     python dalle.py --resume --out runs/dalle       # continue a stopped run exactly
     python dalle.py --sample "a large red circle at the top left" "a small blue square at the top" \\
                     --ckpt runs/dalle/ckpt.pt -n 16 --keep 4        # grid + one PNG/TXT pair per image
@@ -52,15 +53,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import vqvae2
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches,
-                  check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
+                  batches, check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
                   load_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
                   step_generator, teardown, warn_if_cut)
 
@@ -69,10 +69,11 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageErr
 class Config:
     train: str = "shapes"  # captioned training images: a folder (NAME.png + NAME.txt), tar shards or 'shapes'
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
-    out: str = "runs/dalle"  # run folder: vqvae2/ (the tokenizer), codes.pt, ckpt.pt, metrics.jsonl, grids
+    out: str = "runs/dalle"  # run folder: vqvae2/ (the tokenizer), codes.pt (torchrun: codes/), ckpt.pt, metrics, grids
     vqvae: str = ""  # a trained vqvae2 checkpoint to use as the tokenizer; '' trains one in OUT/vqvae2 first
     vqvae_steps: int = 3200  # steps of that tokenizer training (vqvae2.py default)
     vqvae_flags: str = ""  # more vqvae2.py flags for that training, written with '=': --vqvae-flags='--hidden 32'
+    codes: str = ""  # train on these codes (vqvae2.py --encode: a file or a folder of parts), tokenizer included
     image_size: int = 32  # side S of the square images (with --vqvae: the tokenizer's)
     text_len: int = 48  # T, caption bytes per sequence; longer captions are cut, shorter ones padded
     width: int = 128  # C, the transformer's width
@@ -123,6 +124,7 @@ def validate(config):
     check(config.temperature > 0 and config.top_k >= 0 and 0 < config.top_p <= 1 and config.guidance >= 0,
           "--temperature must be positive, --top-k >= 0, --top-p in (0, 1], --guidance >= 0")
     check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
+    check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,14 +372,12 @@ class TokenDataset(Dataset):
         return self.tokens[index], self.captions[index]
 
 
-def barrier(runtime):
-    if runtime.distributed:
-        dist.barrier()
-
-
 def prepare_codes(config, runtime):
-    """Stages 1 and 2: train the tokenizer (unless --vqvae), then encode the dataset once. Both resume
-    where a stopped run left them."""
+    """Stages 1 and 2: train the tokenizer (unless --vqvae), then encode the dataset once, into OUT/codes.pt;
+    under torchrun into the folder OUT/codes, each rank writing its own parts (vqvae2.write_parts). Both
+    stages resume where a stopped run left them; --codes skips both. -> (codes, where they are)."""
+    if config.codes:
+        return vqvae2.load_codes(config.codes), Path(config.codes)
     out = Path(config.out)
     path = Path(config.vqvae) if config.vqvae else out / "vqvae2" / "ckpt.pt"
     if not config.vqvae:
@@ -393,18 +393,22 @@ def prepare_codes(config, runtime):
         vqvae2.validate(tokenizer_config)
         checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
         if checkpoint:
-            tokenizer_config = config_from_dict(vqvae2.Config, checkpoint["config"])
+            tokenizer_config = config_from_dict(vqvae2.Config, checkpoint["config"], vqvae2.validate)
         if checkpoint is None or checkpoint["step"] < tokenizer_config.steps:
             if runtime.is_main:
                 print(f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}", flush=True)
             vqvae2.train(tokenizer_config, runtime, checkpoint)
+    barrier(runtime)  # rank 0 has saved the tokenizer before any rank reads it
     codes_path = out / "codes.pt"
-    if runtime.is_main and not codes_path.exists():
+    if not codes_path.exists() and (runtime.distributed or (out / "codes").is_dir()):
+        codes_path = out / "codes"  # a folder of parts: one process or several continue it alike
+    count, found = vqvae2.parts_in(codes_path) if codes_path.is_dir() else (0, {})
+    if codes_path.is_file() or (count and len(found) == count):
+        return vqvae2.load_codes(codes_path), codes_path
+    if runtime.is_main:
         print(f"stage 2/3: encoding the dataset with {path}", flush=True)
-        vqvae2.encode_dataset(vqvae2.Config(encode=config.train, test=config.test, ckpt=str(path),
-                                            out=str(codes_path)), runtime, out_given=True)
-    barrier(runtime)
-    return load_checkpoint(codes_path, "vqvae2-codes", required=("tokenizer", "train", "test"))
+    return vqvae2.encode_dataset(vqvae2.Config(encode=config.train, test=config.test, ckpt=str(path),
+                                               out=str(codes_path)), runtime, out_given=True), codes_path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,8 +451,8 @@ def train(config, runtime, checkpoint=None):
     out, device = Path(config.out), runtime.device
     check(checkpoint or not (out / "ckpt.pt").exists(),
           f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
-    codes = prepare_codes(config, runtime)
-    tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], device, out / "codes.pt")
+    codes, codes_path = prepare_codes(config, runtime)
+    tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], device, codes_path)
     train_set, test_set = TokenDataset(codes["train"], config.text_len), TokenDataset(codes["test"], config.text_len)
     model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
@@ -557,7 +561,7 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
 
 def load_model(path, device):
     checkpoint = load_checkpoint(path, "dalle", required=("config", "model", "tokenizer"))
-    saved = config_from_dict(Config, checkpoint["config"])
+    saved = config_from_dict(Config, checkpoint["config"], validate)
     tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
     model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
@@ -608,14 +612,14 @@ def write_outputs(model, tokenizer, captions, config, device, out, name, train_c
 
 def sample(config, runtime, out_given):
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
-    model, tokenizer, _ = load_model(path, runtime.device)
+    model, tokenizer, saved = load_model(path, runtime.device)
     out = Path(config.out) if out_given else Path(path).parent
     train_codes = None
-    if config.nearest:
-        codes_path = Path(path).parent / "codes.pt"
-        check(codes_path.is_file(), f"--nearest needs the run's codes file, {codes_path}, which is not there")
-        codes = load_checkpoint(codes_path, "vqvae2-codes", required=("tokenizer", "train"))
-        train_codes = vqvae2.CodesDataset(codes["train"]).codes  # (N, Nt + Nb)
+    if config.nearest:  # the codes the run trained on: its --codes, else codes.pt or codes/ beside the checkpoint
+        places = [Path(saved.codes)] if saved.codes else [Path(path).parent / "codes.pt", Path(path).parent / "codes"]
+        codes_path = next((place for place in places if place.exists()), places[0])
+        check(codes_path.exists(), f"--nearest needs the run's codes, {codes_path}, which are not there")
+        train_codes = vqvae2.CodesDataset(vqvae2.load_codes(codes_path)["train"]).codes  # (N, Nt + Nb)
     if config.sample or config.prompts:
         captions = list(config.sample) + (read_prompts(config.prompts) if config.prompts else [])
         write_outputs(model, tokenizer, captions, config, runtime.device, out, "samples", train_codes)
@@ -677,7 +681,7 @@ def main(argv=None):
     path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
     if config.resume and (path.exists() or not (Path(config.out) / "vqvae2").exists()):
         checkpoint = load_checkpoint(path, "dalle")  # else: stopped before stage 3, which picks up by itself
-        saved = config_from_dict(Config, checkpoint["config"])
+        saved = config_from_dict(Config, checkpoint["config"], validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)

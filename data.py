@@ -145,9 +145,9 @@ def finite_float(text):
     return value
 
 
-def config_from_dict(config_class, values):
-    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has and refusing
-    values of the wrong type (a crafted checkpoint)."""
+def config_from_dict(config_class, values, validate):
+    """Rebuild a Config saved in a checkpoint, ignoring fields this version no longer has, and refusing
+    values of the wrong type or ones its file's `validate` refuses (a crafted checkpoint: width 0, say)."""
     check(isinstance(values, dict), "a checkpoint whose config is not a dict")
     types = typing.get_type_hints(config_class)
     kept = {key: value for key, value in values.items() if key in types}
@@ -156,7 +156,12 @@ def config_from_dict(config_class, values):
         check(type(value) is expected or (expected is float and type(value) is int),
               f"a checkpoint whose config has {key} = {str(value)[:40]!r} ({type(value).__name__}, expected "
               f"{expected.__name__})")
-    return config_class(**kept)
+    config = config_class(**kept)
+    try:
+        validate(config)
+    except UsageError as error:
+        raise UsageError(f"a checkpoint whose config is refused: {error}") from None
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,13 +261,13 @@ class ImageTextFolder(Dataset):
     def caption_choices(self, path):
         """Every caption an image can get: the non-blank lines of its .txt file, else its subfolder's name."""
         text_path = path.with_suffix(".txt")
-        if text_path.is_file():
+        if os.path.lexists(text_path):  # a folder, a dangling link or a link loop too: named in a warning, once
             try:  # invalid UTF-8 is decoded with replacement characters rather than refused
                 lines = caption_lines(text_path.read_bytes())
                 if lines:
                     return lines
             except OSError as error:
-                warn(f"cannot read caption {text_path}: {error}")
+                warn(f"cannot read caption {text_path} ({error.strerror or reason(error)}); it is left out")
         return [path.parent.name.replace("_", " ")] if path.parent != self.root else []
 
     def caption(self, path):
@@ -301,6 +306,9 @@ def expand_braces(spec):
             for expanded in expand_braces(spec[:match.start()] + str(number).zfill(width) + spec[match.end():])]
 
 
+COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
 def shard_paths(name):
     """The tar files that a --train or --test value names, or None when it names none: a brace range
     ('shards/{000000..000099}.tar'), one .tar file, or a folder that holds only .tar files."""
@@ -308,7 +316,14 @@ def shard_paths(name):
     if path.is_dir():
         files = [child for child in path.iterdir() if not child.name.startswith(".")]
         shards = sorted(child for child in files if child.suffix == ".tar")
-        return shards if shards and len(shards) == len(files) else None
+        compressed = sorted(child for child in files if child.name.endswith(COMPRESSED_TAR))
+        if not compressed or len(shards) + len(compressed) < len(files):
+            return shards if shards and len(shards) == len(files) else None
+        name = str(compressed[0])
+    # NOTE: tarfile could stream a .tar.gz, but a sample could then only be reached by decompressing
+    # everything before it, which breaks random access (and so the held-out split and an exact --resume).
+    check(not name.endswith(COMPRESSED_TAR), f"{name}: compressed shards are not read (samples are read by seeking "
+                                             "into the tar); decompress them first (gunzip X.tar.gz leaves X.tar)")
     if not name.endswith(".tar"):
         return None
     paths = [Path(expanded) for expanded in expand_braces(name)]
@@ -822,6 +837,12 @@ def setup(device="auto", seed=0):
     return Runtime(device, rank, world_size)
 
 
+def barrier(runtime):
+    """Under torchrun, wait until every rank gets here."""
+    if runtime.distributed:
+        dist.barrier()
+
+
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -945,13 +966,26 @@ def atomic_write(path, write):
         temporary.unlink(missing_ok=True)  # only left if writing failed (a full disk, say)
 
 
+def remove_stale_temporaries(folder, name="*"):
+    """Delete the temporary files `.NAME.tmpPID` that atomic_write left in `folder` (for `name`) when a
+    SIGKILL stopped its process mid-write; a file whose process still runs on this machine is kept."""
+    for path in Path(folder).glob(f".{name}.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        try:
+            if pid.isdigit() and int(pid) != os.getpid():
+                os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # another user's process; a number too large to be a pid
+            pass
+
+
 def save_checkpoint(path, kind, config, step, **state):
     """Atomically save plain data only: which model (`kind`), its config as a dict, the step, and
     whatever state dicts are passed (model=..., optimizer=...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
-    for stale in Path(path).parent.glob(f".{Path(path).name}.tmp*"):  # left by a process killed while saving
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(Path(path).parent, Path(path).name)  # left by a process killed while saving
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
@@ -1077,7 +1111,8 @@ class Logger:
     """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
     Only rank 0 writes. On resume, the records after the checkpoint's step (logged by the run that
     stopped or was killed after saving it) and any line cut short are dropped, so the file reads as if
-    the run had never stopped."""
+    the run had never stopped. Every run starts by deleting the temporary files of grids and checkpoints
+    that a killed run left half-written in its folder."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1085,6 +1120,7 @@ class Logger:
         self.path = Path(out) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
             records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
             kept = [line for line, step in records if step is not None and step <= start_step]

@@ -440,7 +440,7 @@ def load_generator(config, device):
     """The averaged generator and its saved config from --ckpt (default OUT/ckpt.pt)."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     checkpoint = load_checkpoint(path, "dcgan", required=("config", "step", "ema_generator"))
-    saved = config_from_dict(Config, checkpoint["config"])
+    saved = config_from_dict(Config, checkpoint["config"], validate)
     ema = Generator(saved).to(device)
     load_state(ema, checkpoint["ema_generator"], path)
     return ema.eval(), saved, Path(path).parent
@@ -479,7 +479,7 @@ def main(argv=None):
         checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt", "dcgan",
                                      required=("config", "step", "generator", "discriminator", "ema_generator",
                                                "generator_optimizer", "discriminator_optimizer", "window"))
-        saved = config_from_dict(Config, checkpoint["config"])
+        saved = config_from_dict(Config, checkpoint["config"], validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)

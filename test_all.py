@@ -119,6 +119,26 @@ def test_folder_loader_modes_captions_and_bad_files(tmp_path, capsys):
     assert red[:, 0].min() > 0.9 and red[:, -1].max() < 0.1
 
 
+def test_unreadable_caption_files_are_named_once_each(tmp_path, capsys):
+    folder = tmp_path / "red_apple"
+    folder.mkdir()
+    for name in ("folder", "dangling", "loop", "good"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / f"{name}.png")
+    (folder / "folder.txt").mkdir()
+    (folder / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    (folder / "loop.txt").symlink_to(folder / "loop.txt")
+    (folder / "good.txt").write_text("a good caption\n")
+    dataset = data.ImageTextFolder(tmp_path, 8)
+    captions = {path.stem: {dataset[i][1] for _ in range(3)} for i, path in enumerate(dataset.paths)}
+    assert captions == {"dangling": {"red apple"}, "folder": {"red apple"}, "good": {"a good caption"},
+                        "loop": {"red apple"}}  # the folder's name, as if there were no .txt file
+    warnings = capsys.readouterr().err.splitlines()
+    assert sorted(warnings) == [  # one line per file, however often it is read
+        f"warning: cannot read caption {folder / 'dangling.txt'} (No such file or directory); it is left out",
+        f"warning: cannot read caption {folder / 'folder.txt'} (Is a directory); it is left out",
+        f"warning: cannot read caption {folder / 'loop.txt'} (Too many levels of symbolic links); it is left out"]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (16, 8), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 8, 8))  # white on the left
@@ -946,6 +966,8 @@ def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("stage 3/3") == 1
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    assert sorted(path.name for path in (tmp_path / "codes").iterdir()) == [  # each rank encoded its own part
+        "part-00000-of-00002.pt", "part-00001-of-00002.pt"] and not (tmp_path / "codes.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1407,8 +1429,12 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tiny_sha
     assert steps == sorted(steps) and steps[-1] < 30, steps  # every run moved on, none reached the end
     with open(out / "metrics.jsonl", "a") as file:
         file.write('{"step": 29, "loss": 3')  # a record cut short, as a kill in the middle of a write leaves it
+    (out / f".samples_000012.png.tmp{process.pid}").write_bytes(b"half a grid")  # its process has ended
+    (out / f".samples.png.tmp{os.getppid()}").write_bytes(b"being written")  # its process still runs
     vae.main(["--resume", "--out", str(out)])
     assert not list(out.glob(".ckpt.pt.tmp*"))  # the half-written file is gone
+    assert [path.name for path in out.glob(".*.tmp*")] == [f".samples.png.tmp{os.getppid()}"]  # so is the grid's
+    (out / f".samples.png.tmp{os.getppid()}").unlink()
 
     def records(folder):  # every record, in order, without the wall-clock time
         return [{k: v for k, v in json.loads(line).items() if k != "time"}
@@ -1479,6 +1505,21 @@ def test_untrusted_and_wrong_checkpoints_are_refused_by_every_cli(name, tmp_path
                tmp_path / "typed.pt")  # a crafted config: a string where an integer belongs
     assert_clean_error(in_process(capsys, module, *mode, "--ckpt", tmp_path / "typed.pt"),
                        "image_size = '16' (str, expected int)")
+    for mode in LOADING_MODES[name]:  # well typed but nonsense, in the model's config or its tokenizer's
+        kind = ("vqvae2-codes" if "--train-prior" in mode else "vqvae2" if "--vqvae" in mode
+                else "vqvae2-prior" if name == "vqvae2" and "--sample" in mode else name)
+        nonsense = dataclasses.asdict((vqvae2 if kind.startswith("vqvae2") else module).Config()) | {"steps": -5}
+        parts = ("model", "ema_generator", "generator", "discriminator", "generator_optimizer",
+                 "discriminator_optimizer", "window", "train", "test")  # whatever one of the files requires
+        torch.save(dict(kind=kind, config=nonsense, step=1, tokenizer=dict(config=nonsense, model={}),
+                        **{part: {} for part in parts}), tmp_path / "nonsense.pt")
+        argv = [str(tmp_path / "nonsense.pt") if arg == "CKPT" else arg for arg in mode] + ["--out", tmp_path / "run"]
+        assert_clean_error(in_process(capsys, module, *argv), "config is refused: --steps must be positive")
+    if name == "dalle":
+        torch.save(dict(kind="dalle", config=dict(width=128, heads=3), step=1, model={}, tokenizer={}),
+                   tmp_path / "heads.pt")
+        assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", tmp_path / "heads.pt"),
+                           "config is refused: --width must be a multiple of --heads")
 
 
 def poisoned(module, steps):
@@ -1660,8 +1701,16 @@ def test_shard_names_brace_ranges_files_and_folders(tmp_path):
     assert data.shard_paths(str(tmp_path / "s")) == paths  # a folder of .tar files only
     with pytest.raises(data.UsageError, match=r"03.tar: no such shard \(2 of 5 missing\)"):
         data.shard_paths(str(tmp_path / "s" / "{00..04}.tar"))
+    (tmp_path / "gz").mkdir()
+    for name in ("00.tar", "01.tar.gz", "02.tgz"):  # compressed: refused, with the way out
+        (tmp_path / "gz" / name).write_bytes(gzip.compress((tmp_path / "s" / "00.tar").read_bytes()))
+    for name in ("gz", "gz/01.tar.gz", "gz/{01..02}.tar.gz", "gz/02.tgz"):
+        with pytest.raises(data.UsageError, match=r"compressed shards are not read .*\(gunzip X.tar.gz leaves X.tar\)"):
+            data.shard_paths(str(tmp_path / name))
     Image.new("RGB", (8, 8)).save(tmp_path / "s" / "x.png")
     assert data.shard_paths(str(tmp_path / "s")) is None  # images beside them: an image folder
+    (tmp_path / "s" / "archive.tar.gz").write_bytes(b"")
+    assert data.shard_paths(str(tmp_path / "s")) is None  # ... even with an archive among them
     assert data.shard_paths("shapes") is None and data.shard_paths(str(tmp_path)) is None
 
 
@@ -1823,5 +1872,92 @@ def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
         assert status == 0, stderr[-3000:]
     stdout = "".join(stdout for _, stdout, _ in nodes)
     assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
-    assert "46 train, 2 held out" in stdout  # the codes of the shards, encoded by global rank 0
+    assert "codes: 46 train, 2 held out, in 2 parts" in stdout  # the codes of the shards, a part from each node
+    assert "rank 0: encoded 24 train" in stdout and "rank 1: encoded 22 train" in stdout  # two shards each
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pre-encoded codes in parts: each torchrun rank encodes its own part of a large dataset
+
+
+def test_codes_parts_cut_datasets_in_order_and_keep_shards_whole(tiny_shards):
+    folder = data.Subset(list(range(10)), list(range(10)))
+    shards = data.load_dataset(str(tiny_shards), 16)  # 4 shards of 12
+    for dataset in (folder, shards):
+        for count in (1, 2, 3, 5):
+            parts = [vqvae2.part_indices(dataset, part, count) for part in range(count)]
+            assert [i for part in parts for i in part] == list(range(len(dataset)))  # in order, each index once
+    parts = [vqvae2.part_indices(shards, part, 3) for part in range(3)]
+    shard_sets = [{shards.samples[i][0] for i in part} for part in parts]
+    assert shard_sets == [{0, 1}, {2}, {3}]  # whole shards: no shard is read by two parts
+    assert [len(vqvae2.part_indices(folder, part, 3)) for part in range(3)] == [4, 3, 3]
+
+
+def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_shards, tmp_path, capsys):
+    tokenizer = tiny_vqvae2()
+    images = data.load_dataset(str(tiny_shapes), 16)
+    tokenizer.train()(torch.stack([images[i][0] for i in range(len(images))]))  # codebooks from the data
+    data.save_checkpoint(tmp_path / "tokenizer.pt", "vqvae2", tokenizer.config, 1, model=tokenizer.state_dict())
+    encode = ["--encode", tiny_shards, "--ckpt", tmp_path / "tokenizer.pt", "--device", "cpu"]
+    assert in_process(capsys, vqvae2, *encode, "--out", tmp_path / "one.pt").returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(ROOT / "vqvae2.py"), *map(str, encode), "--out", str(tmp_path / "parts")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "codes: 46 train, 2 held out, in 2 parts" in result.stdout
+    names = ["part-00000-of-00002.pt", "part-00001-of-00002.pt"]
+    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names
+    one, parts = torch.load(tmp_path / "one.pt", weights_only=True), vqvae2.load_codes(tmp_path / "parts")
+    for split in ("train", "test"):  # the parts, in order, are the one-process codes, in the same order
+        assert torch.equal(one[split]["top"], parts[split]["top"]) and torch.equal(one[split]["bottom"], parts[split]["bottom"])
+        assert one[split]["captions"] == parts[split]["captions"]
+    assert one["train"]["bottom"].unique().numel() > 8  # codes worth comparing
+    assert vqvae2.same_tokenizer(one["tokenizer"], parts["tokenizer"])
+    halves = [torch.load(tmp_path / "parts" / name, weights_only=True) for name in names]
+    assert [len(half["train"]["captions"]) for half in halves] == [24, 22]  # shards 0-1 and 2-3, 12 images each
+    assert [(half["kind"], half["part"], half["parts"]) for half in halves] == [("vqvae2-codes", 0, 2), ("vqvae2-codes", 1, 2)]
+
+    # a stopped encoding: one process writes the missing part only, and what it writes is the same
+    first = (tmp_path / "parts" / names[0]).stat().st_mtime_ns
+    (tmp_path / "parts" / names[1]).unlink()
+    (tmp_path / "parts" / f".{names[1]}.tmp999999999").write_bytes(b"half")  # left by a SIGKILL
+    resumed = in_process(capsys, vqvae2, *encode, "--out", tmp_path / "parts")
+    assert resumed.returncode == 0 and resumed.stdout.count("rank 0: encoded") == 1, resumed.stderr
+    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names  # the temporary is gone
+    assert (tmp_path / "parts" / names[0]).stat().st_mtime_ns == first
+    again = torch.load(tmp_path / "parts" / names[1], weights_only=True)
+    assert torch.equal(again["train"]["bottom"], halves[1]["train"]["bottom"])
+
+    # refused: an incomplete folder, a part of another tokenizer, a part alone
+    (tmp_path / "incomplete").mkdir()
+    (tmp_path / "incomplete" / names[0]).write_bytes((tmp_path / "parts" / names[0]).read_bytes())
+    other = tiny_vqvae2()
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / names[0]).write_bytes((tmp_path / "parts" / names[0]).read_bytes())
+    torch.save(halves[1] | {"tokenizer": other.state()}, tmp_path / "mixed" / names[1])
+    for codes, message in ((tmp_path / "incomplete", "incomplete, 1 of 2 parts (missing: 1)"),
+                           (tmp_path / "mixed", f"{names[1]}: made by another tokenizer than {names[0]}"),
+                           (tmp_path / "parts" / names[1], "one part of 2; pass the folder"),
+                           (tmp_path, "no codes in it")):
+        assert_clean_error(in_process(capsys, vqvae2, "--train-prior", codes, "--out", tmp_path / "prior"), message)
+        assert_clean_error(in_process(capsys, dalle, "--codes", codes, "--out", tmp_path / "refused"), message)
+    assert_clean_error(in_process(capsys, vqvae2, *encode, "--out", tmp_path / "mixed"), "made by another tokenizer")
+    data.save_checkpoint(tmp_path / "retrained.pt", "vqvae2", other.config, 1, model=other.state_dict())
+    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
+                                  "--out", tmp_path / "parts"), "parts were made by another tokenizer than")
+
+    # the priors and the transformer train on a folder of parts; --nearest finds the run's codes through --codes
+    prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,
+                       "--batch-size", 8, "--steps", 1, "--device", "cpu")
+    assert prior.returncode == 0 and "46 training code grids, 2 held out" in prior.stdout, prior.stderr
+    trained = in_process(capsys, dalle, "--codes", tmp_path / "parts", "--width", 32, "--layers", 1, "--heads", 2,
+                         "--text-len", 40, "--batch-size", 8, "--steps", 2, "--device", "cpu", "--out", tmp_path / "dalle")
+    assert trained.returncode == 0 and "46 training, 2 held out" in trained.stdout, trained.stderr
+    assert "stage 1/3" not in trained.stdout and "stage 2/3" not in trained.stdout
+    sampled = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--nearest", "--ckpt",
+                         tmp_path / "dalle" / "ckpt.pt", "--out", tmp_path / "nearest")
+    assert sampled.returncode == 0 and (tmp_path / "nearest" / "samples.png").is_file(), sampled.stderr
+    assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "parts", "--vqvae", tmp_path / "tokenizer.pt"),
+                       "leave out --vqvae")

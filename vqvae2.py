@@ -11,6 +11,7 @@ Usage:
     python vqvae2.py --resume --out runs/vqvae2              # continue a stopped run exactly
     python vqvae2.py --eval --ckpt runs/vqvae2/ckpt.pt       # held-out MSE, PSNR, codes in use, scorer
     python vqvae2.py --encode shapes --ckpt runs/vqvae2/ckpt.pt --out runs/vqvae2/codes.pt
+    torchrun --nproc_per_node=4 vqvae2.py --encode SHARDS --ckpt runs/vqvae2/ckpt.pt  # runs/vqvae2/codes/part-*.pt
     python vqvae2.py --train-prior runs/vqvae2/codes.pt      # the PixelCNN priors (runs/vqvae2/prior)
     python vqvae2.py --sample 64 --ckpt runs/vqvae2/prior/ckpt.pt  # top codes, then bottom, then pixels
     torchrun --nproc_per_node=2 vqvae2.py --train shapes     # data parallel (gloo on CPU, nccl on GPU)
@@ -46,6 +47,8 @@ import dataclasses
 import inspect
 import json
 import math
+import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +60,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
-                  config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report,
-                  score_shapes, setup, step_generator, teardown)
+from data import (Logger, NonFiniteGuard, ShardDataset, StopRequest, UsageError, atomic_write, autocast, barrier,
+                  batches, check, config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  load_train_test, parse_caption, parse_config, reason, remove_stale_temporaries, run_cli,
+                  save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown)
 
 
 @dataclass
 class Config:
     train: str = "shapes"  # training images: a folder, tar shards ('s/{000..009}.tar', see data.py) or 'shapes'
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
-    out: str = "runs/vqvae2"  # run folder (ckpt.pt, metrics.jsonl, grids); with --encode the codes file
+    out: str = "runs/vqvae2"  # run folder (ckpt.pt, metrics.jsonl, grids); with --encode the codes file or folder
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
     hidden: int = 64  # C, channels of the convolutional encoders and decoders on the S/4 and S/8 grids (paper 128)
     patch_hidden: int = 512  # hidden units of the per-patch MLPs between 4x4 pixel patches and the S/4 grid
@@ -91,7 +94,7 @@ class Config:
     resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
     eval: bool = False  # report held-out MSE, PSNR, codes in use (and the shapes scorer) of --ckpt, then exit
     encode: str = ""  # shapes, a folder or shards: write the codes and captions of its images to --out, then exit
-    train_prior: str = ""  # a codes file from --encode: train the two PixelCNN priors on it (default --out: its folder/prior)
+    train_prior: str = ""  # codes from --encode (file or folder of parts): train the priors on them (default --out: ../prior)
     prior_width: int = 64  # channels of each PixelCNN prior
     prior_layers: int = 6  # gated layers of each PixelCNN prior
     sample: int = 0  # N > 0: draw N images from the priors in --ckpt (default OUT/prior/ckpt.pt), then exit
@@ -327,7 +330,8 @@ class VQVAE2(nn.Module):
 
     @classmethod
     def from_state(cls, state, device="cpu", path="checkpoint"):
-        model = cls(config_from_dict(Config, state["config"])).to(device)
+        check(isinstance(state, dict) and {"config", "model"} <= state.keys(), f"{path}: its tokenizer is incomplete")
+        model = cls(config_from_dict(Config, state["config"], validate)).to(device)
         load_state(model, state["model"], path)
         return model.eval()
 
@@ -604,28 +608,141 @@ def report(model, test_set, device, logger=None, step=None):
 
 
 @torch.no_grad()
+def encode_split(model, dataset, indices, device, batch_size=500):
+    """The codes and captions of dataset[i] for i in `indices`: top (N, Ht, Wt), bottom (N, Hb, Wb) int16."""
+    top = [torch.zeros(0, *model.top_shape, dtype=torch.int16)]
+    bottom = [torch.zeros(0, *model.bottom_shape, dtype=torch.int16)]
+    captions, state = [], random.getstate()
+    for first in range(0, len(indices), batch_size):
+        items = []
+        for index in indices[first: first + batch_size]:
+            random.seed(index)  # an image with several captions gets one drawn by its index: any split into parts agrees
+            items.append(dataset[index])
+        top_ids, bottom_ids = model.encode(torch.stack([image for image, _ in items]).to(device))
+        top.append(top_ids.to(torch.int16).cpu())
+        bottom.append(bottom_ids.to(torch.int16).cpu())
+        captions += [caption for _, caption in items]
+    random.setstate(state)
+    return dict(top=torch.cat(top), bottom=torch.cat(bottom), captions=captions)
+
+
+def part_indices(dataset, part, count):
+    """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
+    the dataset in its order. On shards, every sample of a shard goes to the part its first one falls in."""
+    starts = range(len(dataset))
+    if isinstance(dataset, ShardDataset):  # whole shards: a part's process reads shards no other one reads
+        first = {}
+        starts = [first.setdefault(shard, i) for i, (shard, *_) in enumerate(dataset.samples)]
+    return [i for i, start in enumerate(starts) if count * start // len(dataset) == part]
+
+
+def parts_in(folder):
+    """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
+    found = {}
+    for path in Path(folder).glob("part-*-of-*.pt"):
+        match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
+        if match:
+            found.setdefault(int(match[2]), {})[int(match[1])] = path
+    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings (of {' and of '.join(map(str, sorted(found)))} "
+                           "parts); keep one set")
+    return next(iter(found.items()), (0, {}))
+
+
+def write_parts(model, splits, folder, runtime):
+    """Every rank encodes its parts of the splits (rank, rank + W, ...) and writes each as a complete codes
+    file of its own, folder/part-INDEX-of-COUNT.pt, with the tokenizer. COUNT is the number of processes,
+    or that of the parts already there: a stopped encoding is continued, by any number of processes,
+    by writing only the missing parts."""
+    if runtime.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)  # a part half-written when its process was killed
+    barrier(runtime)
+    count = parts_in(folder)[0] or runtime.world_size
+    for index in range(runtime.rank, count, runtime.world_size):
+        path = folder / f"part-{index:05d}-of-{count:05d}.pt"
+        if path.exists():  # written whole (atomic_write) by an earlier run
+            continue
+        start = time.time()
+        part = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
+                for name, dataset in splits.items()}
+        atomic_write(path, lambda file: torch.save(dict(kind="vqvae2-codes", tokenizer=model.state(), part=index,
+                                                        parts=count, **part), file))
+        print(f"rank {runtime.rank}: encoded {len(part['train']['captions'])} train and {len(part['test']['captions'])} "
+              f"held-out images in {time.time() - start:.1f} s -> {path}", flush=True)
+    # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
+    # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part.
+    while len(parts_in(folder)[1]) < count:
+        time.sleep(1)
+
+
+@torch.no_grad()
 def encode_dataset(config, runtime, out_given):
-    """Write every image's codes and caption, train and held-out split, to one plain-data file."""
+    """Write every image's codes and caption, train and held-out split, with the tokenizer that made them, to
+    one plain-data file; or, under torchrun or into an existing folder, to a folder of parts (write_parts).
+    Returns the codes, as load_codes reads them."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     model = VQVAE2.from_checkpoint(path, runtime.device)
-    out = Path(config.out) if out_given else Path(path).parent / "codes.pt"
-    check(not out.is_dir(), f"--out {out} is a folder; --encode writes one file")
-    train_set, test_set = load_train_test(config.encode, config.test, model.image_size)
-    splits, start, count = {}, time.time(), 0
-    for name, dataset in (("train", train_set), ("test", test_set)):
-        top, bottom, captions = [], [], []
-        for first in range(0, len(dataset), 500):
-            items = [dataset[i] for i in range(first, min(first + 500, len(dataset)))]
-            top_ids, bottom_ids = model.encode(torch.stack([image for image, _ in items]).to(runtime.device))
-            top.append(top_ids.to(torch.int16).cpu())
-            bottom.append(bottom_ids.to(torch.int16).cpu())
-            captions += [caption for _, caption in items]
-        splits[name] = dict(top=torch.cat(top), bottom=torch.cat(bottom), captions=captions)  # (N, Ht, Wt), (N, Hb, Wb)
-        count += len(dataset)
-    seconds = time.time() - start
-    atomic_write(out, lambda file: torch.save(dict(kind="vqvae2-codes", tokenizer=model.state(), **splits), file))
+    out = Path(config.out) if out_given else Path(path).parent / ("codes" if runtime.distributed else "codes.pt")
+    splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
+    if runtime.distributed or out.is_dir():
+        check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
+        write_parts(model, splits, out, runtime)
+        codes = load_codes(out)  # every part there, and all from one tokenizer: this one?
+        check(same_tokenizer(codes["tokenizer"], model.state()),
+              f"{out}: its parts were made by another tokenizer than {path}; remove them or choose another --out")
+        if runtime.is_main:
+            print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out, "
+                  f"in {len(parts_in(out)[1])} parts -> {out}")
+        return codes
+    start = time.time()
+    codes = dict(kind="vqvae2-codes", tokenizer=model.state(),
+                 **{name: encode_split(model, dataset, range(len(dataset)), runtime.device)
+                    for name, dataset in splits.items()})
+    atomic_write(out, lambda file: torch.save(codes, file))
+    count, seconds = sum(len(dataset) for dataset in splits.values()), time.time() - start
     print(f"encoded {count} images in {seconds:.1f} s ({count / seconds:.0f} images/s, data loading included): "
-          f"{len(train_set)} train, {len(test_set)} held out -> {out}")
+          f"{len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out -> {out}")
+    return codes
+
+
+def load_codes(path):
+    """A codes file from --encode, or a folder of its parts: checked complete (all COUNT of COUNT) and from
+    one tokenizer, then concatenated in part order. -> dict(tokenizer, train, test), each split
+    dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    path = Path(path)
+    if not path.is_dir():
+        codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
+        check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
+        return codes
+    count, found = parts_in(path)
+    check(count, f"{path}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
+    missing = [index for index in range(count) if index not in found]
+    check(not missing, f"{path}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
+                       "run the encoding again to write the missing ones")
+    parts = [load_checkpoint(found[index], "vqvae2-codes", required=("tokenizer", "train", "test"))
+             for index in range(count)]
+    for index, part in enumerate(parts):
+        check(part.get("part") == index and part.get("parts") == count,
+              f"{found[index]}: its contents are not part {index} of {count}")
+        check(same_tokenizer(part["tokenizer"], parts[0]["tokenizer"]),
+              f"{found[index]}: made by another tokenizer than {found[0].name}; encode the folder again")
+    try:
+        return dict(kind="vqvae2-codes", tokenizer=parts[0]["tokenizer"], **{
+            name: dict(top=torch.cat([part[name]["top"] for part in parts]),
+                       bottom=torch.cat([part[name]["bottom"] for part in parts]),
+                       captions=[caption for part in parts for caption in part[name]["captions"]])
+            for name in ("train", "test")})
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizer states (VQVAE2.state()) hold the same config and weights."""
+    try:
+        return a["config"] == b["config"] and a["model"].keys() == b["model"].keys() and all(
+            torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 class CodesDataset(Dataset):
@@ -667,9 +784,10 @@ def write_samples(priors, tokenizer, count, path, seed, device):
 
 
 def train_prior(config, runtime, checkpoint=None):
-    """Train p(top) and p(bottom | top) together on a codes file: loss = their NLLs in nats per code, summed."""
+    """Train p(top) and p(bottom | top) together on a codes file or folder of parts: loss = their NLLs in nats per
+    code, summed."""
     out, device = Path(config.out), runtime.device
-    codes = load_checkpoint(config.train_prior, "vqvae2-codes", required=("tokenizer", "train", "test"))
+    codes = load_codes(config.train_prior)
     check(checkpoint or not (out / "ckpt.pt").exists(),
           f"{out / 'ckpt.pt'} exists: continue it with --train-prior ... --resume, or choose another --out")
     tokenizer = VQVAE2.from_state(codes["tokenizer"], device, config.train_prior)
@@ -743,7 +861,7 @@ def sample(config, runtime, out_given):
     path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
     checkpoint = load_checkpoint(path, "vqvae2-prior", required=("config", "model", "tokenizer"))
     tokenizer = VQVAE2.from_state(checkpoint["tokenizer"], runtime.device, path)
-    priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"])).to(runtime.device)
+    priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"], validate)).to(runtime.device)
     load_state(priors, checkpoint["model"], path)
     out = Path(config.out) if out_given else Path(path).parent
     write_samples(priors.eval(), tokenizer, config.sample, out / "samples.png", config.seed, runtime.device)
@@ -759,7 +877,7 @@ def main(argv=None):
     if config.resume:  # the saved run's settings, with the flags given now on top
         checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt",
                                      "vqvae2-prior" if config.train_prior else "vqvae2")
-        saved = config_from_dict(Config, checkpoint["config"])
+        saved = config_from_dict(Config, checkpoint["config"], validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)
