@@ -157,8 +157,9 @@ class CausalSelfAttention(nn.Module):
             # DropKey (Li et al. 2023, arXiv:2208.02646): each query ignores each earlier key with
             # probability drop_key, before the softmax, which renormalises over the keys kept.
             # NOTE: instead of dropout on the attention weights, which on a CPU made a training step 1.5x
-            # slower (SDPA falls back to its unfused path); a boolean mask keeps the fused kernel. The
-            # diagonal is always kept (the paper: a constant ratio masks it too, and a decreasing one per layer).
+            # slower (SDPA falls back to its unfused path); a boolean mask keeps the fused kernel. The paper
+            # also masks the diagonal and lowers the ratio with depth; here the diagonal is kept (no query
+            # is left without keys) and the ratio is constant.
             keep = torch.rand(B, self.heads, L, L, device=x.device) >= self.drop_key  # (B, H, L, L)
             mask = (keep | torch.eye(L, dtype=torch.bool, device=x.device)).tril()  # causal, itself always seen
             causal = False
@@ -682,7 +683,10 @@ def main(argv=None):
     path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
     if config.resume and (path.exists() or not (Path(config.out) / "vqvae2").exists()):
         checkpoint = load_checkpoint(path, "dalle")  # else: stopped before stage 3, which picks up by itself
-        saved = config_from_dict(Config, checkpoint["config"], validate)
+        saved_config = checkpoint["config"]
+        if isinstance(saved_config, dict) and "drop_key" not in saved_config:  # saved before DropKey: go on without
+            saved_config = {**saved_config, "drop_key": 0.0}
+        saved = config_from_dict(Config, saved_config, validate)
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
         validate(config)
     runtime = setup(config.device, config.seed)

@@ -1946,7 +1946,10 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
     assert_clean_error(in_process(capsys, vqvae2, *encode, "--out", tmp_path / "mixed"), "made by another tokenizer")
     data.save_checkpoint(tmp_path / "retrained.pt", "vqvae2", other.config, 1, model=other.state_dict())
     assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
-                                  "--out", tmp_path / "parts"), "parts were made by another tokenizer than")
+                                  "--out", tmp_path / "parts"), "parts were made by another tokenizer")
+    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
+                                  "--out", tmp_path / "incomplete"), "parts were made by another tokenizer")
+    assert [path.name for path in (tmp_path / "incomplete").iterdir()] == [names[0]]  # refused before encoding
 
     # the priors and the transformer train on a folder of parts; --nearest finds the run's codes through --codes
     prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,

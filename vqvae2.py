@@ -657,7 +657,12 @@ def write_parts(model, splits, folder, runtime):
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)  # a part half-written when its process was killed
     barrier(runtime)
-    count = parts_in(folder)[0] or runtime.world_size
+    count, found = parts_in(folder)
+    count = count or runtime.world_size
+    if found:  # a stopped encoding: refuse before adding parts from another tokenizer, not after
+        made_by = load_checkpoint(next(iter(found.values())), "vqvae2-codes", required=("tokenizer",))["tokenizer"]
+        check(same_tokenizer(made_by, model.state()),
+              f"{folder}: its parts were made by another tokenizer; remove them or choose another --out")
     for index in range(runtime.rank, count, runtime.world_size):
         path = folder / f"part-{index:05d}-of-{count:05d}.pt"
         if path.exists():  # written whole (atomic_write) by an earlier run
@@ -670,9 +675,15 @@ def write_parts(model, splits, folder, runtime):
         print(f"rank {runtime.rank}: encoded {len(part['train']['captions'])} train and {len(part['test']['captions'])} "
               f"held-out images in {time.time() - start:.1f} s -> {path}", flush=True)
     # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
-    # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part.
-    while len(parts_in(folder)[1]) < count:
+    # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part. It
+    # cannot tell a slow rank from a dead one on another machine, so it says every minute what it waits for.
+    waited = 0
+    while (there := sum(index < count for index in parts_in(folder)[1])) < count:
         time.sleep(1)
+        waited += 1
+        if waited % 60 == 0:
+            print(f"rank {runtime.rank}: waiting for the other ranks' parts in {folder} ({there} of {count} there)",
+                  flush=True)
 
 
 @torch.no_grad()
