@@ -58,6 +58,26 @@ def assert_clean_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def ctrl_c_then_resume(monkeypatch, module, args, out, batch, saved_step=None):
+    """module.main(args) into `out`, with a Ctrl-C while batch number `batch` (from 0) trains; the run must
+    stop with its checkpoint at `saved_step`; then `--resume` runs it to its end."""
+    real_batches = module.batches
+
+    def batches_then_ctrl_c(*arguments, **keywords):
+        for i, item in enumerate(real_batches(*arguments, **keywords)):
+            if i == batch:  # the step finishes, is saved, and the run stops
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+
+    monkeypatch.setattr(module, "batches", batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(args + ["--out", str(out)])
+    if saved_step is not None:
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == saved_step
+    monkeypatch.setattr(module, "batches", real_batches)
+    module.main(["--resume", "--out", str(out)])
+
+
 @pytest.fixture(scope="module")
 def tiny_shapes(tmp_path_factory):
     """A folder of 48 captioned 16-px shapes images (NAME.png + NAME.txt)."""
@@ -440,20 +460,8 @@ def test_vae_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_pat
             "--log-every", "1", "--save-every", "100", "--steps", "7", "--warmup", "1", "--device", "cpu"]
     vae.main(args + ["--out", str(tmp_path / "straight")])
 
-    real_batches = vae.batches
-
-    def batches_then_ctrl_c(*arguments, **keywords):
-        for i, batch in enumerate(real_batches(*arguments, **keywords)):
-            if i == 3:  # a Ctrl-C while step 4 runs: the step finishes, is saved, and the run stops
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(vae, "batches", batches_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        vae.main(args + ["--out", str(tmp_path / "stopped")])
-    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(vae, "batches", real_batches)
-    vae.main(["--resume", "--out", str(tmp_path / "stopped")])
+    # a Ctrl-C while step 4 runs: the step finishes, is saved, and the run stops
+    ctrl_c_then_resume(monkeypatch, vae, args, tmp_path / "stopped", batch=3, saved_step=4)
 
     def losses(folder):
         records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
@@ -712,20 +720,8 @@ def test_vqvae2_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypa
     args = ["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--log-every", "1",
             "--save-every", "100", "--steps", "8", "--window", "2", "--warmup", "1"]
     vqvae2.main(args + ["--out", str(tmp_path / "straight")])
-    real_batches = vqvae2.batches
-
-    def batches_then_ctrl_c(*arguments, **keywords):
-        for i, batch in enumerate(real_batches(*arguments, **keywords)):
-            if i == 4:  # a Ctrl-C while step 5 runs: after a window closed with restarts at step 4
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(vqvae2, "batches", batches_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        vqvae2.main(args + ["--out", str(tmp_path / "stopped")])
-    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 5
-    monkeypatch.setattr(vqvae2, "batches", real_batches)
-    vqvae2.main(["--resume", "--out", str(tmp_path / "stopped")])
+    # a Ctrl-C while step 5 runs: after a window closed with restarts at step 4
+    ctrl_c_then_resume(monkeypatch, vqvae2, args, tmp_path / "stopped", batch=4, saved_step=5)
 
     def records(folder):
         return [{k: v for k, v in r.items() if k not in ("time", "images_per_second")}
@@ -830,20 +826,8 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
             "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
     dalle.main(args + ["--out", str(tmp_path / "straight")])
-    real_batches = dalle.batches
-
-    def batches_then_ctrl_c(*arguments, **keywords):
-        for i, batch in enumerate(real_batches(*arguments, **keywords)):
-            if i == 2:  # a Ctrl-C while step 3 runs
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(dalle, "batches", batches_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        dalle.main(args + ["--out", str(tmp_path / "stopped")])
-    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(dalle, "batches", real_batches)
-    dalle.main(["--resume", "--out", str(tmp_path / "stopped")])
+    # a Ctrl-C while step 3 runs
+    ctrl_c_then_resume(monkeypatch, dalle, args, tmp_path / "stopped", batch=2, saved_step=3)
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in ("straight", "stopped"))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
@@ -1071,20 +1055,8 @@ def test_dcgan_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_p
     args = ["--train", str(tiny_shapes), *TINY_DCGAN, "--cond", "--steps", "5", "--log-every", "1",
             "--save-every", "100"]
     dcgan.main(args + ["--out", str(tmp_path / "straight")])
-    real_batches = dcgan.batches
-
-    def batches_then_ctrl_c(*arguments, **keywords):
-        for i, batch in enumerate(real_batches(*arguments, **keywords)):
-            if i == 2:  # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(dcgan, "batches", batches_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        dcgan.main(args + ["--out", str(tmp_path / "stopped")])
-    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(dcgan, "batches", real_batches)
-    dcgan.main(["--resume", "--out", str(tmp_path / "stopped")])
+    # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
+    ctrl_c_then_resume(monkeypatch, dcgan, args, tmp_path / "stopped", batch=2, saved_step=3)
 
     def records(folder):
         return [{k: v for k, v in r.items() if k != "time"}
@@ -1305,20 +1277,8 @@ def test_cvae_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_pa
     args = ["--train", str(tiny_shapes), *map(str, TINY_CVAE), "--iw", "2", "--log-every", "1",
             "--save-every", "100", "--steps", "6", "--warmup", "1"]
     cvae.main(args + ["--out", str(tmp_path / "straight")])
-    real_batches = cvae.batches
-
-    def batches_then_ctrl_c(*arguments, **keywords):
-        for i, batch in enumerate(real_batches(*arguments, **keywords)):
-            if i == 2:  # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(cvae, "batches", batches_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        cvae.main(args + ["--out", str(tmp_path / "stopped")])
-    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(cvae, "batches", real_batches)
-    cvae.main(["--resume", "--out", str(tmp_path / "stopped")])
+    # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
+    ctrl_c_then_resume(monkeypatch, cvae, args, tmp_path / "stopped", batch=2, saved_step=3)
 
     def losses(folder):
         records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
@@ -1813,19 +1773,7 @@ def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
     args = ["--train", spec, "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2", "--log-every",
             "1", "--save-every", "100", "--steps", "7", "--warmup", "1", "--device", "cpu"]
     vae.main(args + ["--out", str(tmp_path / "straight")])
-    real_batches = vae.batches
-
-    def batches_then_ctrl_c(*arguments, **keywords):
-        for i, batch in enumerate(real_batches(*arguments, **keywords)):
-            if i == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(vae, "batches", batches_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        vae.main(args + ["--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(vae, "batches", real_batches)
-    vae.main(["--resume", "--out", str(tmp_path / "stopped")])
+    ctrl_c_then_resume(monkeypatch, vae, args, tmp_path / "stopped", batch=3)
 
     def losses(folder):
         records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
