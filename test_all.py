@@ -832,6 +832,17 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_dalle_checkpoint_from_before_drop_key_resumes_without_it(tiny_shapes, tmp_path, capsys):
+    trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--out", tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del checkpoint["config"]["drop_key"]  # as saved before the flag existed
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
+    assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
+    assert json.loads((tmp_path / "config.json").read_text())["drop_key"] == 0.0
+
+
 def test_dalle_cached_forward_equals_full_forward():
     model = tiny_dalle(torch.float64)
     tokens = random_tokens(model, 3)
