@@ -61,8 +61,8 @@ from torch.utils.data import Dataset
 import vqvae2
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
                   batches, check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
-                  load_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report, setup,
-                  step_generator, teardown, warn_if_cut)
+                  load_test, parse_caption, parse_config, parts_in, run_cli, save_checkpoint, save_grid, score_report,
+                  setup, step_generator, teardown, warn_if_cut)
 
 
 @dataclass
@@ -376,7 +376,7 @@ class TokenDataset(Dataset):
 
 def prepare_codes(config, runtime):
     """Stages 1 and 2: train the tokenizer (unless --vqvae), then encode the dataset once, into OUT/codes.pt;
-    under torchrun into the folder OUT/codes, each rank writing its own parts (vqvae2.write_parts). Both
+    under torchrun into the folder OUT/codes, each rank writing its own parts (data.write_parts). Both
     stages resume where a stopped run left them; --codes skips both. -> (codes, where they are)."""
     if config.codes:
         return vqvae2.load_codes(config.codes), Path(config.codes)
@@ -404,7 +404,7 @@ def prepare_codes(config, runtime):
     codes_path = out / "codes.pt"
     if not codes_path.exists() and (runtime.distributed or (out / "codes").is_dir()):
         codes_path = out / "codes"  # a folder of parts: one process or several continue it alike
-    count, found = vqvae2.parts_in(codes_path) if codes_path.is_dir() else (0, {})
+    count, found = parts_in(codes_path) if codes_path.is_dir() else (0, {})
     if codes_path.is_file() or (count and len(found) == count):
         return vqvae2.load_codes(codes_path), codes_path
     if runtime.is_main:
@@ -429,9 +429,10 @@ def held_out_losses(model, tokens):
 
 @torch.no_grad()
 def score(model, tokenizer, captions, config, device):
-    """One sample per caption, scored by data.py's pixel scorer for seen and held-out pairs."""
-    images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0), device,
-                                   config.seed)
+    """One sample per caption (with --keep M: the best M of n), scored by data.py's pixel scorer for seen and
+    held-out pairs."""
+    images, captions, _ = generate(model, tokenizer, captions, config if config.keep else
+                                   dataclasses.replace(config, n=1), device, config.seed)
     return score_report(images.cpu(), captions), images
 
 
@@ -546,8 +547,9 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
     for guidance in sorted({1.0, config.guidance}):
         start = time.time()
         result, images = score(model, tokenizer, captions, dataclasses.replace(config, guidance=guidance), device)
-        print(f"shapes scorer on {len(captions)} test captions, guidance {guidance:g} ({time.time() - start:.0f} s):\n"
-              + format_score(result))
+        each = f", the best {config.keep} of {config.n} samples of each by caption gain" if config.keep else ""
+        print(f"shapes scorer on {len(captions)} test captions{each}, guidance {guidance:g} "
+              f"({time.time() - start:.0f} s):\n" + format_score(result))
         if logger:
             logger.log(step, **{f"guidance_{guidance:g}_{name}_all": value["all"] for name, value in result.items()})
         if guidance == config.guidance:

@@ -1020,6 +1020,73 @@ def load_state(module, state, path):
         raise UsageError(f"{path}: does not fit this model ({detail[-1] if detail else error})") from None
 
 
+def part_indices(dataset, part, count):
+    """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
+    the dataset in its order. On shards, every sample of a shard goes to the part its first one falls in."""
+    starts = range(len(dataset))
+    if isinstance(dataset, ShardDataset):  # whole shards: a part's process reads shards no other one reads
+        first = {}
+        starts = [first.setdefault(shard, i) for i, (shard, *_) in enumerate(dataset.samples)]
+    return [i for i, start in enumerate(starts) if count * start // len(dataset) == part]
+
+
+def parts_in(folder):
+    """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
+    found = {}
+    for path in Path(folder).glob("part-*-of-*.pt"):
+        match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
+        if match:
+            found.setdefault(int(match[2]), {})[int(match[1])] = path
+    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings (of {' and of '.join(map(str, sorted(found)))} "
+                           "parts); keep one set")
+    return next(iter(found.items()), (0, {}))
+
+
+def write_parts(folder, runtime, make, check_made_by=None):
+    """Under torchrun, every rank writes its parts (rank, rank + W, ...) of a result, each a plain-data file
+    folder/part-INDEX-of-COUNT.pt holding make(index, count) (a dict), then waits for all of them. COUNT is
+    the number of processes, or that of the parts already there: a stopped job is continued, by any number
+    of processes, by writing only the missing parts. check_made_by(path) is called on a part already there
+    before anything is written, to refuse adding to parts of another job."""
+    if runtime.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)  # a part half-written when its process was killed
+    barrier(runtime)
+    count, found = parts_in(folder)
+    count = count or runtime.world_size
+    if found and check_made_by:
+        check_made_by(next(iter(found.values())))
+    for index in range(runtime.rank, count, runtime.world_size):
+        path = folder / f"part-{index:05d}-of-{count:05d}.pt"
+        if not path.exists():  # else written whole (atomic_write) by an earlier run
+            part = dict(make(index, count), part=index, parts=count)
+            atomic_write(path, lambda file: torch.save(part, file))
+    # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
+    # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part. It
+    # cannot tell a slow rank from a dead one on another machine, so it says every minute what it waits for.
+    waited = 0
+    while (there := sum(index < count for index in parts_in(folder)[1])) < count:
+        time.sleep(1)
+        waited += 1
+        if waited % 60 == 0:
+            print(f"rank {runtime.rank}: waiting for the other ranks' parts in {folder} ({there} of {count} there)",
+                  flush=True)
+
+
+def read_parts(folder, kind, required):
+    """The checkpoints part-0-of-COUNT .. part-(COUNT-1)-of-COUNT of a folder, in order, checked complete."""
+    count, found = parts_in(folder)
+    check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
+    missing = [index for index in range(count) if index not in found]
+    check(not missing, f"{folder}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
+                       "run the encoding again to write the missing ones")
+    parts = [load_checkpoint(found[index], kind, required) for index in range(count)]
+    for index, part in enumerate(parts):
+        check(part.get("part") == index and part.get("parts") == count,
+              f"{found[index]}: its contents are not part {index} of {count}")
+    return parts, [found[index] for index in range(count)]
+
+
 class StopRequest:
     """Turns SIGINT and SIGTERM into a flag that the training loop checks between steps, so the
     checkpoint it saves on the way out is never taken in the middle of an update."""

@@ -48,7 +48,6 @@ import inspect
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +59,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, ShardDataset, StopRequest, UsageError, atomic_write, autocast, barrier,
-                  batches, check, config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, reason, remove_stale_temporaries, run_cli,
-                  save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
+                  config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, reason, run_cli,
+                  save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown, write_parts)
 
 
 @dataclass
@@ -626,70 +625,29 @@ def encode_split(model, dataset, indices, device, batch_size=500):
     return dict(top=torch.cat(top), bottom=torch.cat(bottom), captions=captions)
 
 
-def part_indices(dataset, part, count):
-    """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
-    the dataset in its order. On shards, every sample of a shard goes to the part its first one falls in."""
-    starts = range(len(dataset))
-    if isinstance(dataset, ShardDataset):  # whole shards: a part's process reads shards no other one reads
-        first = {}
-        starts = [first.setdefault(shard, i) for i, (shard, *_) in enumerate(dataset.samples)]
-    return [i for i, start in enumerate(starts) if count * start // len(dataset) == part]
-
-
-def parts_in(folder):
-    """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
-    found = {}
-    for path in Path(folder).glob("part-*-of-*.pt"):
-        match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
-        if match:
-            found.setdefault(int(match[2]), {})[int(match[1])] = path
-    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings (of {' and of '.join(map(str, sorted(found)))} "
-                           "parts); keep one set")
-    return next(iter(found.items()), (0, {}))
-
-
-def write_parts(model, splits, folder, runtime):
-    """Every rank encodes its parts of the splits (rank, rank + W, ...) and writes each as a complete codes
-    file of its own, folder/part-INDEX-of-COUNT.pt, with the tokenizer. COUNT is the number of processes,
-    or that of the parts already there: a stopped encoding is continued, by any number of processes,
-    by writing only the missing parts."""
-    if runtime.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder)  # a part half-written when its process was killed
-    barrier(runtime)
-    count, found = parts_in(folder)
-    count = count or runtime.world_size
-    if found:  # a stopped encoding: refuse before adding parts from another tokenizer, not after
-        made_by = load_checkpoint(next(iter(found.values())), "vqvae2-codes", required=("tokenizer",))["tokenizer"]
+def write_codes_parts(model, splits, folder, runtime):
+    """Under torchrun, every rank encodes its parts of the splits into folder/part-INDEX-of-COUNT.pt, each a
+    complete codes file with the tokenizer (data.write_parts: a stopped encoding writes only what is missing)."""
+    def made_by_this_tokenizer(path):
+        made_by = load_checkpoint(path, "vqvae2-codes", required=("tokenizer",))["tokenizer"]
         check(same_tokenizer(made_by, model.state()),
               f"{folder}: its parts were made by another tokenizer; remove them or choose another --out")
-    for index in range(runtime.rank, count, runtime.world_size):
-        path = folder / f"part-{index:05d}-of-{count:05d}.pt"
-        if path.exists():  # written whole (atomic_write) by an earlier run
-            continue
+
+    def encode_part(index, count):
         start = time.time()
         part = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
                 for name, dataset in splits.items()}
-        atomic_write(path, lambda file: torch.save(dict(kind="vqvae2-codes", tokenizer=model.state(), part=index,
-                                                        parts=count, **part), file))
         print(f"rank {runtime.rank}: encoded {len(part['train']['captions'])} train and {len(part['test']['captions'])} "
-              f"held-out images in {time.time() - start:.1f} s -> {path}", flush=True)
-    # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
-    # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part. It
-    # cannot tell a slow rank from a dead one on another machine, so it says every minute what it waits for.
-    waited = 0
-    while (there := sum(index < count for index in parts_in(folder)[1])) < count:
-        time.sleep(1)
-        waited += 1
-        if waited % 60 == 0:
-            print(f"rank {runtime.rank}: waiting for the other ranks' parts in {folder} ({there} of {count} there)",
-                  flush=True)
+              f"held-out images in {time.time() - start:.1f} s (part {index} of {count})", flush=True)
+        return dict(kind="vqvae2-codes", tokenizer=model.state(), **part)
+
+    write_parts(folder, runtime, encode_part, made_by_this_tokenizer)
 
 
 @torch.no_grad()
 def encode_dataset(config, runtime, out_given):
     """Write every image's codes and caption, train and held-out split, with the tokenizer that made them, to
-    one plain-data file; or, under torchrun or into an existing folder, to a folder of parts (write_parts).
+    one plain-data file; or, under torchrun or into an existing folder, to a folder of parts (write_codes_parts).
     Returns the codes, as load_codes reads them."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     model = VQVAE2.from_checkpoint(path, runtime.device)
@@ -697,7 +655,7 @@ def encode_dataset(config, runtime, out_given):
     splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
     if runtime.distributed or out.is_dir():
         check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
-        write_parts(model, splits, out, runtime)
+        write_codes_parts(model, splits, out, runtime)
         codes = load_codes(out)  # every part there, and all from one tokenizer: this one?
         check(same_tokenizer(codes["tokenizer"], model.state()),
               f"{out}: its parts were made by another tokenizer than {path}; remove them or choose another --out")
@@ -725,18 +683,10 @@ def load_codes(path):
         codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
         check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
         return codes
-    count, found = parts_in(path)
-    check(count, f"{path}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
-    missing = [index for index in range(count) if index not in found]
-    check(not missing, f"{path}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
-                       "run the encoding again to write the missing ones")
-    parts = [load_checkpoint(found[index], "vqvae2-codes", required=("tokenizer", "train", "test"))
-             for index in range(count)]
-    for index, part in enumerate(parts):
-        check(part.get("part") == index and part.get("parts") == count,
-              f"{found[index]}: its contents are not part {index} of {count}")
+    parts, paths = read_parts(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
+    for part, part_path in zip(parts, paths):
         check(same_tokenizer(part["tokenizer"], parts[0]["tokenizer"]),
-              f"{found[index]}: made by another tokenizer than {found[0].name}; encode the folder again")
+              f"{part_path}: made by another tokenizer than {paths[0].name}; encode the folder again")
     try:
         return dict(kind="vqvae2-codes", tokenizer=parts[0]["tokenizer"], **{
             name: dict(top=torch.cat([part[name]["top"] for part in parts]),
