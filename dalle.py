@@ -100,7 +100,7 @@ class Config:
     prompts: str = ""  # a text file of captions, one per line, sampled like --sample
     interactive: bool = False  # read captions from standard input, one grid per line, until end of input
     n: int = 8  # images drawn per caption by --sample, --prompts and --interactive
-    keep: int = 0  # M > 0: keep the M of the n images per caption whose caption raises their likelihood most
+    keep: int = 0  # M > 0: keep (and with --eval score) the M of n per caption its caption raises most in likelihood
     guidance: float = 1.5  # classifier-free guidance scale s (1: plain conditional sampling)
     temperature: float = 0.2  # divide the logits by this before sampling (see the NOTE in pick)
     top_k: int = 0  # sample among the k most likely codes only (0: all)
