@@ -822,6 +822,20 @@ def test_dalle_drop_key_is_causal_never_empty_and_off_at_evaluation():
     assert torch.equal(model.hidden(tokens), model.hidden(tokens))  # evaluation drops nothing
 
 
+def test_dalle_keep_mask_and_dropout_have_the_right_rates():
+    torch.manual_seed(0)
+    for p in (0.0, 0.2, 0.5, 0.9):
+        mask = dalle.keep_mask((3, 5, 7001), p, "cpu")  # an odd count: the last 64-bit draw is cut
+        assert mask.shape == (3, 5, 7001) and mask.dtype == torch.bool
+        assert abs(mask.float().mean().item() - (1 - p)) < 0.01  # 105,015 draws: 0.01 is over 6 standard deviations
+    rows = dalle.keep_mask((2000, 64), 0.5, "cpu").float()
+    assert abs((rows[:, :-1] * rows[:, 1:]).mean().item() - 0.25) < 0.01  # neighbours independent
+    x = torch.ones(100_000)
+    dropped = dalle.dropout(x, 0.2, True)
+    assert set(dropped.unique().tolist()) == {0.0, 1.25} and abs(dropped.mean().item() - 1) < 0.02
+    assert torch.equal(dalle.dropout(x, 0.2, False), x) and torch.equal(dalle.dropout(x, 0.0, True), x)
+
+
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
             "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
