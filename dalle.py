@@ -136,7 +136,9 @@ def keep_mask(shape, p, device):
     NOTE: torch's CPU generator draws one number per element on one thread, so the masks of dropout and
     DropKey (torch.rand, bernoulli_) took about a sixth of a CPU training step. Here each 64-bit draw is
     read as four 16-bit integers, a quarter of the draws; the probability is p rounded to a multiple of
-    2^-16."""
+    2^-16. GPU generators draw in parallel, so there torch.rand is used as it is."""
+    if torch.device(device).type != "cpu":
+        return torch.rand(shape, device=device) >= p
     count = math.prod(shape)
     bits = torch.randint(-2**63, 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)  # (ceil(count/4),)
     return bits.view(torch.int16)[:count].view(shape) >= round(p * 2**16) - 2**15  # int16 uniform on [-2^15, 2^15)
