@@ -58,7 +58,7 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_w
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images with captions: a folder, tar shards or 'shapes' (built in)
+    train: str = "shapes"  # training images with captions: a folder, tar shards, 'shapes' or 'shapes:N' (N images)
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/cvae"  # run folder: ckpt.pt, metrics.jsonl, grids; with --sample, where samples go
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)

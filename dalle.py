@@ -67,7 +67,7 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageErr
 
 @dataclass
 class Config:
-    train: str = "shapes"  # captioned training images: a folder (NAME.png + NAME.txt), tar shards or 'shapes'
+    train: str = "shapes"  # captioned training images: a folder (NAME.png + NAME.txt), tar shards, 'shapes' or 'shapes:N'
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/dalle"  # run folder: vqvae2/ (the tokenizer), codes.pt (torchrun: codes/), ckpt.pt, metrics, grids
     vqvae: str = ""  # a trained vqvae2 checkpoint to use as the tokenizer; '' trains one in OUT/vqvae2 first

@@ -749,17 +749,30 @@ def _wrap(text, font, width):
 # Training plumbing: datasets by name, device, torchrun, sampler, checkpoints, logging, schedule
 
 
+def shapes_size(name):
+    """The number of training images a `--train` name asks of the shapes benchmark: 'shapes' ->
+    SHAPES_TRAIN_SIZE, 'shapes:N' -> N (the first N of one endless deterministic sequence, so 'shapes:N'
+    begins with the images of every smaller N; the test split is the same 1,000 for every N); any
+    other name (a folder or shards) -> None."""
+    match = re.fullmatch(r"shapes(?::(\d+))?", name)
+    if match is None:
+        return None
+    size = int(match[1]) if match[1] else SHAPES_TRAIN_SIZE
+    check(size > 0, f"{name}: ask for at least one image (shapes:N, N >= 1)")
+    return size
+
+
 def load_dataset(name, image_size, split="train"):
-    """'shapes' (that split, rendered in memory), tar shards (see shard_paths) or a folder of images."""
-    if name == "shapes":
-        return ShapesDataset(SHAPES_TRAIN_SIZE if split == "train" else SHAPES_TEST_SIZE, image_size, split=split)
+    """'shapes' or 'shapes:N' (that split, rendered in memory), tar shards (see shard_paths) or a folder."""
+    if shapes_size(name):
+        return ShapesDataset(shapes_size(name) if split == "train" else SHAPES_TEST_SIZE, image_size, split=split)
     shards = shard_paths(name)
     return ShardDataset(shards, image_size) if shards else ImageTextFolder(name, image_size)
 
 
 def load_test(train, test, image_size, test_size=1000):
     """The held-out set alone (for evaluating a checkpoint): see load_train_test."""
-    if test or train == "shapes":
+    if test or shapes_size(train):
         return load_dataset(test or train, image_size, split="test")
     return load_train_test(train, test, image_size, test_size)[1]
 
@@ -770,7 +783,7 @@ def load_train_test(train, test, image_size, test_size=1000):
     most `test_size` images), kept out of training: random images of a folder, the last samples of
     shards (`python data.py shard` wrote them in a random order)."""
     dataset = load_dataset(train, image_size, split="train")
-    if test or train == "shapes":
+    if test or shapes_size(train):
         return dataset, load_dataset(test or train, image_size, split="test")
     held = min(test_size, len(dataset) // 20) if len(dataset) >= 20 else 0
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()

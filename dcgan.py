@@ -73,7 +73,7 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_w
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images: a folder or tar shards (with captions for --cond), or 'shapes' (built in)
+    train: str = "shapes"  # training images: a folder or shards (captions for --cond), 'shapes' or 'shapes:N'
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/dcgan"  # run folder: ckpt.pt, metrics.jsonl, grids
     image_size: int = 32  # side S of the square images (a power of two from 16 to 128)

@@ -210,6 +210,21 @@ def test_shapes_spec():
     assert (square[..., 0] > 0).sum() == 14 * 14
 
 
+def test_shapes_names_choose_the_training_size():
+    assert data.shapes_size("shapes") == data.SHAPES_TRAIN_SIZE == 20000
+    assert data.shapes_size("shapes:30") == 30
+    assert data.shapes_size("data/shapes") is None and data.shapes_size("shapes:x") is None
+    with pytest.raises(data.UsageError, match="at least one image"):
+        data.shapes_size("shapes:0")
+    train, test = data.load_train_test("shapes:30", "", 16)
+    assert len(train) == 30 and len(test) == data.SHAPES_TEST_SIZE
+    assert not any(train.held_out) and sum(test.held_out) == data.SHAPES_TEST_SIZE // 2
+    # a larger N extends a smaller one: 'shapes' is the first 20,000 of any 'shapes:N' with N >= 20,000
+    smaller = data.load_dataset("shapes:10", 16)
+    assert torch.equal(train.images[:10], smaller.images) and train.captions[:10] == smaller.captions
+    assert torch.equal(test.images, data.load_dataset("shapes", 16, split="test").images)
+
+
 def test_scorer_ground_truth_and_shuffled():
     images, captions, _ = data.make_shapes(600, 32, seed=3, split="test")
     truth = data.score_shapes(images, captions)
@@ -479,6 +494,7 @@ def test_vae_cli_bad_inputs(tmp_path, tiny_shapes):
     (tmp_path / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not really")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "no such folder")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "empty"), "no usable image")
+    assert_clean_error(run(ROOT / "vae.py", "--train", "shapes:0"), "at least one image")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "broken"), "no usable image")
     assert_clean_error(run(ROOT / "vae.py", "--steps", "abc"), "invalid int")
     assert_clean_error(run(ROOT / "vae.py", "--steps", "-3"), "--steps")

@@ -44,13 +44,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
                   config_from_dict, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
-                  parse_config, run_cli, save_checkpoint, save_grid, score_shapes, setup, spread_batch, step_generator,
-                  teardown, warn)
+                  parse_config, run_cli, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
+                  step_generator, teardown, warn)
 
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images: a folder or tar shards (captions unused), or 'shapes' (built in)
+    train: str = "shapes"  # training images: a folder, tar shards (captions unused), 'shapes' or 'shapes:N' (N images)
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/vae"  # run folder: ckpt.pt, metrics.jsonl, grids
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
@@ -307,7 +307,7 @@ def clean_sample_fraction(model, config, device, count=500):
 
 def report(model, test_set, config, device, logger=None, step=None):
     results = evaluate(model, test_set, config, device, importance_samples=config.iw)
-    if config.train == "shapes":
+    if shapes_size(config.train):
         results["clean_samples"] = clean_sample_fraction(model, config, device)
     if logger:
         logger.log(step, **{f"test_{key}": value for key, value in results.items()}, iw=config.iw)

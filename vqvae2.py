@@ -67,7 +67,7 @@ from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write,
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images: a folder, tar shards ('s/{000..009}.tar', see data.py) or 'shapes'
+    train: str = "shapes"  # training images: a folder, tar shards ('s/{000..009}.tar', see data.py), 'shapes' or 'shapes:N'
     test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
     out: str = "runs/vqvae2"  # run folder (ckpt.pt, metrics.jsonl, grids); with --encode the codes file or folder
     image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
