@@ -655,6 +655,16 @@ def sample(config, runtime, out_given):
                               train_codes)
 
 
+def eval_captions(config, saved, image_size):
+    """The captions --eval samples: --test's if given; else those of the held-out split the run itself
+    scored at the end of training: its --codes file's (encoded from any dataset), or its --train's."""
+    if saved.codes and not config.test:
+        check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
+        return vqvae2.load_codes(saved.codes)["test"]["captions"]
+    test_set = load_test(saved.train, config.test or saved.test, image_size)
+    return getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
+
+
 def benchmark(config, runtime):
     """Training tokens/s, and image tokens/s of sampling with and without the cache, random weights."""
     device = runtime.device
@@ -719,10 +729,8 @@ def main(argv=None):
             sample(config, runtime, "out" in given)
         elif config.eval:
             model, tokenizer, saved = load_model(path, runtime.device)
-            test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
             out = Path(config.out) if "out" in given else path.parent
-            captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
-            report(model, tokenizer, captions, config, runtime.device, out)
+            report(model, tokenizer, eval_captions(config, saved, tokenizer.image_size), config, runtime.device, out)
         else:
             train(config, runtime, checkpoint)
     finally:

@@ -1956,6 +1956,8 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
                          "--text-len", 40, "--batch-size", 8, "--steps", 2, "--device", "cpu", "--out", tmp_path / "dalle")
     assert trained.returncode == 0 and "46 training, 2 held out" in trained.stdout, trained.stderr
     assert "stage 1/3" not in trained.stdout and "stage 2/3" not in trained.stdout
+    scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "dalle" / "ckpt.pt")  # the codes' held-out captions
+    assert scored.returncode == 0 and "shapes scorer on 2 test captions" in scored.stdout, scored.stderr
     sampled = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--nearest", "--ckpt",
                          tmp_path / "dalle" / "ckpt.pt", "--out", tmp_path / "nearest")
     assert sampled.returncode == 0 and (tmp_path / "nearest" / "samples.png").is_file(), sampled.stderr
