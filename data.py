@@ -758,7 +758,7 @@ def shapes_size(name):
     if match is None:
         return None
     size = int(match[1]) if match[1] else SHAPES_TRAIN_SIZE
-    check(size > 0, f"{name}: ask for at least one image (shapes:N, N >= 1)")
+    check(0 < size <= 1_000_000, f"{name}: shapes:N renders N images in memory; N from 1 to 1,000,000")
     return size
 
 

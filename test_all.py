@@ -214,8 +214,9 @@ def test_shapes_names_choose_the_training_size():
     assert data.shapes_size("shapes") == data.SHAPES_TRAIN_SIZE == 20000
     assert data.shapes_size("shapes:30") == 30
     assert data.shapes_size("data/shapes") is None and data.shapes_size("shapes:x") is None
-    with pytest.raises(data.UsageError, match="at least one image"):
-        data.shapes_size("shapes:0")
+    for name in ("shapes:0", "shapes:1000001"):
+        with pytest.raises(data.UsageError, match="N from 1 to 1,000,000"):
+            data.shapes_size(name)
     train, test = data.load_train_test("shapes:30", "", 16)
     assert len(train) == 30 and len(test) == data.SHAPES_TEST_SIZE
     assert not any(train.held_out) and sum(test.held_out) == data.SHAPES_TEST_SIZE // 2
@@ -494,7 +495,7 @@ def test_vae_cli_bad_inputs(tmp_path, tiny_shapes):
     (tmp_path / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not really")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "no such folder")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "empty"), "no usable image")
-    assert_clean_error(run(ROOT / "vae.py", "--train", "shapes:0"), "at least one image")
+    assert_clean_error(run(ROOT / "vae.py", "--train", "shapes:0"), "N from 1 to 1,000,000")
     assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "broken"), "no usable image")
     assert_clean_error(run(ROOT / "vae.py", "--steps", "abc"), "invalid int")
     assert_clean_error(run(ROOT / "vae.py", "--steps", "-3"), "--steps")
