@@ -764,8 +764,8 @@ def shapes_size(name):
 
 def load_dataset(name, image_size, split="train"):
     """'shapes' or 'shapes:N' (that split, rendered in memory), tar shards (see shard_paths) or a folder."""
-    if shapes_size(name):
-        return ShapesDataset(shapes_size(name) if split == "train" else SHAPES_TEST_SIZE, image_size, split=split)
+    if size := shapes_size(name):
+        return ShapesDataset(size if split == "train" else SHAPES_TEST_SIZE, image_size, split=split)
     shards = shard_paths(name)
     return ShardDataset(shards, image_size) if shards else ImageTextFolder(name, image_size)
 
