@@ -780,6 +780,7 @@ def tiny_dalle(dtype=torch.float32, seed=0):
     model = dalle.DALLE(config, (2, 2), (4, 4), 24, 40).to(dtype).eval()  # L = 12 + 4 + 16 = 32
     for parameter in model.parameters():  # the zero-initialised position embeddings get values too
         parameter.data += 0.02 * torch.randn_like(parameter)
+    model.top_appearance.uniform_(-1, 1), model.bottom_appearance.uniform_(-1, 1)  # as if code_appearance had run
     return model
 
 
@@ -853,6 +854,50 @@ def test_dalle_keep_mask_and_dropout_have_the_right_rates():
     assert torch.equal(dalle.dropout(x, 0.2, False), x) and torch.equal(dalle.dropout(x, 0.0, True), x)
 
 
+def test_dalle_shift_captions_moves_whole_captions_within_their_padding():
+    captions = ["a small red triangle at the top", "x" * 50, "", "abc"]  # 31 bytes, cut to 40, dropped, 3
+    text = data.encode_text(captions, 40)  # (4, 40)
+    generator = torch.Generator().manual_seed(0)
+    starts = {i: set() for i in range(4)}
+    for _ in range(1000):
+        shifted = dalle.shift_captions(text, generator)
+        assert shifted.shape == text.shape and data.decode_text(shifted) == data.decode_text(text)
+        for i in range(4):
+            kept = (shifted[i] != data.PAD).nonzero()[:, 0]
+            start = kept[0].item() if len(kept) else 0
+            assert torch.equal(shifted[i, start:start + len(kept)], text[i, :len(kept)])  # one block, in order
+            starts[i].add(start)
+    assert starts[0] == set(range(40 - 31 + 1)) and starts[3] == set(range(40 - 3 + 1))  # every shift it has room for
+    assert starts[1] == {0}  # a caption cut to the full length has no room
+    assert (dalle.shift_captions(text[2:3], generator) == data.PAD).all()  # a dropped caption stays dropped
+
+
+def test_dalle_code_appearance_is_the_mean_decoded_patch_and_reaches_only_its_code():
+    torch.manual_seed(0)
+    tokenizer = vqvae2.VQVAE2(vqvae2.Config(image_size=16, hidden=8, patch_hidden=8, residual_hidden=4,
+                                            residual_blocks=1, codebook_size=6, code_dim=4)).eval()
+    model = dalle.DALLE(dalle.Config(width=16, layers=1, heads=2, text_len=4), tokenizer.top_shape,
+                        tokenizer.bottom_shape, 6, 6).eval()
+    Nt, Nb = model.top_count, model.bottom_count  # 2 x 2 and 4 x 4
+    codes = torch.randint(0, 5, (7, Nt + Nb), generator=torch.Generator().manual_seed(1))  # code 5 never used
+    dalle.code_appearance(model, tokenizer, codes, chunk=3)  # in pieces of 3, 3 and 1 grids
+    top, bottom = vqvae2.split_codes(codes, tokenizer)  # (7, 2, 2), (7, 4, 4)
+    images = 2 * tokenizer.decode(top, bottom) - 1  # (7, 3, 16, 16) in [-1, 1]
+    for appearance, grid, side in ((model.top_appearance, top, 8), (model.bottom_appearance, bottom, 4)):
+        for k in range(6):  # the mean of the decoded patches under code k, one at a time
+            patches = [images[n, :, i * side:(i + 1) * side, j * side:(j + 1) * side].flatten()
+                       for n, i, j in (grid == k).nonzero().tolist()]
+            expected = torch.stack(patches).mean(0) if patches else torch.zeros(3 * side * side)
+            assert torch.allclose(appearance[k], expected, atol=1e-6), (side, k)
+    assert (model.bottom_appearance[5] == 0).all() and model.bottom_appearance[:5].abs().sum() > 0
+    # a code's appearance moves that code's logit and no other (code 0 is not among the inputs)
+    tokens = torch.cat([data.encode_text(["ab"], 4), torch.randint(1, 6, (1, Nt + Nb))], 1)  # (1, L)
+    before = model(tokens)[1][1]  # (1, Nb, 6)
+    model.bottom_appearance[0] += 0.5
+    changed = (model(tokens)[1][1] != before).any(1)[0]  # (6,)
+    assert changed.tolist() == [True, False, False, False, False, False]
+
+
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
             "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
@@ -863,15 +908,22 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_dalle_checkpoint_from_before_drop_key_resumes_without_it(tiny_shapes, tmp_path, capsys):
-    trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--out", tmp_path)
+def test_dalle_checkpoint_from_before_drop_key_appearance_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
+    trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-appearance",
+                         "--no-text-shift", "--out", tmp_path)
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    del checkpoint["config"]["drop_key"]  # as saved before the flag existed
+    assert not any("appearance" in key or "describe" in key for key in checkpoint["model"])
+    for name in ("drop_key", "appearance", "text_shift"):
+        del checkpoint["config"][name]  # as saved before these flags existed
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
-    assert json.loads((tmp_path / "config.json").read_text())["drop_key"] == 0.0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["drop_key"], saved["appearance"], saved["text_shift"]) == (0.0, False, False)
+    evaluated = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--ckpt", tmp_path / "ckpt.pt",
+                           "--out", tmp_path / "s")
+    assert evaluated.returncode == 0, evaluated.stderr
 
 
 def test_dalle_cached_forward_equals_full_forward():
@@ -947,6 +999,8 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
         assert stage in trained.stdout, trained.stdout
     for name in ("vqvae2/ckpt.pt", "codes.pt", "ckpt.pt", "metrics.jsonl", "samples_000003.png", "samples.png"):
         assert (tmp_path / "run" / name).is_file(), name
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert state["bottom_appearance"].abs().sum() > 0  # the code appearances were measured and saved
     assert_clean_error(run(ROOT / "dalle.py", *common, "--steps", 3), "exists", "--resume")
     resumed = run(ROOT / "dalle.py", "--resume", "--steps", 5, "--out", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr
