@@ -25,6 +25,7 @@ order, the top level before the bottom one:
     s        = [t_1 .. t_T ; a_1 .. a_Nt ; b_1 .. b_Nb]                  (L,)
     p(s)     = prod_i p(s_i | s_<i)        a decoder-only pre-LayerNorm transformer, causal attention
     loss     = 1/8 CE_text + 7/8 CE_image           each cross-entropy a mean over its tokens (sec. 2.2)
+    e_k      = E_k + describe(appearance_k)         input and output vectors of code k (not in the paper)
 Each position predicts only from the vocabulary of the token that follows it (text bytes, top codes
 or bottom codes). With probability cond_drop a caption is replaced by padding during training, so
 one model gives both p(image | caption) and p(image); sampling mixes them (Ho & Salimans eq. 6):
@@ -318,7 +319,7 @@ def code_appearance(model, tokenizer, codes, chunk=256):
             total.index_add_(0, ids, patches)
             count.index_add_(0, ids, torch.ones_like(ids, dtype=count.dtype))
     for (appearance, _), total, count in zip(levels, sums, counts):
-        appearance.copy_(total / count.clamp(min=1)[:, None])  # a code never used keeps a black-grey zero patch
+        appearance.copy_(total / count.clamp(min=1)[:, None])  # a code never used: zeros, a mid-grey patch
 
 
 def losses(model, tokens):
