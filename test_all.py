@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -1882,27 +1883,36 @@ def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
 
 
-def two_node_torchrun(script, *args, timeout=300):
+def two_node_torchrun(script, *args, out, timeout=300):
     """Two torchrun launchers, one per "node", meeting at a c10d rendezvous on this machine, one process
-    each; returns (exit status, stdout, stderr) of both."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / script),
-               *map(str, args)]
-    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
-    try:
-        outputs = [node.communicate(timeout=timeout) for node in nodes]
-        return [(node.returncode, *output) for node, output in zip(nodes, outputs)]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.terminate()  # torchrun passes it on to its worker
-                node.wait(30)
+    each, writing to `out`; returns (exit status, stdout, stderr) of both.
+    NOTE: torchrun's own agents can lose their c10d store at the very end: an agent whose worker still runs
+    asks the store about waiting nodes after the agent that hosts it has left (RendezvousConnectionError in
+    torch.distributed.elastic; seen once so far, in a full run of the suite). That launch is run once more,
+    from an empty `out`; any other failure, or that one twice, fails the test."""
+    for attempt in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / script),
+                   *map(str, args), "--out", str(out)]
+        nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+        try:
+            outputs = [node.communicate(timeout=timeout) for node in nodes]
+        finally:
+            for node in nodes:
+                if node.poll() is None:
+                    node.terminate()  # torchrun passes it on to its worker
+                    node.wait(30)
+        results = [(node.returncode, *output) for node, output in zip(nodes, outputs)]
+        lost_store = any(status != 0 and "RendezvousConnectionError" in stderr for status, _, stderr in results)
+        if not lost_store or attempt == 1:
+            return results
 
 
 def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
     nodes = two_node_torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
-                              "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, "--out", tmp_path)
+                              "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, out=tmp_path)
     for status, _, stderr in nodes:
         assert status == 0, stderr[-3000:]
     stdout = "".join(stdout for _, stdout, _ in nodes)
@@ -1914,7 +1924,7 @@ def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
 
 def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
     nodes = two_node_torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
-                              "--log-every", 2, "--out", tmp_path)
+                              "--log-every", 2, out=tmp_path)
     for status, _, stderr in nodes:
         assert status == 0, stderr[-3000:]
     stdout = "".join(stdout for _, stdout, _ in nodes)
