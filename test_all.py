@@ -518,15 +518,56 @@ def free_port():
         return s.getsockname()[1]
 
 
+LAUNCHER_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "RendezvousClosedError",
+                   "DistNetworkError", "address already in use")
+
+
+def torchrun(script, *args, out, nodes=1, timeout=300):
+    """Two processes under torchrun on this machine, writing to `out`: one launcher running both
+    (--standalone: torchrun binds a free port itself, so no other program can take it first), or with
+    nodes=2 two launchers of one process each, meeting at a c10d rendezvous. Returns (exit status,
+    stdout, stderr) of each launcher.
+    NOTE: torchrun's own agents can fail around our processes: an agent whose worker still runs can ask
+    the c10d store about waiting nodes after the agent hosting it has left (RendezvousConnectionError in
+    torch.distributed.elastic), and the rendezvous port of two nodes can be taken between free_port()
+    and its bind. A launch that fails with one of LAUNCHER_ERRORS runs once more, from an empty `out`;
+    any other failure, or a launcher error twice, is returned as it is."""
+    for attempt in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        if nodes == 1:
+            launch = ["--standalone", "--nproc_per_node", "2"]
+        else:
+            launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+        command = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *map(str, args),
+                   "--out", str(out)]
+        launchers = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(nodes)]
+        try:
+            outputs = [launcher.communicate(timeout=timeout) for launcher in launchers]
+        finally:
+            for launcher in launchers:
+                if launcher.poll() is None:
+                    launcher.terminate()  # torchrun passes it on to its workers
+                    launcher.wait(30)
+        results = [(launcher.returncode, *output) for launcher, output in zip(launchers, outputs)]
+        launcher_error = any(status != 0 and any(error in stderr for error in LAUNCHER_ERRORS)
+                             for status, _, stderr in results)
+        if not launcher_error or attempt == 1:
+            return results
+
+
+def succeeded(results):
+    """The stdout of torchrun's launchers, joined, after checking that each exited with status 0."""
+    for status, stdout, stderr in results:
+        assert status == 0, f"exit status {status}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return "".join(stdout for _, stdout, _ in results)
+
+
 def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(ROOT / "vae.py"), "--train", str(tiny_shapes), "--image-size", "16",
-         "--steps", "4", "--batch-size", "4", "--width", "8", "--iw", "2", "--log-every", "2",
-         "--out", str(tmp_path), "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("held-out (") == 1  # rank 0 reports once
+    stdout = succeeded(torchrun("vae.py", "--train", tiny_shapes, "--image-size", 16, "--steps", 4, "--batch-size", 4,
+                                "--width", 8, "--iw", 2, "--log-every", 2, "--device", "cpu", out=tmp_path))
+    assert "2 process(es)" in stdout and stdout.count("held-out (") == 1  # rank 0 reports once
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]  # one writer: no record twice
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
@@ -751,14 +792,9 @@ def test_vqvae2_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypa
 
 
 def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(ROOT / "vqvae2.py"), "--train", str(tiny_shapes),
-         *map(str, TINY_VQVAE2), "--steps", "6", "--batch-size", "4", "--window", "2", "--log-every", "2",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("held-out (") == 1
+    stdout = succeeded(torchrun("vqvae2.py", "--train", tiny_shapes, *TINY_VQVAE2, "--steps", 6, "--batch-size", 4,
+                                "--window", 2, "--log-every", 2, out=tmp_path))
+    assert "2 process(es)" in stdout and stdout.count("held-out (") == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == [2, 4, 6]
@@ -1042,13 +1078,9 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
 
 
 def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(ROOT / "dalle.py"), "--train", str(tiny_shapes),
-         *map(str, TINY_DALLE), "--steps", "4", "--batch-size", "4", "--log-every", "2", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("stage 3/3") == 1
+    stdout = succeeded(torchrun("dalle.py", "--train", tiny_shapes, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
+                                "--log-every", 2, out=tmp_path))
+    assert "2 process(es)" in stdout and stdout.count("stage 3/3") == 1
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
     assert sorted(path.name for path in (tmp_path / "codes").iterdir()) == [  # each rank encoded its own part
         "part-00000-of-00002.pt", "part-00001-of-00002.pt"] and not (tmp_path / "codes.pt").exists()
@@ -1223,13 +1255,9 @@ def test_dcgan_cli_bad_inputs(tmp_path, capsys):
 
 
 def test_dcgan_torchrun_two_processes(tiny_shapes, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(ROOT / "dcgan.py"), "--train", str(tiny_shapes), *TINY_DCGAN,
-         "--cond", "--steps", "4", "--batch-size", "4", "--log-every", "2", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("overall ") == 1  # rank 0 reports once
+    stdout = succeeded(torchrun("dcgan.py", "--train", tiny_shapes, *TINY_DCGAN, "--cond", "--steps", 4,
+                                "--batch-size", 4, "--log-every", 2, out=tmp_path))
+    assert "2 process(es)" in stdout and stdout.count("overall ") == 1  # rank 0 reports once
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "d_loss" in r] == [2, 4]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -1416,14 +1444,9 @@ def test_cvae_cli_bad_inputs(tmp_path, capsys):
 
 
 def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(ROOT / "cvae.py"), "--train", str(tiny_shapes),
-         *map(str, TINY_CVAE), "--steps", "4", "--batch-size", "4", "--iw", "2", "--log-every", "2",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("held-out (") == 1  # rank 0 reports once
+    stdout = succeeded(torchrun("cvae.py", "--train", tiny_shapes, *TINY_CVAE, "--steps", 4, "--batch-size", 4,
+                                "--iw", 2, "--log-every", 2, out=tmp_path))
+    assert "2 process(es)" in stdout and stdout.count("held-out (") == 1  # rank 0 reports once
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
@@ -1883,39 +1906,9 @@ def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
 
 
-def two_node_torchrun(script, *args, out, timeout=300):
-    """Two torchrun launchers, one per "node", meeting at a c10d rendezvous on this machine, one process
-    each, writing to `out`; returns (exit status, stdout, stderr) of both.
-    NOTE: torchrun's own agents can lose their c10d store at the very end: an agent whose worker still runs
-    asks the store about waiting nodes after the agent that hosts it has left (RendezvousConnectionError in
-    torch.distributed.elastic; seen once so far, in a full run of the suite). That launch is run once more,
-    from an empty `out`; any other failure, or that one twice, fails the test."""
-    for attempt in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / script),
-                   *map(str, args), "--out", str(out)]
-        nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
-        try:
-            outputs = [node.communicate(timeout=timeout) for node in nodes]
-        finally:
-            for node in nodes:
-                if node.poll() is None:
-                    node.terminate()  # torchrun passes it on to its worker
-                    node.wait(30)
-        results = [(node.returncode, *output) for node, output in zip(nodes, outputs)]
-        lost_store = any(status != 0 and "RendezvousConnectionError" in stderr for status, _, stderr in results)
-        if not lost_store or attempt == 1:
-            return results
-
-
 def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
-    nodes = two_node_torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
-                              "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, out=tmp_path)
-    for status, _, stderr in nodes:
-        assert status == 0, stderr[-3000:]
-    stdout = "".join(stdout for _, stdout, _ in nodes)
+    stdout = succeeded(torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
+                                "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, out=tmp_path, nodes=2))
     assert stdout.count("2 process(es)") == 1 and stdout.count("held-out (2 images)") == 1  # global rank 0 only
     logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in logged] == [2, 4, 6]
@@ -1923,11 +1916,8 @@ def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
 
 
 def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
-    nodes = two_node_torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
-                              "--log-every", 2, out=tmp_path)
-    for status, _, stderr in nodes:
-        assert status == 0, stderr[-3000:]
-    stdout = "".join(stdout for _, stdout, _ in nodes)
+    stdout = succeeded(torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
+                                "--log-every", 2, out=tmp_path, nodes=2))
     assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
     assert "codes: 46 train, 2 held out, in 2 parts" in stdout  # the codes of the shards, a part from each node
     assert "rank 0: encoded 24 train" in stdout and "rank 1: encoded 22 train" in stdout  # two shards each
@@ -1963,12 +1953,8 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
         assert in_process(capsys, vqvae2, *encode, "--out", tmp_path / "one.pt").returncode == 0
     finally:
         torch.set_num_threads(threads)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(ROOT / "vqvae2.py"), *map(str, encode), "--out", str(tmp_path / "parts")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "codes: 46 train, 2 held out, in 2 parts" in result.stdout
+    stdout = succeeded(torchrun("vqvae2.py", *encode, out=tmp_path / "parts"))
+    assert "codes: 46 train, 2 held out, in 2 parts" in stdout
     names = ["part-00000-of-00002.pt", "part-00001-of-00002.pt"]
     assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names
     one, parts = torch.load(tmp_path / "one.pt", weights_only=True), vqvae2.load_codes(tmp_path / "parts")
