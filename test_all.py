@@ -935,6 +935,15 @@ def test_dalle_code_appearance_is_the_mean_decoded_patch_and_reaches_only_its_co
     assert changed.tolist() == [True, False, False, False, False, False]
 
 
+def test_dalle_silhouette_is_the_same_in_every_colour():
+    mask = torch.rand(2, 1, 16, generator=torch.Generator().manual_seed(0))  # two 4 x 4 patches, coverage in [0, 1)
+    mask[:, :, 0] = 1  # each has a fully covered pixel
+    colours = torch.tensor([[1.0, 0, 0], [1, 1, 1], [0, 0.5, 1]])[:, :, None]  # red, white, azure; (3 colours, RGB, 1)
+    silhouettes = [dalle.brightness((2 * mask * colour - 1).flatten(1)) for colour in colours]  # on black: -1
+    assert all(torch.allclose(silhouette, mask[:, 0]) for silhouette in silhouettes)
+    assert torch.equal(dalle.brightness(-torch.ones(1, 48)), torch.zeros(1, 16))  # a black patch stays black
+
+
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
             "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
@@ -945,13 +954,13 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_dalle_checkpoint_from_before_drop_key_appearance_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
+def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
     trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-appearance",
                          "--no-text-shift", "--out", tmp_path)
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert not any("appearance" in key or "describe" in key for key in checkpoint["model"])
-    for name in ("drop_key", "appearance", "text_shift"):
+    for name in ("drop_key", "appearance", "text_shift", "silhouette"):
         del checkpoint["config"][name]  # as saved before these flags existed
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
@@ -961,6 +970,17 @@ def test_dalle_checkpoint_from_before_drop_key_appearance_and_shift_goes_on_with
     evaluated = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--ckpt", tmp_path / "ckpt.pt",
                            "--out", tmp_path / "s")
     assert evaluated.returncode == 0, evaluated.stderr
+    # with appearances, saved before --silhouette
+    trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-silhouette",
+                         "--out", tmp_path / "appearance")
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = torch.load(tmp_path / "appearance" / "ckpt.pt", weights_only=True)
+    assert "bottom_appearance" in checkpoint["model"] and not any("silhouette" in key for key in checkpoint["model"])
+    del checkpoint["config"]["silhouette"]
+    torch.save(checkpoint, tmp_path / "appearance" / "ckpt.pt")
+    resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path / "appearance")
+    assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
+    assert json.loads((tmp_path / "appearance" / "config.json").read_text())["silhouette"] is False
 
 
 def test_dalle_cached_forward_equals_full_forward():
@@ -1037,7 +1057,7 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
     for name in ("vqvae2/ckpt.pt", "codes.pt", "ckpt.pt", "metrics.jsonl", "samples_000003.png", "samples.png"):
         assert (tmp_path / "run" / name).is_file(), name
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
-    assert state["bottom_appearance"].abs().sum() > 0  # the code appearances were measured and saved
+    assert state["bottom_appearance"].abs().sum() > 0 and "bottom_silhouette.0.weight" in state  # measured and saved
     assert_clean_error(run(ROOT / "dalle.py", *common, "--steps", 3), "exists", "--resume")
     resumed = run(ROOT / "dalle.py", "--resume", "--steps", 5, "--out", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr
