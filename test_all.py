@@ -938,7 +938,7 @@ def test_dalle_code_appearance_is_the_mean_decoded_patch_and_reaches_only_its_co
 def test_dalle_silhouette_is_the_same_in_every_colour():
     mask = torch.rand(2, 1, 16, generator=torch.Generator().manual_seed(0))  # two 4 x 4 patches, coverage in [0, 1)
     mask[:, :, 0] = 1  # each has a fully covered pixel
-    colours = torch.tensor([[1.0, 0, 0], [1, 1, 1], [0, 0.5, 1]])[:, :, None]  # red, white, azure; (3 colours, RGB, 1)
+    colours = torch.tensor([[1.0, 0, 0], [1, 1, 1], [0, 0.5, 1], [0.4, 0, 0]])[:, :, None]  # red, white, azure, dark red
     silhouettes = [dalle.brightness((2 * mask * colour - 1).flatten(1)) for colour in colours]  # on black: -1
     assert all(torch.allclose(silhouette, mask[:, 0]) for silhouette in silhouettes)
     assert torch.equal(dalle.brightness(-torch.ones(1, 48)), torch.zeros(1, 16))  # a black patch stays black
