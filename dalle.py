@@ -41,6 +41,7 @@ Known deviations from the paper:
     - each code's vectors are its learned ones plus shared MLPs of its mean decoded pixel patch a_k and of
       that patch's colour-free brightness m_k (the NOTE in DALLE), and training captions move right by a
       random number of pad bytes (shift_captions);
+    - evaluation and sampling use an exponential moving average of the weights (--ema, NOTE in train);
     - a small model, fp32 on CPU or bf16 autocast on CUDA, instead of 12B parameters in fp16.
 """
 
@@ -91,7 +92,7 @@ class Config:
     silhouette: bool = True  # with --appearance: describe that patch's colour-free brightness too (NOTE in DALLE)
     text_shift: bool = True  # in training, move each caption right by a random number of pad bytes (shift_captions)
     text_weight: float = 0.125  # weight of the text loss; the image loss gets 1 - this (paper 1/8)
-    steps: int = 1400  # transformer optimizer steps in total
+    steps: int = 1800  # transformer optimizer steps in total
     batch_size: int = 32  # sequences per micro-batch and per process
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     lr: float = 2e-3  # peak learning rate of AdamW
