@@ -41,13 +41,11 @@ Known deviations from the paper:
     - each code's vectors are its learned ones plus shared MLPs of its mean decoded pixel patch a_k and of
       that patch's colour-free brightness m_k (the NOTE in DALLE), and training captions move right by a
       random number of pad bytes (shift_captions);
-    - evaluation and sampling use an exponential moving average of the weights (--ema, NOTE in train);
     - a small model, fp32 on CPU or bf16 autocast on CUDA, instead of 12B parameters in fp16.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -99,7 +97,6 @@ class Config:
     weight_decay: float = 0.045  # AdamW weight decay on matrices and embeddings (paper 4.5e-2)
     warmup: int = 100  # steps of linear warmup before cosine decay to lr/10
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
-    ema: float = 0.995  # decay of a moving average of the weights, which evaluates and samples (0: off; NOTE in train)
     compile: bool = False  # torch.compile the transformer (CUDA; slower to start)
     log_every: int = 100  # steps between progress lines and metric records
     save_every: int = 600  # steps between held-out losses, sample grids and checkpoints
@@ -129,7 +126,6 @@ def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
     check(0 <= config.cond_drop < 1 and 0 <= config.text_weight <= 1 and 0 <= config.dropout < 1
           and 0 <= config.drop_key < 1, "--cond-drop, --dropout and --drop-key must be in [0, 1), --text-weight in [0, 1]")
-    check(0 <= config.ema < 1, "--ema must be in [0, 1)")
     check(config.lr > 0 and config.warmup >= 0 and config.grad_clip >= 0 and config.weight_decay >= 0,
           "--lr must be positive; --warmup, --grad-clip and --weight-decay must not be negative")
     check(config.temperature > 0 and config.top_k >= 0 and 0 < config.top_p <= 1 and config.guidance >= 0,
@@ -554,16 +550,6 @@ def parameter_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-@torch.no_grad()
-def update_average(average, model, decay, step):
-    """theta_avg <- d theta_avg + (1 - d) theta after each step, d = min(decay, (1 + step) / (10 + step)) so that
-    the first steps, far from where training ends, fade quickly (Polyak & Juditsky 1992; the warm-up as in
-    TensorFlow's ExponentialMovingAverage with num_updates)."""
-    d = min(decay, (1 + step) / (10 + step))
-    for averaged, parameter in zip(average.parameters(), model.parameters()):
-        averaged.lerp_(parameter.detach(), 1 - d)
-
-
 def train(config, runtime, checkpoint=None):
     """Stage 3: the transformer, on the cached codes (stages 1 and 2 run first when needed)."""
     out, device = Path(config.out), runtime.device
@@ -584,12 +570,6 @@ def train(config, runtime, checkpoint=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
-    # NOTE: not in the paper. With --ema the weights that evaluate, sample and are saved for sampling are an
-    # exponential moving average of the trained ones (README, Weight averaging); the trained ones are kept too,
-    # for --resume.
-    average = copy.deepcopy(model).requires_grad_(False) if config.ema else model
-    if config.ema and checkpoint and "average" in checkpoint:
-        load_state(average, checkpoint["average"], out / "ckpt.pt")
     if runtime.is_main:
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -605,9 +585,8 @@ def train(config, runtime, checkpoint=None):
     fixed_captions = test_set.captions[:16]  # on shapes: seen and held-out pairs alternate
 
     def save():
-        averaged = dict(average=average.state_dict()) if config.ema else {}
         save_checkpoint(out / "ckpt.pt", "dalle", config, step, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state(), **averaged)
+                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
 
     start_time, start_step, paused = time.time(), step, 0.0  # `paused`: evaluation time, left out of speed
     with StopRequest() as stop:
@@ -631,8 +610,6 @@ def train(config, runtime, checkpoint=None):
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
             if guard.finite(step, loss, grad_norm):  # else this step (all its micro-batches) is skipped
                 optimizer.step()
-                if config.ema:
-                    update_average(average, model, config.ema, step)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % config.log_every == 0 or step == config.steps:
@@ -645,12 +622,12 @@ def train(config, runtime, checkpoint=None):
                 logger.progress(step, text=text_loss.item(), image=image_loss.item(), tok_per_s=tokens_per_second)
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
                 evaluation_start = time.time()
-                average.eval()
-                metrics = held_out_losses(average, held_out)
+                model.eval()
+                metrics = held_out_losses(model, held_out)
                 logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
                 print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
                       f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
-                write_samples(average, tokenizer, fixed_captions, config, device, out / f"samples_{step:06d}.png")
+                write_samples(model, tokenizer, fixed_captions, config, device, out / f"samples_{step:06d}.png")
                 model.train()
                 save()
                 paused += time.time() - evaluation_start
@@ -662,7 +639,7 @@ def train(config, runtime, checkpoint=None):
     if runtime.is_main:
         seconds = time.time() - start_time
         print(f"trained {step - start_step} steps in {seconds:.0f} s ({paused:.0f} s of it held-out evaluation)")
-        report(average.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
+        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
 
 
 def report(model, tokenizer, captions, config, device, out, logger=None, step=None):
@@ -694,7 +671,7 @@ def saved_config(checkpoint):
     """The Config of a dalle checkpoint. One saved before a training option existed ran without it."""
     values = checkpoint["config"]
     if isinstance(values, dict):
-        values = {"drop_key": 0.0, "appearance": False, "text_shift": False, "silhouette": False, "ema": 0.0, **values}
+        values = {"drop_key": 0.0, "appearance": False, "text_shift": False, "silhouette": False, **values}
     return config_from_dict(Config, values, validate)
 
 
@@ -704,7 +681,7 @@ def load_model(path, device):
     tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
     model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
-    load_state(model, checkpoint.get("average", checkpoint["model"]), path)  # with --ema: the averaged weights
+    load_state(model, checkpoint["model"], path)
     return model.eval(), tokenizer, saved
 
 

@@ -1,6 +1,5 @@
 """Tests for data.py and every model file. CPU only, a few minutes on 2 cores: pytest test_all.py"""
 
-import copy
 import dataclasses
 import gzip
 import io
@@ -947,47 +946,27 @@ def test_dalle_silhouette_is_the_same_in_every_colour():
 
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
-            "--save-every", "100", "--warmup", "1", "--ema", "0.5"]  # dropout and DropKey at their defaults
+            "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     # a Ctrl-C while step 3 runs
     ctrl_c_then_resume(monkeypatch, dalle, args, tmp_path / "stopped", batch=2, saved_step=3)
-    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
-    for weights in ("model", "average"):  # the trained weights and their moving average
-        assert all(torch.equal(a[weights][key], b[weights][key]) for key in a[weights])
-    assert not torch.equal(a["model"]["bottom_head.weight"], a["average"]["bottom_head.weight"])
-    model, _, _ = dalle.load_model(tmp_path / "straight" / "ckpt.pt", "cpu")  # sampling uses the average
-    assert torch.equal(model.bottom_head.weight, a["average"]["bottom_head.weight"])
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in ("straight", "stopped"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_dalle_update_average_is_an_exponential_moving_average_with_a_warm_up():
-    model = tiny_dalle()
-    average = copy.deepcopy(model)
-    before = average.bottom_head.weight.clone()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1.0)
-    dalle.update_average(average, model, 0.99, step=10**6)  # d = 0.99
-    assert torch.allclose(average.bottom_head.weight, 0.99 * before + 0.01 * model.bottom_head.weight)
-    dalle.update_average(average, model, 0.99, step=0)  # d = 1/10: the first steps fade quickly
-    assert torch.allclose(average.bottom_head.weight, 0.1 * (0.99 * before + 0.01 * model.bottom_head.weight)
-                          + 0.9 * model.bottom_head.weight)
-
-
-def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_shift_and_ema_goes_on_without_them(tiny_shapes, tmp_path, capsys):
+def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
     trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-appearance",
-                         "--no-text-shift", "--ema", 0, "--out", tmp_path)
+                         "--no-text-shift", "--out", tmp_path)
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert not any("appearance" in key or "describe" in key for key in checkpoint["model"])
-    assert "average" not in checkpoint
-    for name in ("drop_key", "appearance", "text_shift", "silhouette", "ema"):
+    for name in ("drop_key", "appearance", "text_shift", "silhouette"):
         del checkpoint["config"][name]  # as saved before these flags existed
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["drop_key"], saved["appearance"], saved["text_shift"], saved["ema"]) == (0.0, False, False, 0.0)
-    assert "average" not in torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (saved["drop_key"], saved["appearance"], saved["text_shift"]) == (0.0, False, False)
     evaluated = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--ckpt", tmp_path / "ckpt.pt",
                            "--out", tmp_path / "s")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -1115,7 +1094,6 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
     assert_clean_error(run(ROOT / "dalle.py", "--prompts", tmp_path / "none.txt", "--ckpt", ckpt), "no such file")
     assert_clean_error(run(ROOT / "dalle.py", "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
     assert_clean_error(run(ROOT / "dalle.py", "--width", 30, "--heads", 4), "--width")
-    assert_clean_error(run(ROOT / "dalle.py", "--ema", 1), "--ema")
     assert_clean_error(run(ROOT / "dalle.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
 
 
