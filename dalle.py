@@ -88,6 +88,7 @@ class Config:
     cond_drop: float = 0.1  # probability of training on a padded (dropped) caption, for guidance
     appearance: bool = True  # add to each code's vectors a description of its mean decoded patch (NOTE in DALLE)
     silhouette: bool = True  # with --appearance: describe that patch's colour-free brightness too (NOTE in DALLE)
+    code_drop: float = 0.0  # with --appearance: probability that a code's own learned vectors sit out a training step (NOTE in DALLE)
     text_shift: bool = True  # in training, move each caption right by a random number of pad bytes (shift_captions)
     text_weight: float = 0.125  # weight of the text loss; the image loss gets 1 - this (paper 1/8)
     steps: int = 1800  # transformer optimizer steps in total
@@ -125,7 +126,8 @@ def validate(config):
     check(config.width % config.heads == 0, "--width must be a multiple of --heads")
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
     check(0 <= config.cond_drop < 1 and 0 <= config.text_weight <= 1 and 0 <= config.dropout < 1
-          and 0 <= config.drop_key < 1, "--cond-drop, --dropout and --drop-key must be in [0, 1), --text-weight in [0, 1]")
+          and 0 <= config.drop_key < 1 and 0 <= config.code_drop < 1,
+          "--cond-drop, --dropout, --drop-key and --code-drop must be in [0, 1), --text-weight in [0, 1]")
     check(config.lr > 0 and config.warmup >= 0 and config.grad_clip >= 0 and config.weight_decay >= 0,
           "--lr must be positive; --warmup, --grad-clip and --weight-decay must not be negative")
     check(config.temperature > 0 and config.top_k >= 0 and 0 < config.top_p <= 1 and config.guidance >= 0,
@@ -245,7 +247,11 @@ class DALLE(nn.Module):
         # the edge of a triangle one vector whatever its colour: a code's logit adds a colour-free shape
         # term to the rest. On shapes it drew unseen pairs right 75% and 65% of the time in two seeds,
         # against 66% and 68% without it: a gain inside the spread between seeds (README, Silhouettes).
+        # Embedding dropout (Gal & Ghahramani 2016, arXiv:1512.05287, sec. 4.2) on the learned part only: in
+        # a training step each code's E_k (input and output) is left out with probability code_drop, for
+        # every row of the batch, so the shared descriptions must tell that code apart on their own.
         self.appearance, self.silhouette = config.appearance, config.appearance and config.silhouette
+        self.code_drop = config.code_drop if config.appearance else 0.0  # without descriptions nothing would stand in
         if self.appearance:
             top_patch, bottom_patch = 3 * 8 * 8, 3 * 4 * 4  # vqvae2.py: a top code covers 8 x 8 pixels, a bottom one 4 x 4
             self.register_buffer("top_appearance", torch.zeros(top_codebook_size, top_patch))  # (Kt, 3 8 8)
@@ -278,9 +284,18 @@ class DALLE(nn.Module):
         if self.silhouette:
             top = top + self.top_silhouette(brightness(self.top_appearance))  # (K, C)
             bottom = bottom + self.bottom_silhouette(brightness(self.bottom_appearance))  # (K, C)
+        levels = []
+        for embedding, head, description in ((self.top_embedding, self.top_head, top),
+                                             (self.bottom_embedding, self.bottom_head, bottom)):
+            free_in, free_out = embedding.weight, head.weight  # (K, C) each: E_k in, E'_k out
+            if self.training and self.code_drop > 0:  # one mask per code, shared by input and output
+                keep = keep_mask((len(free_in), 1), self.code_drop, free_in.device) / (1 - self.code_drop)  # (K, 1)
+                free_in, free_out = free_in * keep, free_out * keep
+            levels.append((free_in + description, free_out + description))
+        (top_in, top_out), (bottom_in, bottom_out) = levels
         return ((0, T, self.text_embedding.weight, self.text_head.weight),
-                (T, T + Nt, self.top_embedding.weight + top, self.top_head.weight + top),
-                (T + Nt, self.length, self.bottom_embedding.weight + bottom, self.bottom_head.weight + bottom))
+                (T, T + Nt, top_in, top_out),
+                (T + Nt, self.length, bottom_in, bottom_out))
 
     def hidden(self, tokens, start=0, cache=None, parts=None):
         """tokens (B, L') at positions start .. start+L'-1, each an id in its part's vocabulary -> (B, L', C)."""
@@ -671,7 +686,8 @@ def saved_config(checkpoint):
     """The Config of a dalle checkpoint. One saved before a training option existed ran without it."""
     values = checkpoint["config"]
     if isinstance(values, dict):
-        values = {"drop_key": 0.0, "appearance": False, "text_shift": False, "silhouette": False, **values}
+        values = {"drop_key": 0.0, "appearance": False, "text_shift": False, "silhouette": False, "code_drop": 0.0,
+                  **values}
     return config_from_dict(Config, values, validate)
 
 

@@ -976,6 +976,29 @@ def test_dalle_silhouette_is_the_same_in_every_colour():
     assert torch.equal(dalle.brightness(-torch.ones(1, 48)), torch.zeros(1, 16))  # a black patch stays black
 
 
+def test_dalle_code_drop_leaves_out_whole_codes_in_and_out_in_training_only():
+    torch.manual_seed(0)
+    model = dalle.DALLE(dalle.Config(width=16, layers=1, heads=2, text_len=4, code_drop=0.25), (2, 2), (4, 4), 24, 4000)
+    model.top_appearance.uniform_(-1, 1), model.bottom_appearance.uniform_(-1, 1)
+    learned_in, learned_out = model.bottom_embedding.weight, model.bottom_head.weight  # (K, C)
+    with torch.no_grad():
+        _, _, (_, _, evaluated_in, evaluated_out) = model.eval().parts()
+        description = evaluated_in - learned_in  # (K, C), describe(a_k) + silhouette(m_k)
+        assert torch.allclose(evaluated_out - learned_out, description, atol=1e-6)  # evaluation: nothing left out
+        _, _, (_, _, trained_in, trained_out) = model.train().parts()
+    free_in, free_out = trained_in - description, trained_out - description  # (K, C)
+    kept = free_in.abs().amax(1) > 1e-4  # (K,); the learned vectors are N(0, 0.02^2), a dropped one rounding error
+    assert torch.equal(kept, free_out.abs().amax(1) > 1e-4)  # a code sits out in and out together
+    assert abs((~kept).float().mean().item() - 0.25) < 0.03  # of 4,000 codes, about a quarter
+    assert torch.allclose(free_in[kept], learned_in[kept] / 0.75, atol=1e-6)  # the rest scaled by 1 / (1 - p)
+    assert torch.allclose(free_out[kept], learned_out[kept] / 0.75, atol=1e-6)
+    assert torch.allclose(trained_in[~kept], description[~kept], atol=1e-6)  # a dropped code is its description
+    plain = dalle.DALLE(dalle.Config(width=16, layers=1, heads=2, text_len=4, code_drop=0.25, appearance=False),
+                        (2, 2), (4, 4), 24, 40).train()  # without descriptions, nothing is left out
+    _, _, (_, _, plain_in, plain_out) = plain.parts()
+    assert torch.equal(plain_in, plain.bottom_embedding.weight) and torch.equal(plain_out, plain.bottom_head.weight)
+
+
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
             "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
@@ -992,7 +1015,7 @@ def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_g
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert not any("appearance" in key or "describe" in key for key in checkpoint["model"])
-    for name in ("drop_key", "appearance", "text_shift", "silhouette"):
+    for name in ("drop_key", "appearance", "text_shift", "silhouette", "code_drop"):
         del checkpoint["config"][name]  # as saved before these flags existed
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
@@ -1008,11 +1031,12 @@ def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_g
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "appearance" / "ckpt.pt", weights_only=True)
     assert "bottom_appearance" in checkpoint["model"] and not any("silhouette" in key for key in checkpoint["model"])
-    del checkpoint["config"]["silhouette"]
+    del checkpoint["config"]["silhouette"], checkpoint["config"]["code_drop"]
     torch.save(checkpoint, tmp_path / "appearance" / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path / "appearance")
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
-    assert json.loads((tmp_path / "appearance" / "config.json").read_text())["silhouette"] is False
+    saved = json.loads((tmp_path / "appearance" / "config.json").read_text())
+    assert saved["silhouette"] is False and saved["code_drop"] == 0.0
 
 
 def test_dalle_cached_forward_equals_full_forward():
