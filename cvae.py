@@ -40,7 +40,6 @@ Known deviations from the papers:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, encode_text, format_score, is_held_out, learning_rate, load_checkpoint, load_state,
-                  load_test, load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid,
+                  load_test, load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
                   score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
 
 
@@ -334,8 +333,6 @@ def train(config, runtime, checkpoint=None):
     """Train from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out = Path(config.out)
     device = runtime.device
-    check(checkpoint or not (out / "ckpt.pt").exists(),
-          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = CVAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -348,7 +345,6 @@ def train(config, runtime, checkpoint=None):
     captions = fixed_captions(test_set)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         print(f"cvae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_set)} training images, {len(test_set)} held out, device {device}, "
               f"{runtime.world_size} process(es), from step {step}")
@@ -452,13 +448,7 @@ def sample(config, runtime, out_given):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    validate(config)
-    checkpoint = None
-    if config.resume:  # the saved run's settings, with the flags given now on top
-        checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt", "cvae")
-        saved = config_from_dict(Config, checkpoint["config"], validate)
-        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
-        validate(config)
+    config, checkpoint = run_config(config, given, "cvae", validate, training=not (config.sample or config.eval))
     runtime = setup(config.device, config.seed)
     try:
         if config.sample:

@@ -67,7 +67,7 @@ from torch.utils.data import Dataset
 import vqvae2
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
                   batches, check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
-                  load_test, parse_caption, parse_config, parts_in, run_cli, save_checkpoint, save_grid, score_report,
+                  load_test, parse_caption, parse_config, parts_in, run_cli, run_config, save_checkpoint, save_grid, score_report,
                   setup, step_generator, teardown, warn_if_cut)
 
 
@@ -574,11 +574,10 @@ def parameter_groups(model, weight_decay):
 def train(config, runtime, checkpoint=None):
     """Stage 3: the transformer, on the cached codes (stages 1 and 2 run first when needed)."""
     out, device = Path(config.out), runtime.device
-    check(checkpoint or not (out / "ckpt.pt").exists(),
-          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
     codes, codes_path = prepare_codes(config, runtime)
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], device, codes_path)
     train_set, test_set = TokenDataset(codes["train"], config.text_len), TokenDataset(codes["test"], config.text_len)
+    torch.manual_seed(config.seed)  # the same initial weights whether or not stages 1 and 2 ran in this process
     model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
     if config.appearance and not checkpoint:  # (a checkpoint carries the appearances it was trained with)
@@ -592,7 +591,6 @@ def train(config, runtime, checkpoint=None):
         step = checkpoint["step"]
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     if runtime.is_main:
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "
               f"{len(train_set)} training, {len(test_set)} held out, device {device}, "
@@ -688,13 +686,14 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
 # Sampling from a checkpoint, and the speed benchmark
 
 
+# options a checkpoint saved before they existed trained without
+LEGACY = dict(drop_key=0.0, appearance=False, text_shift=False, silhouette=False, code_drop=0.0)
+
+
 def saved_config(checkpoint):
     """The Config of a dalle checkpoint. One saved before a training option existed ran without it."""
     values = checkpoint["config"]
-    if isinstance(values, dict):
-        values = {"drop_key": 0.0, "appearance": False, "text_shift": False, "silhouette": False, "code_drop": 0.0,
-                  **values}
-    return config_from_dict(Config, values, validate)
+    return config_from_dict(Config, {**LEGACY, **values} if isinstance(values, dict) else values, validate)
 
 
 def load_model(path, device):
@@ -824,19 +823,15 @@ def benchmark(config, runtime):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    validate(config)
-    checkpoint = None
+    sampling = config.sample or config.prompts or config.interactive
+    config, checkpoint = run_config(config, given, "dalle", validate, legacy=LEGACY,
+                                    training=not (config.benchmark or sampling or config.eval))
     path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
-    if config.resume and (path.exists() or not (Path(config.out) / "vqvae2").exists()):
-        checkpoint = load_checkpoint(path, "dalle")  # else: stopped before stage 3, which picks up by itself
-        saved = saved_config(checkpoint)
-        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
-        validate(config)
     runtime = setup(config.device, config.seed)
     try:
         if config.benchmark:
             benchmark(config, runtime)
-        elif config.sample or config.prompts or config.interactive:
+        elif sampling:
             sample(config, runtime, "out" in given)
         elif config.eval:
             model, tokenizer, saved = load_model(path, runtime.device)

@@ -1044,6 +1044,77 @@ def load_state(module, state, path):
         raise UsageError(f"{path}: does not fit this model ({detail[-1] if detail else error})") from None
 
 
+def run_config(config, given, kind, validate, training, required=("config", "model", "step"), legacy=None):
+    """The config a command runs with, and the checkpoint it continues (None for a new run).
+
+    A training run records how it was started in OUT/config.json, once, before any work:
+        {"file": "dalle.py", "kind": "dalle", "config": {every flag}, "resumed": [{"step": S, "changed": {...}}]}
+    --resume continues OUT/ckpt.pt (or --ckpt) with the config saved in it, or, when the run stopped before
+    its first checkpoint (a staged run: tokenizer, codes, transformer), with the config that config.json
+    records. The flags given with --resume go on top; one line names them and config.json appends them with
+    the step they took effect at. `kind`: the checkpoint kind, or a function of the config that gives it;
+    `legacy`: values for config fields that checkpoints saved before those fields existed lack."""
+    validate(config)
+    out, file = Path(config.out), Path(inspect.getfile(type(config))).name
+    kind_of = kind if callable(kind) else (lambda _: kind)
+    record_path, is_main = out / "config.json", os.environ.get("RANK", "0") == "0"
+    if not config.resume:
+        if training:
+            check(not (out / "ckpt.pt").exists(),
+                  f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
+            if is_main:
+                write_record(record_path, dict(file=file, kind=kind_of(config), config=dataclasses.asdict(config),
+                                               resumed=[]))
+        return config, None
+    # the run's own record, unless --ckpt names a checkpoint elsewhere (whose config then gives OUT)
+    record, recorded = read_record(record_path, file) if record_path.exists() and not config.ckpt else (None, None)
+    path = Path(config.ckpt) if config.ckpt else out / "ckpt.pt"
+    checkpoint, step = None, 0
+    if path.exists() or record is None:
+        checkpoint = load_checkpoint(path, kind_of(config_from_dict(type(config), recorded, validate)
+                                                   if record else config), required)
+        saved = config_from_dict(type(config), {**(legacy or {}), **checkpoint["config"]}, validate)
+        step = checkpoint["step"]
+    else:  # stopped before its first checkpoint: the flags it was started with
+        saved = config_from_dict(type(config), recorded, validate)
+    config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
+    validate(config)
+    changed = {name: getattr(config, name) for name in sorted(given - {"resume", "out", "ckpt"})
+               if getattr(config, name) != getattr(saved, name)}
+    if is_main:
+        flags = [f"--{name.replace('_', '-')} {value} (was {getattr(saved, name)})" for name, value in changed.items()]
+        print(f"resuming {config.out} from step {step} with the flags it was started with"
+              + (f", except {', '.join(flags)}" if flags else ""), flush=True)
+        record_path = Path(config.out) / "config.json"
+        if record is None and record_path.exists():
+            record, _ = read_record(record_path, file)
+        if training and (changed or record is None):
+            record = record or dict(file=file, kind=kind_of(saved), config=dataclasses.asdict(saved), resumed=[])
+            write_record(record_path, {**record, "resumed": record["resumed"] + [dict(step=step, changed=changed)]})
+    return config, checkpoint
+
+
+def write_record(path, record):
+    atomic_write(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
+
+
+def read_record(path, file):
+    """OUT/config.json as run_config wrote it -> (the record, its config with each resumed change applied)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: not a readable run record ({type(error).__name__})") from None
+    check(isinstance(record, dict) and isinstance(record.get("config"), dict) and isinstance(record.get("file"), str)
+          and isinstance(record.get("resumed"), list), f"{path}: not a run record that --resume can continue")
+    check(record["file"] == file, f"{Path(path).parent} is a {record['file'][:40]} run: continue it with "
+                                  f"python {record['file'][:40]} --resume --out {Path(path).parent}")
+    config = dict(record["config"])
+    for change in record["resumed"]:
+        check(isinstance(change, dict) and isinstance(change.get("changed"), dict), f"{path}: a malformed run record")
+        config.update(change["changed"])
+    return record, config
+
+
 def part_indices(dataset, part, count):
     """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
     the dataset in its order. On shards, every sample of a shard goes to the part its first one falls in."""

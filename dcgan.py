@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, run_cli, save_checkpoint, save_grid, score_report,
+                  load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid, score_report,
                   score_shapes, setup, spread_batch, step_generator, teardown, warn, warn_if_cut)
 
 
@@ -299,8 +298,6 @@ def train(config, runtime, checkpoint=None):
     """Train from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out = Path(config.out)
     device = runtime.device
-    check(checkpoint or not (out / "ckpt.pt").exists(),
-          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     generator, discriminator = Generator(config).to(device), Discriminator(config).to(device)
     ema = copy.deepcopy(generator).requires_grad_(False)
@@ -320,7 +317,6 @@ def train(config, runtime, checkpoint=None):
                        torch.Generator(device).manual_seed(config.seed))  # (64, J)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         millions = [sum(p.numel() for p in network.parameters()) / 1e6 for network in (generator, discriminator)]
         print(f"dcgan{' (caption-conditioned)' if config.cond else ''}: G {millions[0]:.2f}M, D {millions[1]:.2f}M "
               f"parameters, {len(train_set)} training images, device {device}, {runtime.world_size} process(es), "
@@ -473,15 +469,9 @@ def sample(config, runtime, out_given):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    validate(config)
-    checkpoint = None
-    if config.resume:  # the saved run's settings, with the flags given now on top
-        checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt", "dcgan",
-                                     required=("config", "step", "generator", "discriminator", "ema_generator",
-                                               "generator_optimizer", "discriminator_optimizer", "window"))
-        saved = config_from_dict(Config, checkpoint["config"], validate)
-        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
-        validate(config)
+    config, checkpoint = run_config(config, given, "dcgan", validate, training=not (config.sample or config.eval),
+                                    required=("config", "step", "generator", "discriminator", "ema_generator",
+                                              "generator_optimizer", "discriminator_optimizer", "window"))
     runtime = setup(config.device, config.seed)
     try:
         if config.sample:

@@ -800,7 +800,8 @@ def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path):
 
     assert_clean_error(run(ROOT / "vqvae2.py", "--sample", 4, "--ckpt", tmp_path / "a" / "ckpt.pt"),
                        "vqvae2 checkpoint, not a vqvae2-prior checkpoint")
-    assert_clean_error(run(ROOT / "vqvae2.py", "--train-prior", tmp_path / "a" / "ckpt.pt"), "not a vqvae2-codes")
+    assert_clean_error(run(ROOT / "vqvae2.py", "--train-prior", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "p"),
+                       "not a vqvae2-codes")
     assert_clean_error(run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--sample", 2), "cannot be combined")
     assert_clean_error(run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--ckpt", tmp_path / "none.pt"),
                        "no such checkpoint")
@@ -1009,6 +1010,84 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+class Killed(BaseException):
+    """A SIGKILL, in a test: nothing catches it, so nothing is saved on the way out."""
+
+
+def die(*arguments, **keywords):
+    raise Killed
+
+
+def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_with(tiny_shapes, tmp_path, monkeypatch,
+                                                                                   capsys):
+    args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
+            "1", "--warmup", "1", "--code-drop", "0.25", "--no-text-shift"]  # none of them the default
+    dalle.main(args + ["--out", str(tmp_path / "straight")])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    # killed while the tokenizer trains, while the dataset is encoded, and before the transformer's first save
+    for stage, (module, name) in enumerate([(vqvae2, "batches"), (vqvae2, "encode_split"), (dalle, "batches")], 1):
+        out = tmp_path / f"killed_in_stage_{stage}"
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, die)
+            with pytest.raises(Killed):
+                dalle.main(args + ["--out", str(out)])
+        assert not (out / "ckpt.pt").exists() and (out / "codes.pt").exists() == (stage == 3)
+        capsys.readouterr()
+        dalle.main(["--resume", "--out", str(out)])
+        assert f"resuming {out} from step 0 with the flags it was started with\n" in capsys.readouterr().out
+        resumed = torch.load(out / "ckpt.pt", weights_only=True)
+        assert resumed["config"] == {**straight["config"], "out": str(out), "resume": True}
+        assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
+        record = json.loads((out / "config.json").read_text())  # written once, at the start, and kept
+        assert record["config"] == {**straight["config"], "out": str(out)} and record["resumed"] == []
+
+
+def test_vqvae2_prior_resume_after_a_kill_before_its_first_checkpoint(tiny_shapes, tmp_path, monkeypatch):
+    vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--steps", "2",
+                 "--out", str(tmp_path / "a")])
+    vqvae2.main(["--encode", str(tiny_shapes), "--ckpt", str(tmp_path / "a" / "ckpt.pt")])
+    prior = ["--train-prior", str(tmp_path / "a" / "codes.pt"), "--prior-width", "8", "--prior-layers", "2",
+             "--batch-size", "8", "--steps", "3", "--save-every", "2", "--lr", "0.001", "--device", "cpu"]
+    vqvae2.main(prior + ["--out", str(tmp_path / "straight")])
+    with monkeypatch.context() as patch:
+        patch.setattr(vqvae2, "batches", die)
+        with pytest.raises(Killed):
+            vqvae2.main(prior + ["--out", str(tmp_path / "killed")])
+    vqvae2.main(["--resume", "--out", str(tmp_path / "killed")])  # the priors' flags, not the autoencoder's
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "killed"))
+    assert b["kind"] == "vqvae2-prior" and (b["step"], b["config"]["prior_width"], b["config"]["lr"]) == (3, 8, 0.001)
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def test_resume_records_what_it_overrides_and_refuses_what_it_cannot_continue(tiny_shapes, tmp_path, monkeypatch,
+                                                                              capsys):
+    args = ["--train", str(tiny_shapes), "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2",
+            "--latent-dim", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "vae")]
+    with monkeypatch.context() as patch:
+        patch.setattr(vae, "batches", die)
+        with pytest.raises(Killed):
+            vae.main(args)
+    capsys.readouterr()
+    resumed = in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 0 with the flags it was started with, except --steps 4 (was 3)\n" in resumed.stdout
+    record = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert record["config"]["steps"] == 3 and record["resumed"] == [dict(step=0, changed=dict(steps=4))]
+    saved = torch.load(tmp_path / "vae" / "ckpt.pt", weights_only=True)
+    assert (saved["step"], saved["config"]["latent_dim"], saved["config"]["width"]) == (4, 4, 8)
+    again = in_process(capsys, vae, "--resume", "--steps", 6, "--out", tmp_path / "vae")  # a second change
+    assert again.returncode == 0 and "from step 4" in again.stdout, again.stderr
+    changes = json.loads((tmp_path / "vae" / "config.json").read_text())["resumed"]
+    assert changes == [dict(step=0, changed=dict(steps=4)), dict(step=4, changed=dict(steps=6))]
+
+    assert_clean_error(in_process(capsys, dalle, "--resume", "--out", tmp_path / "vae"), "is a vae.py run")
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "width": 0}}))
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "refused"), "refused", "--width")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "empty"), "no such checkpoint")
+
+
 def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
     trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-appearance",
                          "--no-text-shift", "--out", tmp_path)
@@ -1020,8 +1099,8 @@ def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_g
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["drop_key"], saved["appearance"], saved["text_shift"]) == (0.0, False, False)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert (saved["drop_key"], saved["appearance"], saved["text_shift"], saved["steps"]) == (0.0, False, False, 3)
     evaluated = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--ckpt", tmp_path / "ckpt.pt",
                            "--out", tmp_path / "s")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -1035,7 +1114,7 @@ def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_g
     torch.save(checkpoint, tmp_path / "appearance" / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path / "appearance")
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
-    saved = json.loads((tmp_path / "appearance" / "config.json").read_text())
+    saved = torch.load(tmp_path / "appearance" / "ckpt.pt", weights_only=True)["config"]
     assert saved["silhouette"] is False and saved["code_drop"] == 0.0
 
 

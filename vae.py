@@ -32,7 +32,6 @@ Known deviations from the paper:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check,
                   config_from_dict, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
-                  parse_config, run_cli, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
+                  parse_config, run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
                   step_generator, teardown, warn)
 
 
@@ -230,8 +229,6 @@ def train(config, runtime, checkpoint=None):
     """Train from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out = Path(config.out)
     device = runtime.device
-    check(checkpoint or not (out / "ckpt.pt").exists(),
-          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -243,7 +240,6 @@ def train(config, runtime, checkpoint=None):
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         print(f"vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_set)} training images, {len(test_set)} held out, device {device}, "
               f"{runtime.world_size} process(es), from step {step}")
@@ -358,13 +354,7 @@ def sample(config, runtime, out_given):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    validate(config)
-    checkpoint = None
-    if config.resume:  # the saved run's settings, with the flags given now on top
-        checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt", "vae")
-        saved = config_from_dict(Config, checkpoint["config"], validate)
-        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
-        validate(config)
+    config, checkpoint = run_config(config, given, "vae", validate, training=not (config.sample or config.eval))
     runtime = setup(config.device, config.seed)
     try:
         if config.sample:

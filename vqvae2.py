@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import random
 import time
@@ -61,7 +60,7 @@ from torch.utils.data import Dataset
 
 from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
                   config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, reason, run_cli,
+                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, reason, run_cli, run_config,
                   save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown, write_parts)
 
 
@@ -493,8 +492,6 @@ def train(config, runtime, checkpoint=None):
     """Train the autoencoder from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out = Path(config.out)
     device = runtime.device
-    check(checkpoint or not (out / "ckpt.pt").exists(),
-          f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VQVAE2(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -506,7 +503,6 @@ def train(config, runtime, checkpoint=None):
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         print(f"vqvae2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_set)} training images, {len(test_set)} held out, device {device}, "
               f"{runtime.world_size} process(es), from step {step}")
@@ -749,8 +745,6 @@ def train_prior(config, runtime, checkpoint=None):
     code, summed."""
     out, device = Path(config.out), runtime.device
     codes = load_codes(config.train_prior)
-    check(checkpoint or not (out / "ckpt.pt").exists(),
-          f"{out / 'ckpt.pt'} exists: continue it with --train-prior ... --resume, or choose another --out")
     tokenizer = VQVAE2.from_state(codes["tokenizer"], device, config.train_prior)
     train_set, test_set = CodesDataset(codes["train"]), CodesDataset(codes["test"])
     priors = Priors(tokenizer, config).to(device)
@@ -763,7 +757,6 @@ def train_prior(config, runtime, checkpoint=None):
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=1).encode()))
         print(f"vqvae2 priors: {sum(p.numel() for p in priors.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_set)} training code grids, {len(test_set)} held out, device {device}, "
               f"{runtime.world_size} process(es), from step {step}")
@@ -831,16 +824,10 @@ def sample(config, runtime, out_given):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    validate(config)
     if config.train_prior and "out" not in given:
         config.out = str(Path(config.train_prior).parent / "prior")
-    checkpoint = None
-    if config.resume:  # the saved run's settings, with the flags given now on top
-        checkpoint = load_checkpoint(config.ckpt or Path(config.out) / "ckpt.pt",
-                                     "vqvae2-prior" if config.train_prior else "vqvae2")
-        saved = config_from_dict(Config, checkpoint["config"], validate)
-        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
-        validate(config)
+    config, checkpoint = run_config(config, given, lambda c: "vqvae2-prior" if c.train_prior else "vqvae2", validate,
+                                    training=not (config.sample or config.eval or config.encode))
     runtime = setup(config.device, config.seed)
     try:
         if config.sample:
