@@ -176,8 +176,8 @@ def config_from_dict(config_class, values, validate):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
-def to_rgb(image):
-    """Any PIL mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) to 8-bit RGB; alpha over black."""
+def to_rgb(image, background=(0, 0, 0)):
+    """Any PIL mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) to 8-bit RGB; alpha over `background`."""
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
         array = np.asarray(image, dtype=np.float32)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -186,9 +186,9 @@ def to_rgb(image):
         image = image.convert("RGBA")  # a palette's transparent index becomes alpha
     if image.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (0, 0, 0))  # black, like the shapes background
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        rgb = Image.new("RGB", rgba.size, background)  # black by default, like the shapes background
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        return rgb
     return image.convert("RGB")
 
 
