@@ -295,6 +295,62 @@ def test_idx_to_captioned_folder(tmp_path):
                        "bad.gz")
 
 
+def fake_emoji_package(folder):
+    """A tiny emoji-datasource-twitter layout: 24 emoji over 3 categories, 8-px RGBA PNGs whose left half is
+    opaque red and right half transparent; plus one without a Twitter image and one whose file is missing."""
+    (folder / "img" / "twitter" / "64").mkdir(parents=True)
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[:, :4] = (255, 0, 0, 255)
+    categories = ["Smileys & Emotion", "Animals & Nature", "Flags"]
+    entries = [{"name": f"THING {i}", "unified": f"1F{i:03X}", "image": f"1f{i:03x}.png", "has_img_twitter": True,
+                "short_names": [f"thing_{i}", f"t{i}"], "category": categories[i % 3]} for i in range(24)]
+    entries[5]["short_names"].append("thing 7")  # a caption line two emoji share: never in both splits
+    for entry in entries:
+        Image.fromarray(pixels, "RGBA").save(folder / "img" / "twitter" / "64" / entry["image"])
+    entries += [dict(entries[0], name="NO TWITTER", image="ff0.png", has_img_twitter=False),
+                dict(entries[0], name="NO FILE", image="ff1.png")]
+    (folder / "emoji.json").write_text(json.dumps(entries))
+
+
+def test_emoji_prep_layout_captions_background_and_fixed_split(tmp_path, capsys):
+    fake_emoji_package(tmp_path / "package")
+    result = in_process(capsys, data, "emoji", tmp_path / "package", tmp_path / "out", "--size", 8,
+                        "--test-fraction", 0.3)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2" in result.stdout.splitlines()[-1] and "flags " in result.stdout
+    pngs = sorted((tmp_path / "out").rglob("*.png"))
+    assert len(pngs) == 24 and all(png.with_suffix(".txt").is_file() for png in pngs)
+    assert {png.parent.relative_to(tmp_path / "out").parts[1] for png in pngs} == {
+        "smileys-emotion", "animals-nature", "flags"}
+    captions = {png.stem: png.with_suffix(".txt").read_text().splitlines() for png in pngs}
+    assert captions["1f003"] == ["thing 3", "t3"]  # name lower-case, short names with spaces, deduplicated
+    with Image.open(pngs[0]) as image:
+        assert image.mode == "RGB" and image.size == (8, 8)
+        assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((7, 0)) == (0, 0, 0)  # over black
+    lines = {split: {line for png in pngs if png.parts[-3] == split for line in captions[png.stem]}
+             for split in ("train", "test")}
+    assert lines["train"] and lines["test"] and not lines["train"] & lines["test"]
+    assert (tmp_path / "out" / "train" / "flags" / "1f005.png").is_file()  # hashed to test, but shares "thing 7"
+    assert data.ImageTextFolder(tmp_path / "out" / "train", 8)[0][1] in lines["train"]
+    # the same split again, and over white on request
+    assert in_process(capsys, data, "emoji", tmp_path / "package", tmp_path / "white", "--size", 8,
+                      "--test-fraction", 0.3, "--background", "white").returncode == 0
+    whites = sorted((tmp_path / "white").rglob("*.png"))
+    assert [png.relative_to(tmp_path / "white") for png in whites] == [
+        png.relative_to(tmp_path / "out") for png in pngs]
+    with Image.open(whites[0]) as image:
+        assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((7, 0)) == (255, 255, 255)
+
+
+def test_emoji_prep_errors(tmp_path, capsys):
+    assert_clean_error(in_process(capsys, data, "emoji", tmp_path / "missing", tmp_path / "out"), "no such folder")
+    assert_clean_error(in_process(capsys, data, "emoji", tmp_path, tmp_path / "out"), "no emoji.json")
+    fake_emoji_package(tmp_path / "package")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.png").write_bytes(b"")
+    assert_clean_error(in_process(capsys, data, "emoji", tmp_path / "package", tmp_path / "out"), "not empty")
+
+
 def test_save_grid_with_captions(tmp_path):
     images = torch.rand(5, 3, 16, 16)
     data.save_grid(images, tmp_path / "plain.png", nrow=4)
