@@ -1261,12 +1261,11 @@ class Logger:
 class JudgeConfig:
     classes: list[str] = dataclasses.field(default_factory=list)  # class (folder) names, label 0 first
     image_size: int = 32  # side S the images are resized to
-    width: int = 32  # channels of the first convolution; the last has 4x (the 128-dim features)
 
 
 def validate_judge(config):
-    check(len(config.classes) >= 2, f"a judge needs at least 2 classes, not {len(config.classes)}")
-    check(8 <= config.image_size <= 512 and 1 <= config.width <= 256, "image size 8 to 512, width 1 to 256")
+    check(len(config.classes) >= 2 and 8 <= config.image_size <= 512,
+          f"a judge needs 2 classes or more (not {len(config.classes)}) and an image size of 8 to 512")
 
 
 class Judge(torch.nn.Module):
@@ -1278,21 +1277,21 @@ class Judge(torch.nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        w, layers = config.width, []
+        w, layers = 32, []  # channels 32, 64, 128, 128
         for c_in, c_out, stride in ((3, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 4 * w, 2)):
             layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(c_out),
                        torch.nn.ReLU()]
-        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # (B, 4w)
+        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # (B, 128)
         self.head = torch.nn.Linear(4 * w, len(config.classes))
 
     def forward(self, images):
-        """(B, 3, S, S) in [0, 1] -> logits (B, classes), penultimate features (B, 4w)."""
+        """(B, 3, S, S) in [0, 1] -> logits (B, classes), penultimate features (B, 128)."""
         features = self.body(images * 2 - 1)
         return self.head(features), features
 
     @torch.no_grad()
     def judge(self, images, device, batch_size=256):
-        """uint8 images (N, 3, S, S) -> logits (N, classes), features (N, 4w) on the CPU, in evaluation mode."""
+        """uint8 images (N, 3, S, S) -> logits (N, classes), features (N, 128) on the CPU, in evaluation mode."""
         outputs = [self.eval()(images[i: i + batch_size].to(device).float() / 255)
                    for i in range(0, len(images), batch_size)]
         return [torch.cat(parts).cpu() for parts in zip(*outputs)]
@@ -1342,6 +1341,8 @@ def class_key(text):
 
 
 def train_judge(args):
+    check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0, "--epochs and --batch-size must be "
+                                                                       "positive, --steps not negative")
     runtime = setup(args.device, args.seed)
     images, labels, classes, _ = read_labelled(args.folder, args.image_size)
     if args.test:
@@ -1351,16 +1352,15 @@ def train_judge(args):
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         held, order = order[: len(images) // 10], order[len(images) // 10:]
         test_images, test_labels, images, labels = images[held], labels[held], images[order], labels[order]
-    config = JudgeConfig(classes, args.image_size)
-    validate_judge(config)
+    validate_judge(config := JudgeConfig(classes, args.image_size))
     model = Judge(config).to(runtime.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = args.steps or args.epochs * math.ceil(len(images) / args.batch_size)
     sampler, logger = iter(InfiniteSampler(len(images), args.seed)), Logger(Path(args.out).parent, steps)
     for step in range(steps):
         index = torch.tensor([next(sampler) for _ in range(args.batch_size)])  # (B,)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, args.lr, min(100, steps // 10))
+            group["lr"] = learning_rate(step, steps, 2e-3, min(100, steps // 10))
         logits, _ = model.train()(images[index].to(runtime.device).float() / 255)
         loss = torch.nn.functional.cross_entropy(logits, labels[index].to(runtime.device))
         optimizer.zero_grad(set_to_none=True)
@@ -1389,21 +1389,20 @@ def score_judge(args):
     named = {key: min(labels) for key, labels in owners.items() if len(labels) == 1}  # one class only
     named |= {class_key(name): i for i, name in enumerate(classes)}  # a class name wins over a caption
     wanted = torch.tensor([named.get(class_key(caption), -1) for caption in captions])  # (N,), -1: no class
-    (logits, features), (real_logits, real_features) = model.judge(samples, runtime.device), model.judge(
-        real, runtime.device)
+    logits, features = model.judge(samples, runtime.device)  # (N, classes), (N, 128)
+    real_logits, real_features = model.judge(real, runtime.device)
     hits = (logits.argmax(1) == wanted)[wanted >= 0]
     n, disjoint = len(samples), 2 * len(samples) <= len(real)  # else the floor's images overlap the reference
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
-    floor, reference = (order[:n], order[n:]) if disjoint else (order[:n], order)
+    floor, reference = order[:n], order[n:] if disjoint else order
     report = dict(samples=n, unnamed=n - len(hits), class_accuracy=hits.double().mean().item() if len(hits) else None,
                   real_accuracy=(real_logits.argmax(1) == real_labels).double().mean().item(),
                   fd=frechet_distance(features, real_features[reference]), reference=len(reference),
                   floor=frechet_distance(real_features[floor], real_features[reference]), floor_n=len(floor))
-    unnamed = sorted({caption for caption, label in zip(captions, wanted.tolist()) if label < 0})
+    unnamed = sorted({repr(caption[:40]) for caption, label in zip(captions, wanted.tolist()) if label < 0})
     print(json.dumps(report) if args.json else "\n".join([
-        f"samples         {n} ({n - len(hits)} whose caption names no class"
-        + (f": {', '.join(repr(caption[:40]) for caption in unnamed[:3])}{', ...' * (len(unnamed) > 3)})"
-           if unnamed else ")"),
+        f"samples         {n}, {n - len(hits)} of them with a caption naming no class"
+        + (f" ({', '.join(unnamed[:3])}{', ...' * (len(unnamed) > 3)})" if unnamed else ""),
         f"class accuracy  " + (f"{100 * report['class_accuracy']:.1f}% of {len(hits)}" if len(hits) else "-")
         + f" (the judge on the {len(real)} real images: {100 * report['real_accuracy']:.1f}%)",
         f"FD              {report['fd']:.3f} (the samples against {len(reference)} real images)",
@@ -1442,8 +1441,7 @@ def main(argv=None):
     shard.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in")
     judge = commands.add_parser("judge", help="an in-domain classifier: class accuracy and Fréchet distance")
     actions = judge.add_subparsers(dest="action", required=True)
-    judge_train = actions.add_parser("train", help="train a judge on DIR/<class name>/<image>",
-                                     formatter_class=_HelpFormatter)
+    judge_train = actions.add_parser("train", help="train on DIR/<class>/<image>", formatter_class=_HelpFormatter)
     judge_train.add_argument("folder", help="folder of class subfolders (a caption .txt beside an image is ignored)")
     judge_train.add_argument("--out", default="judge.pt", help="checkpoint to write")
     judge_train.add_argument("--test", default="", help="held-out folder of the same classes (else 10%% of FOLDER)")
@@ -1451,11 +1449,9 @@ def main(argv=None):
     judge_train.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     judge_train.add_argument("--steps", type=int, default=0, help="training steps (0: from --epochs)")
     judge_train.add_argument("--batch-size", type=int, default=64, help="images per step")
-    judge_train.add_argument("--lr", type=finite_float, default=2e-3, help="peak AdamW learning rate")
     judge_train.add_argument("--seed", type=int, default=0, help="random seed")
     judge_train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    judge_score = actions.add_parser("score", help="score a --sample folder of NNNN.png + NNNN.txt pairs",
-                                     formatter_class=_HelpFormatter)
+    judge_score = actions.add_parser("score", help="score a --sample folder", formatter_class=_HelpFormatter)
     judge_score.add_argument("judge", help="checkpoint written by `judge train`")
     judge_score.add_argument("samples", help="folder of NNNN.png + NNNN.txt (caption) pairs")
     judge_score.add_argument("--real", required=True, help="real images, TEST_DIR/<class name>/<image>")
@@ -1464,12 +1460,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "judge":
-        if args.action == "train":
-            check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0 and args.lr > 0,
-                  "--epochs, --batch-size and --lr must be positive, --steps not negative")
-            train_judge(args)
-        else:
-            score_judge(args)
+        (train_judge if args.action == "train" else score_judge)(args)
     elif args.command == "shapes":
         check(args.n > 0 and args.size >= 16, "--n must be positive and --size at least 16")
         images, captions, held_out = make_shapes(args.n, args.size, args.seed, args.split)
