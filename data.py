@@ -14,6 +14,8 @@ Command line:
     python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
     python data.py shard DIR OUT --per-shard 10000                            # a folder to tar shards
     python data.py emoji PACKAGE OUT --size 64 --background black             # Twemoji, captioned, split
+    python data.py judge train DIR --out JUDGE.pt [--test TEST_DIR]           # a classifier of DIR/<class>/
+    python data.py judge score JUDGE.pt SAMPLES --real TEST_DIR [--json]      # class accuracy, FD, floor
 """
 
 from __future__ import annotations
@@ -636,6 +638,24 @@ def score_report(images, captions):
         if chosen:
             report[name] = score_shapes(torch.as_tensor(images)[chosen], [captions[i] for i in chosen])
     return report
+
+
+def read_pairs(folder, image_size=None):
+    """The NAME.png + NAME.txt pairs under `folder`, as `--sample` and `python data.py shapes` write them:
+    uint8 images (N, 3, H, W) and the first line of each caption. A broken image is skipped with a warning."""
+    check(Path(folder).is_dir(), f"{folder}: no such folder")
+    images, captions = [], []
+    for path in sorted(Path(folder).rglob("*.png")):
+        if path.with_suffix(".txt").is_file():
+            try:
+                images.append(load_image(path, image_size))
+            except Exception as error:
+                warn(f"skipping {path}: {reason(error)}")
+                continue
+            captions.append((caption_lines(path.with_suffix(".txt").read_bytes()) or [""])[0])
+    check(images, f"{folder}: no PNG + TXT pairs to score")
+    check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
+    return torch.stack(images), captions
 
 
 def format_score(report):
@@ -1364,7 +1384,164 @@ class Logger:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: python data.py shapes|score|idx|shard|emoji
+# Judge: an in-domain classifier for class accuracy and Fréchet distance
+
+
+@dataclasses.dataclass
+class JudgeConfig:
+    classes: list[str] = dataclasses.field(default_factory=list)  # class (folder) names, label 0 first
+    image_size: int = 32  # side S the images are resized to
+
+
+def validate_judge(config):
+    check(len(config.classes) >= 2 and 8 <= config.image_size <= 512,
+          f"a judge needs 2 classes or more (not {len(config.classes)}) and an image size of 8 to 512")
+
+
+class Judge(torch.nn.Module):
+    """A small CNN classifier of the class folders of one dataset. Its accuracy on samples measures
+    whether they show the class their caption names; the Fréchet distance between its penultimate
+    features of samples and of real images is an in-domain FID: the features of a classifier trained
+    on the same domain, NOT Inception's, so the numbers are not comparable with published FIDs (it is
+    what papers use for MNIST-like data). Compare them with the floor: real images against real ones."""
+
+    def __init__(self, config):
+        super().__init__()
+        w, layers = 32, []  # channels 32, 64, 128, 128
+        for c_in, c_out, stride in ((3, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 4 * w, 2)):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(c_out),
+                       torch.nn.ReLU()]
+        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # (B, 128)
+        self.head = torch.nn.Linear(4 * w, len(config.classes))
+
+    def forward(self, images):
+        """(B, 3, S, S) in [0, 1] -> logits (B, classes), penultimate features (B, 128)."""
+        features = self.body(images * 2 - 1)
+        return self.head(features), features
+
+    @torch.no_grad()
+    def judge(self, images, device, batch_size=256):
+        """uint8 images (N, 3, S, S) -> logits (N, classes), features (N, 128) on the CPU, in evaluation mode."""
+        outputs = [self.eval()(images[i: i + batch_size].to(device).float() / 255)
+                   for i in range(0, len(images), batch_size)]
+        return [torch.cat(parts).cpu() for parts in zip(*outputs)]
+
+
+def read_labelled(folder, image_size, classes=None):
+    """FOLDER/<class>/<image> as uint8 images (N, 3, S, S), labels (N,), class names and each image's caption
+    lines. `classes` (a judge's) fixes the labels: a subfolder of another name is refused."""
+    dataset = ImageTextFolder(folder, image_size)  # refuses a missing or empty folder; warns on bad headers
+    paths = [path for path in dataset.paths if path.parent != dataset.root]
+    check(paths, f"{folder}: no class subfolders (expected {folder}/<class name>/<image>)")
+    if len(paths) < len(dataset.paths):
+        warn(f"{folder}: {len(dataset.paths) - len(paths)} image(s) outside a class subfolder are left out")
+    found = sorted({path.relative_to(dataset.root).parts[0] for path in paths})
+    classes = classes or found
+    check(set(found) <= set(classes), f"{folder}: subfolder(s) {sorted(set(found) - set(classes))[:3]} are "
+                                      "not classes of this judge")
+    images, labels, captions = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, image_size))
+        except Exception as error:  # corrupt or truncated: skipped, as the loaders do
+            warn(f"skipping {path}: {reason(error)}")
+            continue
+        labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
+        captions.append(dataset.caption_choices(path))
+    check(images, f"{folder}: no usable image")
+    return torch.stack(images), torch.tensor(labels), classes, captions
+
+
+def frechet_distance(a, b):
+    """Between Gaussians fitted to features a (N, F) and b (M, F), in float64:
+    FD = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), where Tr (S1 S2)^(1/2) = Tr (R S2 R)^(1/2) with
+    R = S1^(1/2): R S2 R is symmetric, so both roots come from eigendecompositions (no scipy)."""
+    check(len(a) >= 2 and len(b) >= 2, "the Fréchet distance needs at least 2 images on each side")
+    a, b = a.double(), b.double()
+    s1, s2 = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (F, F), also for F = 1
+    values, vectors = torch.linalg.eigh(s1)
+    root = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T  # S1^(1/2)
+    cross = torch.linalg.eigvalsh(root @ s2 @ root).clamp(min=0).sqrt().sum()  # Tr (S1 S2)^(1/2)
+    return max(float((a.mean(0) - b.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * cross), 0.0)  # >= 0
+
+
+def class_key(text):
+    """'Ankle_boot', 'ankle-boot', 'ankle boot' -> 'ankleboot': how a caption is compared with class names."""
+    return re.sub(r"[\s_\-]+", "", text).casefold()
+
+
+def train_judge(args):
+    check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0, "--epochs and --batch-size must be "
+                                                                       "positive, --steps not negative")
+    runtime = setup(args.device, args.seed)
+    images, labels, classes, _ = read_labelled(args.folder, args.image_size)
+    if args.test:
+        test_images, test_labels, _, _ = read_labelled(args.test, args.image_size, classes)
+    else:  # a fixed 10% of the folder, the same for every --seed
+        check(len(images) >= 10, f"{args.folder}: fewer than 10 images to train on and hold out (give --test)")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        held, order = order[: len(images) // 10], order[len(images) // 10:]
+        test_images, test_labels, images, labels = images[held], labels[held], images[order], labels[order]
+    validate_judge(config := JudgeConfig(classes, args.image_size))
+    model = Judge(config).to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    steps = args.steps or args.epochs * math.ceil(len(images) / args.batch_size)
+    sampler, logger = iter(InfiniteSampler(len(images), args.seed)), Logger(Path(args.out).parent, steps)
+    for step in range(steps):
+        index = torch.tensor([next(sampler) for _ in range(args.batch_size)])  # (B,)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, 2e-3, min(100, steps // 10))
+        logits, _ = model.train()(images[index].to(runtime.device).float() / 255)
+        loss = torch.nn.functional.cross_entropy(logits, labels[index].to(runtime.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % max(steps // 10, 1) == 0:
+            logger.progress(step + 1, loss=loss.item())
+    accuracy = (model.judge(test_images, runtime.device)[0].argmax(1) == test_labels).double().mean().item()
+    save_checkpoint(args.out, "judge", config, steps, model=model.state_dict(), accuracy=accuracy)
+    print(f"held-out accuracy {100 * accuracy:.1f}% on {len(test_images)} images ({len(classes)} classes); "
+          f"wrote {args.out}")
+
+
+def score_judge(args):
+    runtime = setup(args.device, 0)
+    saved = load_checkpoint(args.judge, "judge")
+    config = config_from_dict(JudgeConfig, saved["config"], validate_judge)
+    model = Judge(config).to(runtime.device)
+    load_state(model, saved["model"], args.judge)
+    samples, captions = read_pairs(args.samples, config.image_size)
+    real, real_labels, classes, real_captions = read_labelled(args.real, config.image_size, config.classes)
+    owners = {}  # a caption line of a real image -> the classes of the real images with that line
+    for lines, label in zip(real_captions, real_labels.tolist()):
+        for line in lines:
+            owners.setdefault(class_key(line), set()).add(label)
+    named = {key: min(labels) for key, labels in owners.items() if len(labels) == 1}  # one class only
+    named |= {class_key(name): i for i, name in enumerate(classes)}  # a class name wins over a caption
+    wanted = torch.tensor([named.get(class_key(caption), -1) for caption in captions])  # (N,), -1: no class
+    logits, features = model.judge(samples, runtime.device)  # (N, classes), (N, 128)
+    real_logits, real_features = model.judge(real, runtime.device)
+    hits = (logits.argmax(1) == wanted)[wanted >= 0]
+    n, disjoint = len(samples), 2 * len(samples) <= len(real)  # else the floor's images overlap the reference
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+    floor, reference = order[:n], order[n:] if disjoint else order
+    report = dict(samples=n, unnamed=n - len(hits), class_accuracy=hits.double().mean().item() if len(hits) else None,
+                  real_accuracy=(real_logits.argmax(1) == real_labels).double().mean().item(),
+                  fd=frechet_distance(features, real_features[reference]), reference=len(reference),
+                  floor=frechet_distance(real_features[floor], real_features[reference]), floor_n=len(floor))
+    unnamed = sorted({repr(caption[:40]) for caption, label in zip(captions, wanted.tolist()) if label < 0})
+    print(json.dumps(report) if args.json else "\n".join([
+        f"samples         {n}, {n - len(hits)} of them with a caption naming no class"
+        + (f" ({', '.join(unnamed[:3])}{', ...' * (len(unnamed) > 3)})" if unnamed else ""),
+        "class accuracy  " + (f"{100 * report['class_accuracy']:.1f}% of {len(hits)}" if len(hits) else "-")
+        + f" (the judge on the {len(real)} real images: {100 * report['real_accuracy']:.1f}%)",
+        f"FD              {report['fd']:.3f} (the samples against {len(reference)} real images)",
+        f"floor           {report['floor']:.3f} ({len(floor)} {'other' if disjoint else 'overlapping'} real "
+        f"images against the same {len(reference)})"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: python data.py shapes|score|idx|shard|emoji|judge
 
 
 def main(argv=None):
@@ -1401,9 +1578,30 @@ def main(argv=None):
                        "alpha; black keeps the bright, outline-free Twemoji legible (edge contrast under 2:1 "
                        "for 149 of 1,911 on black, 585 on white)")
     emoji.add_argument("--test-fraction", type=finite_float, default=0.1, help="share of names held out")
+    judge = commands.add_parser("judge", help="an in-domain classifier: class accuracy and Fréchet distance")
+    actions = judge.add_subparsers(dest="action", required=True)
+    judge_train = actions.add_parser("train", help="train on DIR/<class>/<image>", formatter_class=_HelpFormatter)
+    judge_train.add_argument("folder", help="folder of class subfolders (a caption .txt beside an image is ignored)")
+    judge_train.add_argument("--out", default="judge.pt", help="checkpoint to write")
+    judge_train.add_argument("--test", default="", help="held-out folder of the same classes (else 10%% of FOLDER)")
+    judge_train.add_argument("--image-size", type=int, default=32, help="side S images are resized to")
+    judge_train.add_argument("--epochs", type=int, default=5, help="passes over the training images")
+    judge_train.add_argument("--steps", type=int, default=0, help="training steps (0: from --epochs)")
+    judge_train.add_argument("--batch-size", type=int, default=64, help="images per step")
+    judge_train.add_argument("--seed", type=int, default=0, help="random seed")
+    judge_train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    judge_score = actions.add_parser("score", help="score a --sample folder", formatter_class=_HelpFormatter)
+    judge_score.add_argument("judge", help="checkpoint written by `judge train`")
+    judge_score.add_argument("samples", help="folder of NNNN.png + NNNN.txt (caption) pairs")
+    judge_score.add_argument("--real", required=True, help="real images, TEST_DIR/<class name>/<image>")
+    judge_score.add_argument("--json", action="store_true", help="print the figures as one JSON line instead")
+    judge_score.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
 
-    if args.command == "emoji":
+    if args.command == "judge":
+        (train_judge if args.action == "train" else score_judge)(args)
+
+    elif args.command == "emoji":
         counts, skipped = emoji_to_folder(args.package, args.out, args.size, args.background, args.test_fraction)
         for category in sorted({category for _, category in counts}):
             train, test = (counts.get((split, category), 0) for split in ("train", "test"))
@@ -1422,23 +1620,7 @@ def main(argv=None):
             (out / f"{name}.txt").write_text(caption + "\n")
         print(f"wrote {args.n} images to {out}")
     elif args.command == "score":
-        folder = Path(args.folder)
-        check(folder.is_dir(), f"{folder}: no such folder")
-        images, captions = [], []
-        for path in sorted(folder.rglob("*.png")):
-            text_path = path.with_suffix(".txt")
-            if not text_path.is_file():
-                continue
-            try:
-                images.append(load_image(path))
-            except Exception as error:
-                warn(f"skipping {path}: {error}")
-                continue
-            captions.append(text_path.read_bytes().decode("utf-8", errors="replace").strip().splitlines()[0:1])
-        captions = [lines[0] if lines else "" for lines in captions]
-        check(images, f"{folder}: no PNG + TXT pairs to score")
-        check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
-        print(format_score(score_report(torch.stack(images), captions)))
+        print(format_score(score_report(*read_pairs(args.folder))))
     elif args.command == "shard":
         count = write_shards(args.folder, args.out, args.per_shard, args.seed)
         print(f"wrote {count} shard(s): --train '{Path(args.out) / f'{{000000..{count - 1:06d}}}.tar'}'")

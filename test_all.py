@@ -257,6 +257,125 @@ def test_data_cli_shapes_and_score(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# data.py: the judge, an in-domain classifier for class accuracy and Fréchet distance
+
+
+def write_labelled(folder, n, seed, colours=("red", "green", "blue", "yellow")):
+    """Shapes images of the given colours as FOLDER/<colour>/NNNN.png + NNNN.txt (the shapes caption)."""
+    images, captions, _ = data.make_shapes(n, 16, seed=seed)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        colour = data.parse_caption(caption)["colour"]
+        if colour in colours:
+            (folder / colour).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / colour / f"{i:04d}.png")
+            (folder / colour / f"{i:04d}.txt").write_text(caption + "\n")
+    return folder
+
+
+def write_samples(folder, images, captions):
+    """What a model's --sample writes: NNNN.png + NNNN.txt pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """A four-class folder (colours), its test folder and a judge trained on it."""
+    root = tmp_path_factory.mktemp("judge")
+    train, test = write_labelled(root / "train", 300, 0), write_labelled(root / "test", 400, 1)
+    data.main(["judge", "train", str(train), "--test", str(test), "--out", str(root / "judge.pt"),
+               "--image-size", "16", "--steps", "60", "--batch-size", "32"])
+    return train, test, root / "judge.pt"
+
+
+def judge_score(capsys, *args):
+    result = in_process(capsys, data, "judge", "score", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_judge_separates_two_easy_classes_deterministically(tmp_path, capsys):
+    folder = write_labelled(tmp_path / "two", 250, 2, colours=("red", "blue"))  # about 60 images
+    accuracies, weights = [], []
+    for run_name in ("a", "b"):  # no --test: a fixed 10% is held out
+        result = in_process(capsys, data, "judge", "train", folder, "--out", tmp_path / f"{run_name}.pt",
+                            "--image-size", "16", "--epochs", "10", "--batch-size", "16", "--seed", "3")
+        assert result.returncode == 0 and "held-out accuracy" in result.stdout, result.stderr
+        saved = torch.load(tmp_path / f"{run_name}.pt", weights_only=True)
+        assert saved["config"]["classes"] == ["blue", "red"] and saved["config"]["image_size"] == 16
+        accuracies.append(saved["accuracy"])
+        weights.append(saved["model"])
+    assert accuracies[0] >= 0.9, accuracies
+    assert accuracies[0] == accuracies[1] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_judge_class_accuracy_true_and_shuffled_captions(judged, tmp_path, capsys):
+    _, test, judge = judged
+    real, labels, classes, captions = data.read_labelled(test, 16)
+    true = [lines[0] for lines in captions]  # 'a large red circle at the top': a caption line of the real set
+    true[:3] = ["RED", "Blue", "nonsense"]  # a class name (any case) also names it; nonsense names none
+    report = judge_score(capsys, judge, write_samples(tmp_path / "true", real, true), "--real", test)
+    assert report["samples"] == len(real) and report["unnamed"] == 1
+    assert report["class_accuracy"] >= 0.9 and report["real_accuracy"] >= 0.9, report
+    shuffled = true[:]
+    random.Random(0).shuffle(shuffled)
+    report = judge_score(capsys, judge, write_samples(tmp_path / "shuffled", real, shuffled), "--real", test)
+    assert report["class_accuracy"] < 0.45, report  # chance is 1/4
+
+
+def test_judge_frechet_distance_zero_for_itself_large_for_noise(judged, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 5, generator=generator)
+    b = torch.randn(200, 5, generator=generator) @ torch.randn(5, 5, generator=generator) + 1
+    assert data.frechet_distance(a, a) < 1e-9
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    s1, s2 = np.cov(a64.T), np.cov(b64.T)  # Tr (S1 S2)^(1/2) from the eigenvalues of S1 S2, not symmetric
+    expected = (((a64.mean(0) - b64.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum())
+    assert data.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    x, y = torch.randn(1000, 1, generator=generator), 2 * torch.randn(1000, 1, generator=generator) + 3
+    assert data.frechet_distance(x, y) == pytest.approx(
+        (x.mean() - y.mean()).item() ** 2 + (x.std() - y.std()).item() ** 2, rel=1e-5)  # 1-D: means and std devs
+    _, test, judge = judged
+    real, _, _, captions = data.read_labelled(test, 16)
+    same = judge_score(capsys, judge, write_samples(tmp_path / "real", real, ["red"] * len(real)), "--real", test)
+    assert same["fd"] < 1e-4 and same["reference"] == len(real)  # (rounding: ~200 images, 128 features)
+    noise = torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    noisy = judge_score(capsys, judge, write_samples(tmp_path / "noise", noise, ["red"] * 50), "--real", test)
+    assert noisy["floor_n"] == 50 and noisy["reference"] == len(real) - 50  # disjoint: other real images
+    assert noisy["fd"] > 10 * noisy["floor"] and noisy["floor"] > 0, noisy
+
+
+def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
+    train, test, judge = judged
+    (train / "red" / "broken.png").write_bytes(b"\x89PNG not really")
+    trained = run(ROOT / "data.py", "judge", "train", train, "--out", tmp_path / "j.pt", "--image-size", 16,
+                  "--steps", 5, "--batch-size", 8)
+    assert trained.returncode == 0 and "held-out accuracy" in trained.stdout, trained.stderr
+    assert "warning: skipping" in trained.stderr and "broken.png" in trained.stderr
+    real, _, _, captions = data.read_labelled(test, 16)
+    samples = write_samples(tmp_path / "samples", real[:20], [lines[0] for lines in captions[:20]])
+    scored = run(ROOT / "data.py", "judge", "score", tmp_path / "j.pt", samples, "--real", test)
+    assert scored.returncode == 0, scored.stderr
+    assert [line.split()[0] for line in scored.stdout.splitlines()] == ["samples", "class", "FD", "floor"]
+    assert "20 other real images" in scored.stdout
+    assert_clean_error(in_process(capsys, data, "judge", "train", tmp_path / "missing"), "no such folder")
+    assert_clean_error(in_process(capsys, data, "judge", "train", samples), "no class subfolders")
+    assert_clean_error(in_process(capsys, data, "judge", "score", judge, tmp_path / "missing", "--real", test),
+                       "no such folder")
+    data.save_checkpoint(tmp_path / "vae.pt", "vae", data.JudgeConfig(), 0, model={})
+    assert_clean_error(in_process(capsys, data, "judge", "score", tmp_path / "vae.pt", samples, "--real", test),
+                       "a vae checkpoint, not a judge checkpoint")
+    (tmp_path / "other" / "purple").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "other" / "purple" / "x.png")
+    assert_clean_error(in_process(capsys, data, "judge", "score", judge, samples, "--real", tmp_path / "other"),
+                       "not classes of this judge")
+
+
+# ----------------------------------------------------------------------------------------------------
 # data.py: text, IDX, grids
 
 
