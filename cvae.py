@@ -1,47 +1,27 @@
 """Conditional VAE for text-to-image: a caption c conditions the prior, the recognition net and the decoder.
 
-Papers: Sohn, Lee & Yan, "Learning Structured Output Representation using Deep Conditional Generative
-        Models", NeurIPS 2015 (no arXiv id). Kingma, Rezende, Mohamed & Welling, "Semi-Supervised
-        Learning with Deep Generative Models", 2014, arXiv:1406.5298 (model M2 with the label observed:
-        a fixed prior p(z) = N(0, I), --fixed-prior). IW-NLL: Burda et al. 2015, arXiv:1509.00519.
+Paper:  Sohn, Lee & Yan, "Learning Structured Output Representation using Deep Conditional Generative
+        Models", NeurIPS 2015 (no arXiv id). --fixed-prior: Kingma, Rezende, Mohamed & Welling, "Semi-
+        Supervised Learning with Deep Generative Models", 2014, arXiv:1406.5298 (M2, label observed).
 
 Usage:
     python cvae.py --train shapes                         # train on the built-in shapes (runs/cvae)
-    python cvae.py --resume --out runs/cvae               # continue a stopped run exactly
-    python cvae.py --sample "a large red circle at the top left" "a small blue square at the center" \\
-                   --ckpt runs/cvae/ckpt.pt -n 8          # grid + one NAME.png / NAME.txt pair per image
-    python data.py score runs/cvae/samples                # score those pairs from pixels
+    python cvae.py --sample "a large red circle at the top left" -n 8 --ckpt runs/cvae/ckpt.pt
     python cvae.py --eval --ckpt runs/cvae/ckpt.pt        # held-out -ELBO, IW-NLL and the shapes scorer
-    torchrun --nproc_per_node=2 cvae.py --train shapes    # data parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=2 cvae.py --train shapes    # data parallel; --resume --out RUN continues
 
-Shapes: B batch, T caption bytes (--text-len), E text features, S image side, J = latent_dim,
-K importance samples, D = 3*S*S pixel values. Sohn et al. condition an output y on an input x; here
-the output is the image x and the input the caption c.
+Sohn et al.'s output y given an input x is here the image x given a caption c:
+    recognition q(z|x,c), prior p(z|c) (N(0, I) with --fixed-prior), generation p(x|z,c), Bernoulli;
+    loss = -(alpha ELBO + (1 - alpha) GSNN), with ELBO = E_q[log p(x|z,c)] - KL(q(z|x,c) || p(z|c))
+    and GSNN = E_p(z|c)[log p(x|z,c)] (the path samples take), each from one reparameterised z.
+Shapes: B batch, T caption bytes, E text features, S image side, J latent_dim, K importance samples.
 
-The model:
-    c        = TextEncoder(UTF-8 bytes of the caption)         (B, E), pads masked out of the pooling
-    q(z|x,c) = N(z; mu(x, c), diag(exp(logvar(x, c))))        recognition network
-    p(z|c)   = N(z; mu_p(c), diag(exp(logvar_p(c))))          conditional prior network (N(0, I) with --fixed-prior)
-    p(x|z,c) = prod_d Bernoulli(x_d; sigmoid(f(z, c)_d))       generation network
-    ELBO     = E_q[log p(x|z,c)] - KL(q(z|x,c) || p(z|c)) <= log p(x|c)        (Sohn et al. eq. 4)
-    GSNN     = E_p(z|c)[log p(x|z,c)]                          the path used at test time, trained directly
-    loss     = -(alpha ELBO + (1 - alpha) GSNN)                Sohn et al.'s hybrid objective
-Each expectation uses one reparameterised sample (z = mu + exp(logvar/2) * eps); log p(x|z,c) is summed
-over the D pixel values, the KL over the J latent dimensions, and the loss averaged over the batch.
-Samples: z ~ p(z|c), x = sigmoid(f(z, c)).
-
-Known deviations from the papers:
-    - the condition is free text through a small byte-level convolutional encoder trained jointly;
-    - the decoder is modulated by c at every resolution (FiLM: Perez et al. 2017, arXiv:1709.07871);
-    - Adam with warmup and cosine decay instead of the papers' optimisers, and gradient-norm clipping;
-    - Bernoulli likelihood on intensities in [0, 1], as in vae.py (see its docstring).
+Deviations: the condition is free text through a byte-level encoder trained jointly; FiLM in the
+decoder; Adam with warmup, cosine decay and gradient clipping; Bernoulli on intensities in [0, 1].
 """
 
-from __future__ import annotations
-
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,78 +30,55 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
-                  config_from_dict, encode_text, format_score, is_held_out, learning_rate, load_checkpoint, load_state,
-                  load_test, load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
+                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
                   score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
 
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images with captions: a folder, tar shards, 'shapes' or 'shapes:N' (N images)
-    test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
-    out: str = "runs/cvae"  # run folder: ckpt.pt, metrics.jsonl, grids; with --sample, where samples go
-    image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
+    train: str = "shapes"  # images with captions: a folder, tar shards, shapes or shapes:N
+    test: str = ""  # held-out images; '': shapes' test split or 5% of --train
+    out: str = "runs/cvae"  # run folder; with --sample, where samples go
+    image_size: int = 32  # S, image side (a multiple of 8, >= 16)
     latent_dim: int = 16  # J, the dimension of z
-    width: int = 32  # channels after the first downsampling; doubled at each of the three
-    text_len: int = 64  # T, caption bytes kept (UTF-8, padded or truncated)
-    text_dim: int = 128  # E, width of the text encoder and of the caption vector c
-    fixed_prior: bool = False  # p(z|c) = N(0, I) (Kingma et al. M2) instead of a learned conditional prior
-    alpha: float = 0.9  # weight of the ELBO in the hybrid objective; 1 - alpha weighs the GSNN term (Sohn et al.)
-    steps: int = 2000  # optimizer steps in total
+    width: int = 32  # channels after the first downsampling
+    text_len: int = 64  # T, caption bytes read
+    text_dim: int = 128  # E, width of the text encoder
+    fixed_prior: bool = False  # p(z|c) = N(0, I), Kingma et al.'s M2
+    alpha: float = 0.9  # ELBO weight; 1 - alpha weighs GSNN
+    steps: int = 2000  # optimizer steps
     batch_size: int = 64  # images per step and per process
     lr: float = 2e-3  # peak learning rate of Adam
-    warmup: int = 100  # steps of linear warmup before cosine decay to lr/10
-    grad_clip: float = 5.0  # clip the global gradient norm to this (0: off)
-    iw: int = 100  # K, importance samples per image for the held-out IW-NLL
-    log_every: int = 100  # steps between progress lines and metric records
-    save_every: int = 500  # steps between held-out -ELBO, sample grids and checkpoints
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    seed: int = 0  # seeds initialisation, data order and noise
-    resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
-    sample: list[str] = field(default_factory=list)  # captions: write N samples of each from --ckpt, then exit
-    n: int = 8  # images drawn per caption by --sample
-    eval: bool = False  # report held-out -ELBO, IW-NLL and (on shapes captions) the scorer for --ckpt, then exit
-    ckpt: str = ""  # checkpoint for --sample, --eval and --resume; '' means OUT/ckpt.pt
+    warmup: int = 100  # warmup steps before cosine decay
+    iw: int = 100  # K, importance samples for the IW-NLL
+    log_every: int = 100  # steps between progress lines
+    save_every: int = 500  # steps between checkpoints
+    device: str = "auto"  # auto, cpu, cuda or mps
+    seed: int = 0  # seeds weights, data order and noise
+    resume: bool = False  # continue OUT/ckpt.pt (flags given win)
+    sample: list[str] = field(default_factory=list)  # captions: write -n samples of each, exit
+    n: int = 8  # samples per caption for --sample
+    eval: bool = False  # held-out -ELBO, IW-NLL, scores; exit
+    ckpt: str = ""  # checkpoint to read; '': OUT/ckpt.pt
 
 
 def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    for name in ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "iw", "log_every",
-                 "save_every", "n"):
+    for name in ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "iw", "log_every", "save_every",
+                 "n", "lr"):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    check(config.lr > 0 and config.warmup >= 0 and config.grad_clip >= 0,
-          "--lr must be positive; --warmup and --grad-clip must not be negative")
+    check(config.warmup >= 0, "--warmup must not be negative")
     check(0 <= config.alpha <= 1, "--alpha must be in [0, 1]")
     check(not (config.sample and config.eval), "--sample and --eval cannot be combined")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model
-
-
-class TextEncoder(nn.Module):
-    """Caption bytes (B, T) -> c (B, E): byte embeddings, residual 1-D convolutions, then the mean over
-    the caption's own bytes (pads are zeroed before every convolution and left out of the mean)."""
-
-    def __init__(self, config, layers=3):
-        super().__init__()
-        E = config.text_dim
-        self.embedding = nn.Embedding(TEXT_VOCAB, E)
-        self.convs = nn.ModuleList(nn.Conv1d(E, E, 5, padding=2) for _ in range(layers))
-        self.out = nn.Sequential(nn.ReLU(), nn.Linear(E, E))
-
-    def forward(self, tokens):
-        mask = (tokens != PAD).unsqueeze(1).float()  # (B, 1, T)
-        h = self.embedding(tokens).transpose(1, 2) * mask  # (B, T, E) -> (B, E, T)
-        for conv in self.convs:
-            h = (h + conv(F.relu(h))) * mask  # (B, E, T)
-        pooled = h.sum(2) / mask.sum(2).clamp(min=1)  # (B, E): an empty caption gives 0
-        return self.out(pooled)
+# Model: recognition network q(z|x,c), prior network p(z|c), generation network p(x|z,c)
 
 
 class Recognition(nn.Module):
-    """q(z|x,c): x (B, 3, S, S) and c (B, E) -> mu, logvar (B, J). Three stride-2 convolutions on x,
-    then a linear layer on the flattened features joined with c."""
+    """q(z|x,c): x (B, 3, S, S), c (B, E) -> mu, logvar (B, J): three stride-2 convolutions, a linear layer."""
 
     def __init__(self, config):
         super().__init__()
@@ -130,14 +87,12 @@ class Recognition(nn.Module):
             nn.Conv2d(3, width, 4, 2, 1), nn.ReLU(),              # (B, width, S/2, S/2)
             nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(),      # (B, 2 width, S/4, S/4)
             nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.ReLU(),  # (B, 4 width, S/8, S/8)
-            nn.Flatten(),                                         # (B, 4 width * S/8 * S/8)
-        )
+            nn.Flatten())                                         # (B, 4 width * S/8 * S/8)
         self.to_stats = nn.Linear(4 * width * side * side + config.text_dim, 2 * config.latent_dim)
 
     def forward(self, x, c):
         h = torch.cat([self.net(x), c], dim=1)  # (B, 4 width S/8 S/8 + E)
-        mu, logvar = self.to_stats(h).chunk(2, dim=1)  # (B, 2J) -> 2 x (B, J)
-        return mu, logvar
+        return self.to_stats(h).chunk(2, dim=1)  # (B, 2J) -> mu, logvar, 2 x (B, J)
 
 
 class Prior(nn.Module):
@@ -145,17 +100,16 @@ class Prior(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(config.text_dim, config.text_dim), nn.ReLU(),
-                                 nn.Linear(config.text_dim, 2 * config.latent_dim))
+        E = config.text_dim
+        self.net = nn.Sequential(nn.Linear(E, E), nn.ReLU(), nn.Linear(E, 2 * config.latent_dim))
 
     def forward(self, c):
-        mu, logvar = self.net(c).chunk(2, dim=1)  # (B, 2J) -> 2 x (B, J)
-        return mu, logvar
+        return self.net(c).chunk(2, dim=1)  # (B, 2J) -> mu_p, logvar_p, 2 x (B, J)
 
 
 class Decoder(nn.Module):
     """p(x|z,c): z (B, J), c (B, E) -> Bernoulli logits (B, 3, S, S). A linear layer on [z; c], then three
-    stride-2 transposed convolutions; before each, c scales and shifts the channels (FiLM)."""
+    stride-2 transposed convolutions."""
 
     def __init__(self, config):
         super().__init__()
@@ -169,8 +123,10 @@ class Decoder(nn.Module):
     def forward(self, z, c):
         h = self.from_latent(torch.cat([z, c], 1)).view(len(z), -1, self.side, self.side)  # (B, 4 width, S/8, S/8)
         for i, film in enumerate(self.films):
+            # NOTE: the paper feeds c to the generation network once, with z; we also scale and shift the
+            # channels by c before every upsampling (FiLM: Perez et al. 2017, arXiv:1709.07871).
             gamma, beta = film(c)[:, :, None, None].chunk(2, dim=1)  # (B, 2C) -> 2 x (B, C, 1, 1)
-            h = F.relu(h * (1 + gamma) + beta)  # FiLM: per-channel scale and shift from the caption
+            h = F.relu(h * (1 + gamma) + beta)
             h = self.ups[i](h) if i < len(self.ups) else self.to_logits(h)  # doubles the side, halves C
         return h  # (B, 3, S, S) logits
 
@@ -178,17 +134,15 @@ class Decoder(nn.Module):
 class CVAE(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.text = TextEncoder(config)
+        self.text = TextEncoder(config)  # caption bytes -> c; see "Beyond the paper"
         self.recognition, self.decoder = Recognition(config), Decoder(config)
         self.prior = None if config.fixed_prior else Prior(config)
         self.latent_dim = config.latent_dim
 
     def prior_stats(self, c):
         """mu_p, logvar_p of p(z|c), (B, J); zeros for the fixed prior N(0, I)."""
-        if self.prior is None:
-            zeros = c.new_zeros(len(c), self.latent_dim)
-            return zeros, zeros
-        return self.prior(c)
+        zeros = c.new_zeros(len(c), self.latent_dim)
+        return (zeros, zeros) if self.prior is None else self.prior(c)
 
     def forward(self, x, tokens, generator=None, gsnn=True):
         """-> logits from z ~ q(z|x,c), logits from z ~ p(z|c) (None unless gsnn), and the stats of q and p."""
@@ -198,9 +152,7 @@ class CVAE(nn.Module):
         eps = torch.randn((2, *mu.shape), device=mu.device, generator=generator)  # (2, B, J)
         z = mu + torch.exp(0.5 * logvar) * eps[0]  # reparameterisation, z ~ q(z|x,c)
         logits = self.decoder(z, c)
-        prior_logits = None
-        if gsnn:  # GSNN: z ~ p(z|c), the way images are generated
-            prior_logits = self.decoder(mu_p + torch.exp(0.5 * logvar_p) * eps[1], c)
+        prior_logits = self.decoder(mu_p + torch.exp(0.5 * logvar_p) * eps[1], c) if gsnn else None  # GSNN path
         return logits, prior_logits, (mu, logvar), (mu_p, logvar_p)
 
     @torch.no_grad()
@@ -210,16 +162,15 @@ class CVAE(nn.Module):
         c = self.text(encode_text(captions, text_len).to(device))  # (N, E)
         mu_p, logvar_p = self.prior_stats(c)
         z = mu_p + torch.exp(0.5 * logvar_p) * torch.randn(mu_p.shape, device=device, generator=generator)
-        # NOTE: we show the Bernoulli means, as is customary, not binary draws from them.
-        return torch.sigmoid(self.decoder(z, c))
+        return torch.sigmoid(self.decoder(z, c))  # NOTE: the Bernoulli means, as is customary, not binary draws
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loss and held-out likelihood
+# Loss: the hybrid of the ELBO and the GSNN term; the held-out conditional likelihood
 
 
 def log_likelihood(logits, x):
-    """log p(x|z,c), Bernoulli, summed over the pixels and channels of each image: (..., 3, H, W) -> (...)."""
+    """log p(x|z,c), Bernoulli, summed over the pixels and channels of each image: (..., 3, S, S) -> (...)."""
     return -F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").sum((-3, -2, -1))
 
 
@@ -233,10 +184,10 @@ def gaussian_kl(mu, logvar, mu_p, logvar_p):
 
 def losses(model, x, tokens, alpha=1.0, generator=None):
     """Per image, (B,) each, in nats: -ELBO, its reconstruction and KL terms, and the hybrid loss
-    -(alpha ELBO + (1 - alpha) GSNN)."""
+    -(alpha ELBO + (1 - alpha) GSNN). The caller averages over the batch."""
     logits, prior_logits, (mu, logvar), (mu_p, logvar_p) = model(x, tokens, generator, gsnn=alpha < 1)
-    reconstruction = -log_likelihood(logits, x)  # -E_q[log p(x|z,c)], one sample
-    kl = gaussian_kl(mu, logvar, mu_p, logvar_p)  # KL(q(z|x,c) || p(z|c))
+    reconstruction = -log_likelihood(logits, x)  # -E_q[log p(x|z,c)], one sample, summed over the D pixel values
+    kl = gaussian_kl(mu, logvar, mu_p, logvar_p)  # KL(q(z|x,c) || p(z|c)), summed over J
     neg_elbo = reconstruction + kl  # (Sohn et al. eq. 4)
     # NOTE: with alpha = 1 (the plain CVAE) z carries what the caption already says, and prior samples
     # missed their caption (63% scorer accuracy on shapes after 3000 steps); the GSNN term trains the
@@ -247,9 +198,8 @@ def losses(model, x, tokens, alpha=1.0, generator=None):
 
 @torch.no_grad()
 def importance_weighted_nll(model, x, tokens, K, generator=None, chunk_size=25):
-    """-log p(x|c) estimated with K samples from q (Burda et al. eq. 8; Sohn et al.'s conditional
-    log-likelihood estimate), per image, (B,):
-        log p(x|c) ~= log (1/K) sum_k p(x|z_k,c) p(z_k|c) / q(z_k|x,c),   z_k ~ q(z|x,c).
+    """-log p(x|c) per image (B,), estimated with K samples from q (Sohn et al.'s conditional log-likelihood;
+    Burda et al. 2015, arXiv:1509.00519, eq. 8): log p(x|c) ~= log (1/K) sum_k p(x|z_k,c) p(z_k|c) / q(z_k|x,c).
     Equal to the ELBO at K = 1 and tighter as K grows; chunk_size (C below) bounds memory."""
     c = model.text(tokens)  # (B, E)
     mu, logvar = model.recognition(x, c)  # (B, J)
@@ -262,94 +212,80 @@ def importance_weighted_nll(model, x, tokens, K, generator=None, chunk_size=25):
         z = mu + q.scale * torch.randn((C, *mu.shape), device=x.device, generator=generator)  # (C, B, J)
         logits = model.decoder(z.flatten(0, 1), c.repeat(C, 1)).view(C, *x.shape)  # (C B, 3, S, S) -> (C, B, 3, S, S)
         log_px = log_likelihood(logits, x.expand(C, *x.shape))  # (C, B)
-        log_weights.append(log_px + p.log_prob(z).sum(-1) - q.log_prob(z).sum(-1))  # summed over J: (C, B)
-    log_weights = torch.cat(log_weights)  # (K, B)
-    return -(torch.logsumexp(log_weights, dim=0) - math.log(K))  # (B,)
+        log_weights.append(log_px + p.log_prob(z).sum(-1) - q.log_prob(z).sum(-1))  # (C, B)
+    return -(torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(K))  # (K, B) -> (B,)
 
 
-@torch.no_grad()
-def evaluate(model, dataset, config, device, importance_samples=0, batch_size=250):
-    """Held-out -ELBO (and IW-NLL when importance_samples > 0) in nats per image and bits per dimension,
-    over every image and over those whose caption names a held-out shapes colour-shape pair (`_unseen`).
-    Returns the figures and the captions seen."""
-    model.eval()
-    generator = torch.Generator(device).manual_seed(config.seed)  # own streams: the figures repeat exactly
-    iw_generator = torch.Generator(device).manual_seed(config.seed + 1)
-    keys = ("neg_elbo", "iw_nll") if importance_samples else ("neg_elbo",)
-    sums, counts, captions = {}, {"": 0, "_unseen": 0}, []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        x = torch.stack([image for image, _ in items]).to(device)  # (B, 3, S, S)
-        batch_captions = [caption for _, caption in items]
-        tokens = encode_text(batch_captions, config.text_len).to(device)  # (B, T)
-        unseen = torch.tensor([is_held_out(caption) for caption in batch_captions], device=device)  # (B,)
-        values = {"neg_elbo": losses(model, x, tokens, 1.0, generator)[0]}
-        if importance_samples:
-            values["iw_nll"] = importance_weighted_nll(model, x, tokens, importance_samples, iw_generator)
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value.sum().item()
-            sums[key + "_unseen"] = sums.get(key + "_unseen", 0.0) + value[unseen].sum().item()
-        counts[""] += len(x)
-        counts["_unseen"] += unseen.sum().item()
-        captions += batch_captions
-    model.train()
-    results = {}
-    for key in keys:
-        for group in ("", "_unseen") if counts["_unseen"] else ("",):
-            results[key + group] = sums[key + group] / counts[group]
-            results[key + group + "_bpd"] = results[key + group] / (3 * config.image_size ** 2 * math.log(2))
-    return results, captions
+# ----------------------------------------------------------------------------------------------------
+# Sampling
 
 
-def shapes_score(model, captions, config, device, batch_size=500):
-    """One sample per caption, read by the shapes scorer: score_report over all, seen and held-out pairs."""
+def draw(model, captions, config, device, batch_size=500):
+    """One sample per caption, (N, 3, S, S) in [0, 1], from a generator seeded with --seed."""
     model.eval()
     generator = torch.Generator(device).manual_seed(config.seed)
     images = torch.cat([model.generate(captions[i: i + batch_size], config.text_len, generator).cpu()
                         for i in range(0, len(captions), batch_size)])  # (N, 3, S, S)
     model.train()
-    return score_report(images, captions)
+    return images
+
+
+def sample(model, saved, config, out, device):
+    """-n samples of each caption: OUT/samples.png, and OUT/samples/NNNN.png + NNNN.txt for `data.py score`."""
+    warn_if_cut(config.sample, saved.text_len)
+    captions = [caption for caption in config.sample for _ in range(config.n)]
+    images = model.generate(captions, saved.text_len, torch.Generator(device).manual_seed(config.seed))  # (N, 3, S, S)
+    save_grid(images, out / "samples.png", nrow=min(config.n, 8), captions=captions)
+    for i, (image, caption) in enumerate(zip(images, captions)):  # image[None]: (1, 3, S, S)
+        save_grid(image[None], out / "samples" / f"{i:04d}.png", nrow=1, padding=0)
+        atomic_write(out / "samples" / f"{i:04d}.txt", lambda f: f.write(caption.encode("utf-8", errors="replace")))
+    print(f"wrote {out / 'samples.png'} and {len(images)} PNG + TXT pairs in {out / 'samples'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Beyond the paper
+
+
+class TextEncoder(nn.Module):
+    """Caption bytes (B, T) -> c (B, E): byte embeddings, residual 1-D convolutions, the mean over the bytes
+    (pads zeroed, left out). NOTE: the paper conditions on an image or a label; ours is free text, so c is learned."""
+
+    def __init__(self, config, layers=3):
+        super().__init__()
+        E = config.text_dim
+        self.embedding = nn.Embedding(TEXT_VOCAB, E)
+        self.convs = nn.ModuleList(nn.Conv1d(E, E, 5, padding=2) for _ in range(layers))
+        self.out = nn.Sequential(nn.ReLU(), nn.Linear(E, E))
+
+    def forward(self, tokens):
+        mask = (tokens != PAD).unsqueeze(1).float()  # (B, 1, T)
+        h = self.embedding(tokens).transpose(1, 2) * mask  # (B, T, E) -> (B, E, T)
+        for conv in self.convs:
+            h = (h + conv(F.relu(h))) * mask  # (B, E, T)
+        return self.out(h.sum(2) / mask.sum(2).clamp(min=1))  # mean over bytes (B, E); an empty caption gives 0
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
 
 
-def write_samples(model, captions, config, path, device, per_caption=4):
-    """A grid of `per_caption` samples for each caption (one row each), captions under the images."""
-    model.eval()
-    generator = torch.Generator(device).manual_seed(config.seed)
-    repeated = [caption for caption in captions for _ in range(per_caption)]
-    save_grid(model.generate(repeated, config.text_len, generator), path, nrow=per_caption, captions=repeated)
-    model.train()
-
-
-def fixed_captions(test_set, count=8):
-    """Captions spread over the held-out set (on shapes: seen and held-out colour-shape pairs)."""
-    return spread_batch(test_set, count)[1]
-
-
 def train(config, runtime, checkpoint=None):
     """Train from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
-    out = Path(config.out)
-    device = runtime.device
+    out, device = Path(config.out), runtime.device
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = CVAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = 0
-    if checkpoint:
+    step = checkpoint["step"] if checkpoint else 0
+    if checkpoint:  # resuming: the weights, Adam's moments and the step
         load_state(model, checkpoint["model"], out / "ckpt.pt")
         optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
-    captions = fixed_captions(test_set)
+    grid_captions = [caption for caption in spread_batch(test_set, 8)[1] for _ in range(4)]  # 8 held out, 4 each
     if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"cvae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_set)} training images, {len(test_set)} held out, device {device}, "
-              f"{runtime.world_size} process(es), from step {step}")
+        print(f"cvae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} training "
+              f"images, {len(test_set)} held out, device {device}, {runtime.world_size} process(es), from step {step}")
     network = DistributedDataParallel(model) if runtime.distributed else model
-    logger = Logger(out, config.steps, step, runtime.is_main)
+    logger = Logger(out, config.steps, step, runtime.is_main)  # creates OUT
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
     guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 
@@ -359,8 +295,8 @@ def train(config, runtime, checkpoint=None):
 
     with StopRequest() as stop:
         while step < config.steps and not stop.requested:
-            x, batch_captions = next(data)  # (B, 3, S, S) in [0, 1], B captions
-            tokens = encode_text(batch_captions, config.text_len).to(device)  # (B, T)
+            x, captions = next(data)  # (B, 3, S, S) in [0, 1], B captions
+            tokens = encode_text(captions, config.text_len).to(device)  # (B, T)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
             noise = step_generator(device, config.seed, runtime.rank, step)  # eps of this step
@@ -369,7 +305,7 @@ def train(config, runtime, checkpoint=None):
             loss = hybrid.mean()  # nats per image, averaged over the batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # NOTE: clipped at norm 5, for stability
             if guard.finite(step, loss, grad_norm):  # else this batch is skipped
                 optimizer.step()
             step += 1
@@ -378,13 +314,14 @@ def train(config, runtime, checkpoint=None):
                                reconstruction=reconstruction.mean().item(), kl=kl.mean().item(),
                                lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
                 logger.log(step, **metrics)
-                logger.progress(step, loss=metrics["loss"], neg_elbo=metrics["neg_elbo"], kl=metrics["kl"])
+                logger.progress(step, **{key: metrics[key] for key in ("loss", "neg_elbo", "kl")})
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                held_out = evaluate(model, test_set, config, device)[0]
+                held_out = evaluate(model, test_set, config, device)[0]  # the IW-NLL only at the end
                 logger.log(step, **{f"test_{key}": value for key, value in held_out.items()})
                 print(f"step {step}: held-out -ELBO {held_out['neg_elbo']:.2f} nats "
                       f"({held_out['neg_elbo_bpd']:.4f} bits/dim)", flush=True)
-                write_samples(model, captions, config, out / f"samples_{step:06d}.png", device)
+                images = draw(model, grid_captions, config, device)  # 4 samples of 8 held-out captions, a row each
+                save_grid(images, out / f"samples_{step:06d}.png", nrow=4, captions=grid_captions)
                 save()
     if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
         if runtime.is_main:
@@ -395,10 +332,33 @@ def train(config, runtime, checkpoint=None):
         report(model, test_set, config, device, logger, step)
 
 
+@torch.no_grad()
+def evaluate(model, dataset, config, device, K=0, batch_size=250):
+    """Held-out -ELBO (and the IW-NLL when K > 0) in nats per image and in bits per dimension; the captions."""
+    model.eval()
+    generators = [torch.Generator(device).manual_seed(config.seed + i) for i in (0, 1)]  # the figures repeat
+    sums, captions = dict.fromkeys(("neg_elbo", "iw_nll") if K else ("neg_elbo",), 0.0), []
+    for start in range(0, len(dataset), batch_size):
+        images, batch = zip(*[dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        x = torch.stack(images).to(device)  # (B, 3, S, S)
+        tokens = encode_text(batch, config.text_len).to(device)  # (B, T)
+        sums["neg_elbo"] += losses(model, x, tokens, 1.0, generators[0])[0].sum().item()  # summed over images
+        if K:
+            sums["iw_nll"] += importance_weighted_nll(model, x, tokens, K, generators[1]).sum().item()
+        captions += batch
+    model.train()
+    results = {}
+    for key, total in sums.items():
+        results[key] = total / len(captions)  # averaged over the images
+        results[key + "_bpd"] = results[key] / (3 * config.image_size ** 2 * math.log(2))
+    return results, captions
+
+
 def report(model, test_set, config, device, logger=None, step=None):
     """Held-out -ELBO and IW-NLL; on shapes captions, the scorer on one sample per held-out caption."""
-    results, captions = evaluate(model, test_set, config, device, importance_samples=config.iw)
-    score = shapes_score(model, captions, config, device) if all(map(parse_caption, captions)) else None
+    results, captions = evaluate(model, test_set, config, device, K=config.iw)
+    # NOTE: the paper reports likelihoods only; we also score one sample per shapes caption (data.py's scorer).
+    score = score_report(draw(model, captions, config, device), captions) if all(map(parse_caption, captions)) else None
     if logger:
         logger.log(step, **{f"test_{key}": value for key, value in results.items()}, iw=config.iw,
                    **{f"score_{name}_{key}": value for name, part in (score or {}).items()
@@ -406,44 +366,12 @@ def report(model, test_set, config, device, logger=None, step=None):
     print(f"held-out ({len(test_set)} images): -ELBO {results['neg_elbo']:.2f} nats/image "
           f"({results['neg_elbo_bpd']:.4f} bits/dim), IW-NLL (K={config.iw}) {results['iw_nll']:.2f} "
           f"nats/image ({results['iw_nll_bpd']:.4f} bits/dim)")
-    if "neg_elbo_unseen" in results:
-        print(f"  on held-out colour-shape pairs: -ELBO {results['neg_elbo_unseen']:.2f}, "
-              f"IW-NLL {results['iw_nll_unseen']:.2f} nats/image")
     if score:
         print("shapes scorer, one sample per held-out caption:\n" + format_score(score))
-    return results, score
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling and evaluation of a checkpoint
-
-
-def load_model(config, device):
-    """The model and its saved config from --ckpt (default OUT/ckpt.pt)."""
-    path = config.ckpt or str(Path(config.out) / "ckpt.pt")
-    checkpoint = load_checkpoint(path, "cvae")
-    saved = config_from_dict(Config, checkpoint["config"], validate)
-    model = CVAE(saved).to(device)
-    load_state(model, checkpoint["model"], path)
-    return model.eval(), saved, Path(path).parent
-
-
-def sample(config, runtime, out_given):
-    """config.n samples of each caption: OUT/samples.png (captions under the images) and the pairs
-    OUT/samples/NNNN.png + NNNN.txt, so that `python data.py score OUT/samples` reads them."""
-    model, saved, run_folder = load_model(config, runtime.device)
-    out = Path(config.out) if out_given else run_folder
-    generator = torch.Generator(runtime.device).manual_seed(config.seed)
-    warn_if_cut(config.sample, saved.text_len)
-    captions = [caption for caption in config.sample for _ in range(config.n)]
-    images = model.generate(captions, saved.text_len, generator)  # (N, 3, S, S)
-    save_grid(images, out / "samples.png", nrow=min(config.n, 8), captions=captions)
-    folder = out / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (image, caption) in enumerate(zip(images, captions)):  # PNG + TXT pairs for `python data.py score`
-        save_grid(image[None], folder / f"{i:04d}.png", nrow=1, padding=0)  # the image alone, S x S
-        atomic_write(folder / f"{i:04d}.txt", lambda f: f.write(caption.encode("utf-8", errors="replace")))
-    print(f"wrote {out / 'samples.png'} and {len(images)} PNG + TXT pairs in {out / 'samples'}")
+# Command line plumbing
 
 
 def main(argv=None):
@@ -451,14 +379,19 @@ def main(argv=None):
     config, checkpoint = run_config(config, given, "cvae", validate, training=not (config.sample or config.eval))
     runtime = setup(config.device, config.seed)
     try:
-        if config.sample:
-            sample(config, runtime, "out" in given)
-        elif config.eval:
-            model, saved, _ = load_model(config, runtime.device)
-            test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
-            report(model, test_set, dataclasses.replace(saved, iw=config.iw, seed=config.seed), runtime.device)
+        if not (config.sample or config.eval):
+            return train(config, runtime, checkpoint)
+        path = config.ckpt or str(Path(config.out) / "ckpt.pt")  # --sample and --eval read a checkpoint
+        checkpoint = load_checkpoint(path, "cvae")
+        saved = config_from_dict(Config, checkpoint["config"], validate)
+        model = CVAE(saved).to(runtime.device)
+        load_state(model, checkpoint["model"], path)
+        if config.sample:  # beside the checkpoint unless --out is given
+            out = Path(config.out) if "out" in given else Path(path).parent
+            sample(model.eval(), saved, config, out, runtime.device)
         else:
-            train(config, runtime, checkpoint)
+            test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
+            report(model.eval(), test_set, replace(saved, iw=config.iw, seed=config.seed), runtime.device)
     finally:
         teardown()
 
