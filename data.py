@@ -61,14 +61,21 @@ def run_cli(main, argv=None):
     """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback.
     So does an OSError (an --out that is a file, a full disk, a folder without write permission)."""
     status = 0
+    _new_records.clear()
     try:
         main(argv)
     except (UsageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 2
+        for path, fresh in _new_records:  # bad input that stopped a new run before any work leaves nothing
+            if path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]:
+                path.unlink()
+                if fresh:
+                    path.parent.rmdir()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
+    _new_records.clear()
     gc.collect()  # the frames of a failed run are free now: see teardown()
     if status:
         sys.exit(status)
@@ -1142,8 +1149,10 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
             check(not (out / "ckpt.pt").exists(),
                   f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
             if is_main:
+                fresh = not out.exists()
                 write_record(record_path, dict(file=file, kind=kind_of(config), config=dataclasses.asdict(config),
                                                resumed=[]))
+                _new_records.append((record_path, fresh))  # run_cli takes it back if bad input stops the run
         return config, None
     # the run's own record, unless --ckpt names a checkpoint elsewhere (whose config then gives OUT)
     record, recorded = read_record(record_path, file) if record_path.exists() and not config.ckpt else (None, None)
@@ -1171,6 +1180,9 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
             record = record or dict(file=file, kind=kind_of(saved), config=dataclasses.asdict(saved), resumed=[])
             write_record(record_path, {**record, "resumed": record["resumed"] + [dict(step=step, changed=changed)]})
     return config, checkpoint
+
+
+_new_records = []  # (config.json, whether its folder is new) written by this process for a new run
 
 
 def write_record(path, record):

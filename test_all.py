@@ -1761,7 +1761,7 @@ def test_cvae_cli_bad_inputs(tmp_path, capsys):
                        "vae checkpoint, not a cvae checkpoint")  # the real command line, once
     assert_clean_error(cli("--eval", "--ckpt", tmp_path / "vae.pt"), "vae checkpoint, not a cvae checkpoint")
     assert_clean_error(cli("--resume", "--ckpt", tmp_path / "vae.pt", *out), "not a cvae checkpoint")
-    assert_clean_error(cli("--resume", *out), "no such checkpoint")
+    assert_clean_error(cli("--resume", *out), "no such checkpoint")  # the failed start left nothing to resume
     assert_clean_error(cli("--steps", "abc"), "invalid int")
     assert_clean_error(cli("--alpha", 1.5), "--alpha")
     assert_clean_error(cli("--text-len", 0), "--text-len")
