@@ -60,7 +60,7 @@ from torch.utils.data import Dataset
 
 from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
                   config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, reason, run_cli, run_config,
+                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, run_cli, run_config,
                   save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown, write_parts)
 
 
@@ -605,13 +605,12 @@ def report(model, test_set, device, logger=None, step=None):
 @torch.no_grad()
 def encode_split(model, dataset, indices, device, batch_size=500):
     """The codes and captions of dataset[i] for i in `indices`: top (N, Ht, Wt), bottom (N, Hb, Wb) int16."""
-    top = [torch.zeros(0, *model.top_shape, dtype=torch.int16)]
-    bottom = [torch.zeros(0, *model.bottom_shape, dtype=torch.int16)]
+    top, bottom = [torch.zeros(0, *model.top_shape, dtype=torch.int16)], [torch.zeros(0, *model.bottom_shape, dtype=torch.int16)]
     captions, state = [], random.getstate()
     for first in range(0, len(indices), batch_size):
         items = []
         for index in indices[first: first + batch_size]:
-            random.seed(index)  # an image with several captions gets one drawn by its index: any split into parts agrees
+            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
             items.append(dataset[index])
         top_ids, bottom_ids = model.encode(torch.stack([image for image, _ in items]).to(device))
         top.append(top_ids.to(torch.int16).cpu())
@@ -621,85 +620,46 @@ def encode_split(model, dataset, indices, device, batch_size=500):
     return dict(top=torch.cat(top), bottom=torch.cat(bottom), captions=captions)
 
 
-def write_codes_parts(model, splits, folder, runtime):
-    """Under torchrun, every rank encodes its parts of the splits into folder/part-INDEX-of-COUNT.pt, each a
-    complete codes file with the tokenizer (data.write_parts: a stopped encoding writes only what is missing)."""
-    def made_by_this_tokenizer(path):
-        made_by = load_checkpoint(path, "vqvae2-codes", required=("tokenizer",))["tokenizer"]
-        check(same_tokenizer(made_by, model.state()),
-              f"{folder}: its parts were made by another tokenizer; remove them or choose another --out")
-
-    def encode_part(index, count):
-        start = time.time()
-        part = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
-                for name, dataset in splits.items()}
-        print(f"rank {runtime.rank}: encoded {len(part['train']['captions'])} train and {len(part['test']['captions'])} "
-              f"held-out images in {time.time() - start:.1f} s (part {index} of {count})", flush=True)
-        return dict(kind="vqvae2-codes", tokenizer=model.state(), **part)
-
-    write_parts(folder, runtime, encode_part, made_by_this_tokenizer)
-
-
-@torch.no_grad()
 def encode_dataset(config, runtime, out_given):
-    """Write every image's codes and caption, train and held-out split, with the tokenizer that made them, to
-    one plain-data file; or, under torchrun or into an existing folder, to a folder of parts (write_codes_parts).
-    Returns the codes, as load_codes reads them."""
+    """Write the codes and captions of every image, train and held-out split, with the tokenizer that made
+    them, to one file; or, under torchrun or into a folder already there, to a folder of parts, one per
+    process, of which a rerun writes only the missing ones (data.write_parts). -> the codes, as load_codes."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     model = VQVAE2.from_checkpoint(path, runtime.device)
     out = Path(config.out) if out_given else Path(path).parent / ("codes" if runtime.distributed else "codes.pt")
     splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
-    if runtime.distributed or out.is_dir():
+
+    def encode(index, count):  # part `index` of `count`: a codes file of its own
+        start_time = time.time()
+        codes = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
+                 for name, dataset in splits.items()}
+        sizes, seconds = [len(split["captions"]) for split in codes.values()], max(time.time() - start_time, 1e-9)
+        print(f"rank {runtime.rank}: encoded {sizes[0]} train and {sizes[1]} held-out images in {seconds:.1f} s "
+              f"({sum(sizes) / seconds:.0f} images/s, data loading included; part {index} of {count})", flush=True)
+        return dict(kind="vqvae2-codes", tokenizer=model.state(), **codes)
+
+    in_parts = runtime.distributed or out.is_dir()
+    if in_parts:
         check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
-        write_codes_parts(model, splits, out, runtime)
-        codes = load_codes(out)  # every part there, and all from one tokenizer: this one?
-        check(same_tokenizer(codes["tokenizer"], model.state()),
-              f"{out}: its parts were made by another tokenizer than {path}; remove them or choose another --out")
-        if runtime.is_main:
-            print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out, "
-                  f"in {len(parts_in(out)[1])} parts -> {out}")
-        return codes
-    start = time.time()
-    codes = dict(kind="vqvae2-codes", tokenizer=model.state(),
-                 **{name: encode_split(model, dataset, range(len(dataset)), runtime.device)
-                    for name, dataset in splits.items()})
-    atomic_write(out, lambda file: torch.save(codes, file))
-    count, seconds = sum(len(dataset) for dataset in splits.values()), time.time() - start
-    print(f"encoded {count} images in {seconds:.1f} s ({count / seconds:.0f} images/s, data loading included): "
-          f"{len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out -> {out}")
+        write_parts(out, runtime, encode, "vqvae2-codes", made_by=("tokenizer", model.state()))
+        codes = load_codes(out)  # every part there, all from one tokenizer: this one, as the first part was
+    else:
+        codes = encode(0, 1)
+        atomic_write(out, lambda file: torch.save(codes, file))
+    if runtime.is_main:
+        print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out"
+              f"{f', in {parts_in(out)[0]} parts' if in_parts else ''} -> {out}")
     return codes
 
 
 def load_codes(path):
-    """A codes file from --encode, or a folder of its parts: checked complete (all COUNT of COUNT) and from
-    one tokenizer, then concatenated in part order. -> dict(tokenizer, train, test), each split
-    dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
-    path = Path(path)
-    if not path.is_dir():
-        codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
-        check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
-        return codes
-    parts, paths = read_parts(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
-    for part, part_path in zip(parts, paths):
-        check(same_tokenizer(part["tokenizer"], parts[0]["tokenizer"]),
-              f"{part_path}: made by another tokenizer than {paths[0].name}; encode the folder again")
-    try:
-        return dict(kind="vqvae2-codes", tokenizer=parts[0]["tokenizer"], **{
-            name: dict(top=torch.cat([part[name]["top"] for part in parts]),
-                       bottom=torch.cat([part[name]["bottom"] for part in parts]),
-                       captions=[caption for part in parts for caption in part[name]["captions"]])
-            for name in ("train", "test")})
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
-
-
-def same_tokenizer(a, b):
-    """Whether two tokenizer states (VQVAE2.state()) hold the same config and weights."""
-    try:
-        return a["config"] == b["config"] and a["model"].keys() == b["model"].keys() and all(
-            torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
-    except (KeyError, TypeError, AttributeError):
-        return False
+    """A codes file from --encode, or a folder of its parts (complete, from one tokenizer, joined in part order).
+    -> dict(tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    if Path(path).is_dir():
+        return read_parts(path, "vqvae2-codes", ("tokenizer", "train", "test"), made_by="tokenizer")
+    codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
+    check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
+    return codes
 
 
 class CodesDataset(Dataset):
