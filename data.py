@@ -1228,20 +1228,23 @@ def parts_in(folder):
     return next(iter(found.items()), (0, {}))
 
 
-def write_parts(folder, runtime, make, check_made_by=None):
+def write_parts(folder, runtime, make, kind, made_by):
     """Under torchrun, every rank writes its parts (rank, rank + W, ...) of a result, each a plain-data file
     folder/part-INDEX-of-COUNT.pt holding make(index, count) (a dict), then waits for all of them. COUNT is
     the number of processes, or that of the parts already there: a stopped job is continued, by any number
-    of processes, by writing only the missing parts. check_made_by(path) is called on a part already there
-    before anything is written, to refuse adding to parts of another job."""
+    of processes, by writing only the missing parts. made_by = (key, value), what makes the parts (the
+    tokenizer, say): a folder whose parts hold another value under that key is refused before anything is
+    written."""
     if runtime.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)  # a part half-written when its process was killed
     barrier(runtime)
     count, found = parts_in(folder)
     count = count or runtime.world_size
-    if found and check_made_by:
-        check_made_by(next(iter(found.values())))
+    if found:  # one part read is enough: read_parts checks that they all agree
+        key, maker = made_by
+        check(same_state(load_checkpoint(next(iter(found.values())), kind, required=(key,))[key], maker),
+              f"{folder}: its parts were made by another {key}; remove them or choose another --out")
     for index in range(runtime.rank, count, runtime.world_size):
         path = folder / f"part-{index:05d}-of-{count:05d}.pt"
         if not path.exists():  # else written whole (atomic_write) by an earlier run
@@ -1259,8 +1262,10 @@ def write_parts(folder, runtime, make, check_made_by=None):
                   flush=True)
 
 
-def read_parts(folder, kind, required):
-    """The checkpoints part-0-of-COUNT .. part-(COUNT-1)-of-COUNT of a folder, in order, checked complete."""
+def read_parts(folder, kind, required, made_by):
+    """The parts part-0-of-COUNT .. part-(COUNT-1)-of-COUNT of a folder, checked complete and all made by one
+    maker (their `made_by` entry: the tokenizer, say), joined into one result in part order:
+    dict(kind, made_by: the maker, and every other required key joined: tensors concatenated, lists chained)."""
     count, found = parts_in(folder)
     check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
     missing = [index for index in range(count) if index not in found]
@@ -1270,7 +1275,29 @@ def read_parts(folder, kind, required):
     for index, part in enumerate(parts):
         check(part.get("part") == index and part.get("parts") == count,
               f"{found[index]}: its contents are not part {index} of {count}")
-    return parts, [found[index] for index in range(count)]
+        check(same_state(part[made_by], parts[0][made_by]),
+              f"{found[index]}: made by another {made_by} than {found[0].name}; write the folder again")
+    try:
+        return {"kind": kind, made_by: parts[0][made_by],
+                **{key: _join([part[key] for part in parts]) for key in required if key != made_by}}
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UsageError(f"{folder}: malformed parts ({type(error).__name__}: {reason(error)})") from None
+
+
+def _join(values):
+    """One entry of every part, joined: dicts key by key, tensors concatenated along dim 0, lists chained."""
+    if isinstance(values[0], dict):
+        return {key: _join([value[key] for value in values]) for key in values[0]}
+    return torch.cat(values) if torch.is_tensor(values[0]) else [item for value in values for item in value]
+
+
+def same_state(a, b):
+    """Whether two plain-data states (a tokenizer's config and weights, say) are equal, tensors bit for bit."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[key], b[key]) for key in a)
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
 
 
 class StopRequest:

@@ -2292,7 +2292,7 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
         assert torch.equal(one[split]["top"], parts[split]["top"]) and torch.equal(one[split]["bottom"], parts[split]["bottom"])
         assert one[split]["captions"] == parts[split]["captions"]
     assert one["train"]["bottom"].unique().numel() > 8  # codes worth comparing
-    assert vqvae2.same_tokenizer(one["tokenizer"], parts["tokenizer"])
+    assert data.same_state(one["tokenizer"], parts["tokenizer"])
     halves = [torch.load(tmp_path / "parts" / name, weights_only=True) for name in names]
     assert [len(half["train"]["captions"]) for half in halves] == [24, 22]  # shards 0-1 and 2-3, 12 images each
     assert [(half["kind"], half["part"], half["parts"]) for half in halves] == [("vqvae2-codes", 0, 2), ("vqvae2-codes", 1, 2)]

@@ -1,44 +1,21 @@
-"""Generating Diverse High-Fidelity Images with VQ-VAE-2: a two-level vector-quantised autoencoder, its
-gated PixelCNN priors, and the image tokenizer of dalle.py.
+"""VQ-VAE-2: a two-level vector-quantised autoencoder, its PixelCNN priors, and the tokenizer of dalle.py.
 
 Papers: Razavi, van den Oord & Vinyals, "Generating Diverse High-Fidelity Images with VQ-VAE-2", 2019,
-        arXiv:1906.00446. The vector quantiser and its EMA codebook: van den Oord, Vinyals & Kavukcuoglu,
-        "Neural Discrete Representation Learning", 2017, arXiv:1711.00937 (appendix A.1). The priors: van
-        den Oord et al., "Conditional Image Generation with PixelCNN Decoders", 2016, arXiv:1606.05328.
+        arXiv:1906.00446. Quantiser and EMA codebook: van den Oord, Vinyals & Kavukcuoglu, "Neural Discrete
+        Representation Learning", 2017, arXiv:1711.00937. Priors: van den Oord et al., "Conditional Image
+        Generation with PixelCNN Decoders", 2016, arXiv:1606.05328.
 
 Usage:
     python vqvae2.py --train shapes                          # the autoencoder (runs/vqvae2)
-    python vqvae2.py --resume --out runs/vqvae2              # continue a stopped run exactly
     python vqvae2.py --eval --ckpt runs/vqvae2/ckpt.pt       # held-out MSE, PSNR, codes in use, scorer
     python vqvae2.py --encode shapes --ckpt runs/vqvae2/ckpt.pt --out runs/vqvae2/codes.pt
-    torchrun --nproc_per_node=4 vqvae2.py --encode SHARDS --ckpt runs/vqvae2/ckpt.pt  # runs/vqvae2/codes/part-*.pt
-    python vqvae2.py --train-prior runs/vqvae2/codes.pt      # the PixelCNN priors (runs/vqvae2/prior)
-    python vqvae2.py --sample 64 --ckpt runs/vqvae2/prior/ckpt.pt  # top codes, then bottom, then pixels
-    torchrun --nproc_per_node=2 vqvae2.py --train shapes     # data parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=4 vqvae2.py --encode SHARDS --ckpt CKPT --out DIR   # a part per process
+    python vqvae2.py --train-prior runs/vqvae2/codes.pt      # the priors (runs/vqvae2/prior)
+    python vqvae2.py --sample 64 --ckpt runs/vqvae2/prior/ckpt.pt
 
-Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
-once; the bottom grid is S/4 x S/4 (Hb x Wb), the top grid S/8 x S/8 (Ht x Wt).
-
-The model (VQ-VAE-2 section 3.1 and its algorithm 1):
-    h_bottom   = E_bottom(x)                                    (B, C, S/4, S/4)
-    z_e_top    = E_top(h_bottom)                                (B, D, S/8, S/8)
-    z_q_top    = e_k with k = argmin_j ||z_e_top - e_j||_2      nearest code of the top codebook
-    z_e_bottom = conv1x1([h_bottom; D_top(z_q_top)])            (B, D, S/4, S/4): sees the decoded top
-    z_q_bottom = nearest code of the bottom codebook
-    x_hat      = D([upsample(z_q_top); z_q_bottom])             (B, 3, S, S)
-    loss       = ||x - x_hat||^2 + beta sum_levels ||z_e - sg[z_q]||^2     (VQ-VAE eq. 3)
-Gradients pass the quantiser unchanged (straight-through); the codebooks are not trained by gradient
-but are exponential moving averages of the encoder outputs assigned to each code (VQ-VAE app. A.1).
-
-Known deviations from the papers:
-    - pixels reach the S/4 grid and come back through an MLP on each 4x4 patch instead of strided
-      (transposed) convolutions, and each level has 1024 codes instead of 512 (both measured, see the
-      NOTEs in VQVAE2 and the README);
-    - codebooks start from encoder outputs of the first batch, and codes unused over a window are
-      restarted from random recent encoder outputs (as Jukebox does, Dhariwal et al. 2020,
-      arXiv:2005.00341); the EMA counts are Laplace-smoothed (as in the authors' Sonnet code);
-    - both priors are small gated PixelCNNs without the paper's self-attention layers, sized for a CPU;
-    - Adam with warmup and cosine decay, and gradient-norm clipping.
+Deviations (NOTEs in "Beyond the paper"): an MLP on each 4x4 patch instead of strided convolutions; 1024
+codes per level, not 512; codebooks start from encoder outputs and dead codes restart (as in Jukebox);
+small priors without attention; Adam with warmup, cosine decay and gradient clipping.
 """
 
 from __future__ import annotations
@@ -58,45 +35,48 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
-                  config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, reason, run_cli, run_config,
-                  save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown, write_parts)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check, config_from_dict,
+                  format_score, learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_caption,
+                  parse_config, part_indices, parts_in, read_parts, run_cli, run_config, save_checkpoint, save_grid,
+                  score_report, score_shapes, setup, step_generator, teardown, write_parts)
+
+# Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
+# once; the bottom grid is Hb x Wb = S/4 x S/4, the top grid Ht x Wt = S/8 x S/8.
 
 
 @dataclass
 class Config:
-    train: str = "shapes"  # training images: a folder, tar shards ('s/{000..009}.tar', see data.py), 'shapes' or 'shapes:N'
-    test: str = ""  # held-out folder or shards; default: the shapes test split, or a fixed 5% of --train
-    out: str = "runs/vqvae2"  # run folder (ckpt.pt, metrics.jsonl, grids); with --encode the codes file or folder
-    image_size: int = 32  # side S of the square images (a multiple of 8, at least 16)
-    hidden: int = 64  # C, channels of the convolutional encoders and decoders on the S/4 and S/8 grids (paper 128)
-    patch_hidden: int = 512  # hidden units of the per-patch MLPs between 4x4 pixel patches and the S/4 grid
-    residual_blocks: int = 2  # residual blocks per encoder and decoder stack (paper 2)
+    train: str = "shapes"  # images: a folder, tar shards, 'shapes' or 'shapes:N'
+    test: str = ""  # held-out images; empty: shapes' test split or 5% of --train
+    out: str = "runs/vqvae2"  # run folder; with --encode, the codes file or folder
+    image_size: int = 32  # side S (a multiple of 8, at least 16)
+    hidden: int = 64  # C, channels of the S/4 and S/8 grids (paper 128)
+    patch_hidden: int = 512  # hidden units of the per-patch MLPs
+    residual_blocks: int = 2  # residual blocks per stack (paper 2)
     residual_hidden: int = 32  # channels inside a residual block
-    codebook_size: int = 1024  # K, codes per level (paper 512; see the NOTE in VQVAE2)
+    codebook_size: int = 1024  # K, codes per level (paper 512)
     code_dim: int = 64  # D, dimension of a code (paper 64)
     beta: float = 0.25  # commitment cost beta (paper 0.25)
-    decay: float = 0.99  # gamma, decay of the EMA codebook statistics (paper 0.99)
-    window: int = 25  # steps over which code usage is counted; a code unused over one is dead
-    restarts: bool = True  # at the end of each window, restart dead codes from recent encoder outputs
-    steps: int = 3200  # optimizer steps in total
-    batch_size: int = 16  # images (or code grids, for the priors) per step and per process
+    decay: float = 0.99  # gamma, EMA decay of the codebooks (paper 0.99)
+    window: int = 25  # steps after which an unused code is dead
+    restarts: bool = True  # restart dead codes from encoder outputs
+    steps: int = 3200  # optimizer steps
+    batch_size: int = 16  # images (or code grids) per step and process
     lr: float = 2e-3  # peak learning rate of Adam
-    warmup: int = 100  # steps of linear warmup before cosine decay to lr/10
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
-    log_every: int = 100  # steps between progress lines and metric records
-    save_every: int = 1000  # steps between held-out figures, grids and checkpoints
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    seed: int = 0  # seeds initialisation, data order and restarts
-    resume: bool = False  # continue OUT/ckpt.pt (or --ckpt) with its saved flags; flags given now override them
-    eval: bool = False  # report held-out MSE, PSNR, codes in use (and the shapes scorer) of --ckpt, then exit
-    encode: str = ""  # shapes, a folder or shards: write the codes and captions of its images to --out, then exit
-    train_prior: str = ""  # codes from --encode (file or folder of parts): train the priors on them (default --out: ../prior)
+    warmup: int = 100  # steps of warmup, then cosine decay to lr/10
+    grad_clip: float = 1.0  # gradient-norm clip (0: off)
+    log_every: int = 100  # steps between metric records
+    save_every: int = 1000  # steps between held-out checks and saves
+    device: str = "auto"  # auto (cuda, mps, cpu), cpu, cuda or mps
+    seed: int = 0  # seeds initialisation, data and restarts
+    resume: bool = False  # continue OUT/ckpt.pt (or --ckpt)
+    eval: bool = False  # held-out MSE, PSNR, codes used of --ckpt
+    encode: str = ""  # images to encode with --ckpt into --out
+    train_prior: str = ""  # codes from --encode: train the priors
     prior_width: int = 64  # channels of each PixelCNN prior
     prior_layers: int = 6  # gated layers of each PixelCNN prior
-    sample: int = 0  # N > 0: draw N images from the priors in --ckpt (default OUT/prior/ckpt.pt), then exit
-    ckpt: str = ""  # checkpoint for --eval, --encode, --resume (default OUT/ckpt.pt) and --sample
+    sample: int = 0  # draw N images from the priors in --ckpt
+    ckpt: str = ""  # checkpoint to read (empty: the one in OUT)
 
 
 def validate(config):
@@ -106,8 +86,7 @@ def validate(config):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
     check(config.codebook_size <= 32768, "--codebook-size must be at most 32768 (codes are stored as int16)")
     check(0 <= config.decay < 1 and config.beta >= 0, "--decay must be in [0, 1) and --beta not negative")
-    check(config.lr > 0 and config.warmup >= 0 and config.grad_clip >= 0 and config.sample >= 0
-          and config.residual_blocks >= 0,
+    check(config.lr > 0 and min(config.warmup, config.grad_clip, config.sample, config.residual_blocks) >= 0,
           "--lr must be positive; --warmup, --grad-clip, --sample and --residual-blocks must not be negative")
     modes = [flag for flag, on in (("--eval", config.eval), ("--encode", config.encode),
                                    ("--train-prior", config.train_prior), ("--sample", config.sample)) if on]
@@ -115,19 +94,12 @@ def validate(config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The vector quantiser with an EMA codebook that stays alive
+# The vector quantiser with an EMA codebook (VQ-VAE section 3.1 and appendix A.1)
 
 
-def broadcast_from_first_rank(*tensors):
-    """Under torchrun, copy rank 0's tensors to every rank (in place)."""
-    if dist.is_initialized():
-        for tensor in tensors:
-            dist.broadcast(tensor, 0)
-
-
-class VectorQuantizer(nn.Module):
-    """z_e (B, D, H, W) -> its nearest codes. The codebook e (K, D) is a buffer updated by EMA, never by
-    gradient; usage over the current window is counted so that dead codes can be restarted."""
+class EMAQuantizer(nn.Module):
+    """z_e (B, D, H, W) -> z_q = e_k, k = argmin_j ||z_e - e_j||_2 at each position. The codebook e (K, D) is a
+    buffer, never trained by gradient: each e_i is a moving average of the z_e assigned to it."""
 
     def __init__(self, codebook_size, code_dim, decay, epsilon=1e-5):
         super().__init__()
@@ -135,98 +107,50 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("codebook", torch.randn(codebook_size, code_dim))  # e, (K, D)
         self.register_buffer("cluster_size", torch.ones(codebook_size))  # N, EMA of assignment counts (K,)
         self.register_buffer("embed_sum", self.codebook.clone())  # m, EMA of assigned vector sums (K, D)
-        self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in the current window (K,)
-        self.register_buffer("initialised", torch.tensor(False))
-        self.register_buffer("window_stats", torch.zeros(3))  # last window: codes used, restarted; all restarts
-        self.recent = None  # encoder outputs of the last training batch (N, D): where dead codes restart
 
-    def nearest(self, flat):
-        """(N, D) -> (N,) index of the nearest code in squared Euclidean distance."""
-        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code, so it is left out
-        distances = torch.addmm(self.codebook.pow(2).sum(1), flat, self.codebook.t(), alpha=-2)  # (N, D) @ (D, K) -> (N, K)
-        return distances.argmin(1)
-
-    def lookup(self, ids):
-        """(B, H, W) code indices -> z_q (B, D, H, W)."""
+    def lookup(self, ids):  # k (B, H, W) -> e_k (B, D, H, W)
         return self.codebook[ids.long()].permute(0, 3, 1, 2)  # (B, H, W, D) -> (B, D, H, W)
 
     def forward(self, z_e):
-        """-> z_q (straight-through), ids (B, H, W), commitment ||z_e - sg[z_q]||^2 averaged over B, D, H, W.
-        In training mode the codebook is first initialised (once), then updated by EMA."""
+        """-> z_q (straight-through), k (B, H, W), commitment ||z_e - sg[z_q]||^2 averaged over B, D, H, W.
+        In training mode the codebook then takes one EMA step."""
         B, D, H, W = z_e.shape
         with torch.autocast(z_e.device.type, enabled=False):  # distances in float32 even under bf16 autocast
-            flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, H, W) -> (B H W, D)
-            if self.training and not self.initialised:
-                self.initialise(flat)
-            ids = self.nearest(flat)  # (N,)
-            z_q = self.lookup(ids.view(B, H, W))  # (B, D, H, W)
+            flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, H, W) -> (N = B H W, D)
+            # ||z_e - e_j||^2 = ||z_e||^2 - 2 z_e.e_j + ||e_j||^2; ||z_e||^2 is the same for every j: left out
+            distances = torch.addmm(self.codebook.pow(2).sum(1), flat, self.codebook.t(), alpha=-2)  # (N, D) @ (D, K)
+            ids = distances.argmin(1)  # k, (N,)
+            z_q = self.lookup(ids.view(B, H, W))  # (N,) -> (B, H, W) -> (B, D, H, W)
             if self.training:
                 self.update(flat, ids)
             commitment = F.mse_loss(z_e.float(), z_q)  # z_q is a buffer lookup: no gradient reaches it
-        z_q = z_e + (z_q - z_e).detach()  # straight-through: the forward value is z_q, dL/dz_e = dL/dz_q
-        return z_q, ids.view(B, H, W), commitment
-
-    @torch.no_grad()
-    def initialise(self, flat):
-        """Codebook <- K encoder outputs drawn from the first batch (with replacement if fewer than K)."""
-        K = self.codebook_size
-        pick = torch.randperm(len(flat), device=flat.device)[:K] if len(flat) >= K else \
-            torch.randint(len(flat), (K,), device=flat.device)
-        self.codebook.copy_(flat[pick])
-        broadcast_from_first_rank(self.codebook)
-        self.embed_sum.copy_(self.codebook)
-        self.cluster_size.fill_(1.0)
-        self.initialised.fill_(True)
+        z_q = z_e + (z_q - z_e).detach()  # straight-through: the value is z_q, dL/dz_e = dL/dz_q
+        return z_q, ids.view(B, H, W), commitment  # k: (N,) -> (B, H, W)
 
     @torch.no_grad()
     def update(self, flat, ids):
         """One EMA step (VQ-VAE appendix A.1), with the batch statistics summed over all ranks:
-            N_i <- gamma N_i + (1 - gamma) n_i              n_i: vectors assigned to code i in this batch
-            m_i <- gamma m_i + (1 - gamma) sum_j z_e,j      summed over the n_i vectors assigned to i
-            e_i <- m_i / N_i'                               N_i' Laplace-smoothed, so no N_i' is ever 0"""
-        K = self.codebook_size
-        counts = torch.bincount(ids, minlength=K).float()  # n_i, (K,)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, ids, flat)  # (K, D)
+            N_i <- gamma N_i + (1 - gamma) n_i            n_i: how many of the N vectors chose code i
+            m_i <- gamma m_i + (1 - gamma) sum_j z_e,j    summed over those n_i vectors
+            e_i <- m_i / N_i'                             N_i' Laplace-smoothed (as in the authors' code): never 0
+        -> n (K,)."""
+        K, gamma = self.codebook_size, self.decay
+        n = torch.bincount(ids, minlength=K).float()  # (K,)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, ids, flat)  # (N, D) -> (K, D)
         if dist.is_initialized():  # every rank then adds the same totals: the codebooks stay identical
-            statistics = torch.cat([counts[:, None], sums], 1)  # (K, 1 + D)
+            statistics = torch.cat([n[:, None], sums], 1)  # (K, 1 + D)
             dist.all_reduce(statistics)
-            counts, sums = statistics[:, 0], statistics[:, 1:]
-        self.usage += counts
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            n, sums = statistics[:, 0], statistics[:, 1:]
+        self.cluster_size.mul_(gamma).add_(n, alpha=1 - gamma)
+        self.embed_sum.mul_(gamma).add_(sums, alpha=1 - gamma)
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.epsilon) / (total + K * self.epsilon) * total  # N_i', (K,)
-        self.codebook.copy_(self.embed_sum / smoothed[:, None])
-        self.recent = flat
-
-    @torch.no_grad()
-    def end_window(self, restart, generator=None):
-        """Close a usage window: record the fraction of codes used in it and, if `restart`, move every
-        code unused in it onto a random encoder output of the last batch (rank 0 draws them, every rank
-        copies them). Returns (fraction used, codes restarted)."""
-        dead = (self.usage == 0).nonzero().flatten()  # the same on every rank: usage sums all ranks
-        used = 1.0 - len(dead) / self.codebook_size
-        restarted = len(dead) if restart and self.recent is not None else 0
-        if restarted:
-            pick = torch.randint(len(self.recent), (restarted,), device=self.recent.device, generator=generator)
-            self.codebook[dead] = self.recent[pick]
-            self.embed_sum[dead] = self.recent[pick]
-            self.cluster_size[dead] = 1.0
-            broadcast_from_first_rank(self.codebook, self.embed_sum, self.cluster_size)
-        self.usage.zero_()
-        self.window_stats[:2] = torch.tensor([used, restarted])
-        self.window_stats[2] += restarted
-        return used, restarted
-
-
-def perplexity(ids, codebook_size):
-    """exp(entropy) of the code frequencies in `ids`: K when all codes are equally used, 1 when one is."""
-    p = torch.bincount(ids.flatten().long(), minlength=codebook_size).float() / ids.numel()  # (K,)
-    return math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
+        self.codebook.copy_(self.embed_sum / smoothed[:, None])  # (K, D) / (K, 1)
+        return n
 
 
 # ----------------------------------------------------------------------------------------------------
-# The two-level autoencoder, which is also the tokenizer API of dalle.py
+# The two-level autoencoder (VQ-VAE-2 section 3.1, algorithm 1), which is also the tokenizer of dalle.py
 
 
 class ResidualBlock(nn.Module):
@@ -246,37 +170,30 @@ def residual_stack(channels, hidden, count):
 
 
 class VQVAE2(nn.Module):
-    """Images (B, 3, S, S) in [0, 1] <-> top codes (B, S/8, S/8) and bottom codes (B, S/4, S/4).
-
-    Tokenizer API: encode(images) -> (top_ids, bottom_ids); decode(top_ids, bottom_ids) -> images;
-    VQVAE2.from_checkpoint(path, device); attributes top_codebook_size, bottom_codebook_size, top_shape,
-    bottom_shape, image_size."""
+    """Images x (B, 3, S, S) in [0, 1] <-> top codes (B, S/8, S/8) and bottom codes (B, S/4, S/4):
+        h_bottom   = E_bottom(x)                                  (B, C, S/4, S/4)
+        z_e_top    = E_top(h_bottom)                              (B, D, S/8, S/8)
+        z_q_top    = e_k, k = argmin_j ||z_e_top - e_j||_2        the nearest code of the top codebook
+        z_e_bottom = conv1x1([h_bottom; D_top(z_q_top)])          (B, D, S/4, S/4): sees the decoded top
+        z_q_bottom = the nearest code of the bottom codebook
+        x_hat      = D([upsample(z_q_top); z_q_bottom])           (B, 3, S, S)
+    Tokenizer API (dalle.py): encode(images) -> (top_ids, bottom_ids); decode(top_ids, bottom_ids) -> images;
+    from_checkpoint(path, device), from_state(state), state(); top/bottom_codebook_size, top/bottom_shape, image_size."""
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        C, D, R, n = config.hidden, config.code_dim, config.residual_hidden, config.residual_blocks
-        self.image_size = config.image_size
+        self.config, self.image_size = config, config.image_size
+        C, D, R, n, P = config.hidden, config.code_dim, config.residual_hidden, config.residual_blocks, config.patch_hidden
         self.top_codebook_size = self.bottom_codebook_size = config.codebook_size
         self.top_shape, self.bottom_shape = (config.image_size // 8,) * 2, (config.image_size // 4,) * 2
-        P = config.patch_hidden
-        # NOTE: the paper goes from pixels to the S/4 grid and back with two strided (transposed)
-        # convolutions; we use an MLP on each 4x4 patch (pixel unshuffle + 1x1 convolutions), which
-        # learned sharp edges faster on a CPU: the strided version of this file reached 28.3 dB PSNR on
-        # shapes after 1500 steps of 64 images (184 s here) and was still gaining slowly; this one 31.1 dB
-        # after 3200 steps of 16 (about 4 minutes).
         self.encoder_bottom = nn.Sequential(
-            nn.PixelUnshuffle(4),  # (B, 3, S, S) -> (B, 48, S/4, S/4): one 4x4x3 patch per position
-            nn.Conv2d(48, P, 1), nn.ReLU(), nn.Conv2d(P, C, 1), nn.ReLU(),  # per-patch MLP: (B, C, S/4, S/4)
+            *pixels_to_grid(P, C),  # (B, 3, S, S) -> (B, C, S/4, S/4): a per-patch MLP, see its NOTE
             nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n))  # h_bottom (B, C, S/4, S/4)
         self.encoder_top = nn.Sequential(
             nn.Conv2d(C, C, 4, 2, 1), nn.ReLU(),  # (B, C, S/8, S/8)
             nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n),
             nn.Conv2d(C, D, 1))  # z_e_top (B, D, S/8, S/8)
-        # NOTE: the paper has K = 512 codes per level. Shapes 32x32 holds ~1500 distinct 4x4 patches; the
-        # 512 most frequent ones rebuild the test split at 26.8 dB PSNR, the 1024 most frequent at 30.8 dB,
-        # so our default K is 1024.
-        self.quantize_top = VectorQuantizer(config.codebook_size, D, config.decay)
+        self.quantize_top = VectorQuantizer(config.codebook_size, D, config.decay)  # EMAQuantizer + restarts
         self.decoder_top = nn.Sequential(
             nn.Conv2d(D, C, 3, padding=1), *residual_stack(C, R, n),
             nn.ConvTranspose2d(C, D, 4, 2, 1))  # D_top(z_q_top) (B, D, S/4, S/4)
@@ -285,8 +202,7 @@ class VQVAE2(nn.Module):
         self.upsample_top = nn.ConvTranspose2d(D, D, 4, 2, 1)  # z_q_top onto the bottom grid (B, D, S/4, S/4)
         self.decoder = nn.Sequential(
             nn.Conv2d(2 * D, C, 3, padding=1), *residual_stack(C, R, n),
-            nn.Conv2d(C, P, 1), nn.ReLU(), nn.Conv2d(P, 48, 1),  # per-patch MLP: (B, 48, S/4, S/4)
-            nn.PixelShuffle(4))  # (B, 48, S/4, S/4) -> (B, 3, S, S), in [-1, 1] units
+            *grid_to_pixels(C, P))  # (B, C, S/4, S/4) -> (B, 3, S, S), in [-1, 1] units
 
     def quantize(self, x):
         """x (B, 3, S, S) in [0, 1] -> (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment top, bottom)."""
@@ -303,24 +219,22 @@ class VQVAE2(nn.Module):
 
     def forward(self, x):
         """-> x_hat (B, 3, S, S), commitments (top, bottom), ids (top (B, Ht, Wt), bottom (B, Hb, Wb))."""
-        latents, ids, commitments = self.quantize(x)
-        return self.reconstruct(*latents), commitments, ids
+        z_q, ids, commitments = self.quantize(x)
+        return self.reconstruct(*z_q), commitments, ids
 
     @torch.no_grad()
     def encode(self, images):
-        """images (B, 3, S, S) in [0, 1] -> top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), long. Never updates
-        the codebooks, whatever the module's mode."""
+        """images (B, 3, S, S) in [0, 1] -> top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), long; in eval mode,
+        so the codebooks never move."""
         training = self.training
-        self.eval()
-        _, ids, _ = self.quantize(images)
+        _, ids, _ = self.eval().quantize(images)
         self.train(training)
         return ids
 
     @torch.no_grad()
     def decode(self, top_ids, bottom_ids):
         """top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), any integer type -> images (B, 3, S, S) in [0, 1]."""
-        z_q_top, z_q_bottom = self.quantize_top.lookup(top_ids), self.quantize_bottom.lookup(bottom_ids)
-        return self.reconstruct(z_q_top, z_q_bottom).clamp(0, 1)
+        return self.reconstruct(self.quantize_top.lookup(top_ids), self.quantize_bottom.lookup(bottom_ids)).clamp(0, 1)
 
     def state(self):
         """Plain data that rebuilds this tokenizer (stored in codes files and prior checkpoints)."""
@@ -340,7 +254,18 @@ class VQVAE2(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Gated PixelCNN priors over the codes
+# The loss (VQ-VAE eq. 3, over both levels)
+
+
+def vqvae_loss(x, x_hat, commitments, beta):
+    """L = ||x - x_hat||^2 + beta sum_levels ||z_e - sg[z_q]||^2. Eq. 3's codebook term ||sg[z_e] - e||^2 is
+    left out: the codebooks follow their moving averages instead (appendix A.1). -> (L, ||x - x_hat||^2)."""
+    mse = F.mse_loss(x_hat.float(), x)  # averaged over pixels, channels and batch, in [0, 1] units
+    return mse + beta * (commitments[0] + commitments[1]), mse  # each commitment averaged over B, D, H, W
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gated PixelCNN priors over the codes (VQ-VAE-2 section 3.2)
 
 
 def gated(a):
@@ -395,11 +320,10 @@ class PixelCNN(nn.Module):
                                                nn.ConvTranspose2d(channels, channels, 4, 2, 1))
 
     def forward(self, ids, condition_ids=None):
-        x = self.embed(ids.long()).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        vertical = horizontal = self.embed(ids.long()).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
         condition = None
-        if condition_ids is not None:
+        if condition_ids is not None:  # (B, Ht, Wt, C) -> (B, C, Ht, Wt) -> (B, C, H, W)
             condition = self.condition_net(self.condition_embed(condition_ids.long()).permute(0, 3, 1, 2))
-        vertical = horizontal = x
         for layer in self.layers:
             vertical, horizontal = layer(vertical, horizontal, condition)
         return self.head(horizontal)  # (B, K, H, W)
@@ -416,7 +340,7 @@ class PixelCNN(nn.Module):
 
 
 class Priors(nn.Module):
-    """p(top) p(bottom | top): the VQ-VAE-2 prior factorisation (paper section 3.2)."""
+    """p(top) p(bottom | top): the VQ-VAE-2 prior factorisation, each level a PixelCNN."""
 
     def __init__(self, tokenizer, config):
         super().__init__()
@@ -431,187 +355,324 @@ class Priors(nn.Module):
         nll_bottom = F.cross_entropy(self.bottom(bottom_ids, top_ids).float(), bottom_ids.long())
         return nll_top, nll_bottom
 
+    @torch.no_grad()
     def sample(self, count, generator):
+        """Top codes first, then bottom codes given them: (count, Ht, Wt), (count, Hb, Wb)."""
         top_ids = self.top.sample(count, self.top_shape, generator)
         return top_ids, self.bottom.sample(count, self.bottom_shape, generator, condition_ids=top_ids)
 
 
+# ====================================================================================================
+# Beyond the paper
+#
+# NOTE: the paper has K = 512 codes per level; we default to 1024, because the 512 most frequent 4x4 patches
+# of shapes 32x32 rebuild its test split at only 26.8 dB PSNR (of its about 1500 distinct patches).
+
+
+def pixels_to_grid(hidden, channels):
+    """(B, 3, S, S) -> (B, C, S/4, S/4) by an MLP on each 4x4 patch.
+    NOTE: the paper uses two strided convolutions here (and transposed ones back); the MLP learns sharp
+    edges faster on a CPU (the strided version reached only 28.3 dB PSNR after 1500 steps of 64 images)."""
+    return [nn.PixelUnshuffle(4),  # (B, 3, S, S) -> (B, 48, S/4, S/4): one 4x4x3 patch per position
+            nn.Conv2d(48, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1), nn.ReLU()]
+
+
+def grid_to_pixels(channels, hidden):
+    """(B, C, S/4, S/4) -> (B, 3, S, S): the decoder's per-patch MLP, the mirror of pixels_to_grid."""
+    return [nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, 48, 1),  # (B, 48, S/4, S/4)
+            nn.PixelShuffle(4)]  # (B, 48, S/4, S/4) -> (B, 3, S, S)
+
+
+def broadcast_from_first_rank(*tensors):
+    """Under torchrun, copy rank 0's tensors to every rank (in place)."""
+    for tensor in tensors if dist.is_initialized() else ():
+        dist.broadcast(tensor, 0)
+
+
+class VectorQuantizer(EMAQuantizer):
+    """The EMA quantiser with a codebook that stays alive.
+    NOTE: the paper starts from a random codebook and leaves unused codes where they are; we start from
+    encoder outputs of the first batch and move codes unused over a window onto recent encoder outputs (as
+    Jukebox does, arXiv:2005.00341), since without restarts our top codebook collapses onto one code."""
+
+    def __init__(self, codebook_size, code_dim, decay, epsilon=1e-5):
+        super().__init__(codebook_size, code_dim, decay, epsilon)
+        self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in the current window (K,)
+        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("window_stats", torch.zeros(3))  # last window: codes used, restarted; all restarts
+        self.recent = None  # z_e of the last training batch (N, D): where dead codes restart
+
+    def forward(self, z_e):
+        if self.training and not self.initialised:  # codebook <- K of the first batch's z_e (with replacement if fewer)
+            flat, K = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1]), self.codebook_size  # (N, D)
+            pick = torch.randperm(len(flat), device=flat.device)[:K] if len(flat) >= K else \
+                torch.randint(len(flat), (K,), device=flat.device)
+            self.codebook.copy_(flat[pick])
+            broadcast_from_first_rank(self.codebook)
+            self.embed_sum.copy_(self.codebook)
+            self.cluster_size.fill_(1.0)
+            self.initialised.fill_(True)
+        return super().forward(z_e)
+
+    def update(self, flat, ids):
+        n = super().update(flat, ids)
+        self.usage += n
+        self.recent = flat
+        return n
+
+    @torch.no_grad()
+    def end_window(self, restart, generator=None):
+        """Close a usage window: record the fraction of codes used in it and, if `restart`, move every code
+        unused in it onto a random z_e of the last batch (rank 0 draws them, every rank copies them).
+        -> (fraction used, codes restarted)."""
+        dead = (self.usage == 0).nonzero().flatten()  # the same on every rank: usage sums all ranks
+        used = 1.0 - len(dead) / self.codebook_size
+        restarted = len(dead) if restart and self.recent is not None else 0
+        if restarted:
+            pick = torch.randint(len(self.recent), (restarted,), device=self.recent.device, generator=generator)
+            self.codebook[dead] = self.embed_sum[dead] = self.recent[pick]
+            self.cluster_size[dead] = 1.0
+            broadcast_from_first_rank(self.codebook, self.embed_sum, self.cluster_size)
+        self.usage.zero_()
+        self.window_stats[:2] = torch.tensor([used, restarted])
+        self.window_stats[2] += restarted
+        return used, restarted
+
+# End of "Beyond the paper"
+# ====================================================================================================
+
+
 # ----------------------------------------------------------------------------------------------------
-# Training the autoencoder
+# Training
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, batch_size=250, score=True):
-    """Held-out figures through the tokenizer path decode(encode(x)): MSE averaged over every pixel,
-    channel and image (in [0, 1] units); PSNR = 10 log10(1 / MSE) of that average; the fraction of each
-    level's codes the held-out set uses; and, when every caption is a shapes caption, the shapes
-    scorer's report on the reconstructions."""
-    squared_error, values = 0.0, 0
-    seen = [torch.zeros(model.top_codebook_size, dtype=torch.bool, device=device),
-            torch.zeros(model.bottom_codebook_size, dtype=torch.bool, device=device)]
-    reconstructions, captions = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+def report(model, test_set, device, logger=None, step=None, grid=None, batch_size=250):
+    """Held-out figures through decode(encode(x)), logged and printed: MSE averaged over every pixel, channel
+    and image ([0, 1] units), PSNR = 10 log10(1 / MSE), the fraction of each level's codes in use; during
+    training a grid of held-out images, each followed by its reconstruction (`grid`: where); after it, and
+    for --eval, the shapes scorer's report on the reconstructions when the captions are shapes captions."""
+    squared_error, reconstructions, captions = 0.0, [], []
+    seen = [torch.zeros(size, dtype=torch.bool, device=device) for size in (model.top_codebook_size,
+                                                                           model.bottom_codebook_size)]
+    for start in range(0, len(test_set), batch_size):
+        items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
         x = torch.stack([image for image, _ in items]).to(device)  # (B, 3, S, S)
-        ids = model.encode(x)
+        ids = model.eval().encode(x)
         x_hat = model.decode(*ids)
         squared_error += (x_hat - x).pow(2).sum().item()
-        values += x.numel()
-        for level, level_ids in zip(seen, ids):
-            level[level_ids.flatten()] = True
         reconstructions.append(x_hat.cpu())
+        for level, level_ids in zip(seen, ids):
+            level[level_ids.flatten()] = True  # (B, H, W) -> (B H W,)
         captions += [caption for _, caption in items]
-    mse = squared_error / values
+    mse = squared_error / (len(test_set) * x[0].numel())
     results = dict(mse=mse, psnr=10 * math.log10(1 / max(mse, 1e-12)), top_used=seen[0].float().mean().item(),
                    bottom_used=seen[1].float().mean().item())
-    if score and all(parse_caption(caption) for caption in captions):
-        results["score"] = score_report(torch.cat(reconstructions), captions)
-    return results
+    score = score_report(torch.cat(reconstructions), captions) \
+        if not grid and all(parse_caption(caption) for caption in captions) else None
+    if logger:
+        logger.log(step, **{f"test_{key}": value for key, value in results.items()},
+                   **({"test_score_all": score["overall"]["all"]} if score else {}))
+    print(f"{f'step {step}: held-out' if grid else f'held-out ({len(test_set)} images):'} MSE {mse:.5f}, PSNR "
+          f"{results['psnr']:.2f} dB, codes used top {100 * results['top_used']:.1f}% bottom "
+          f"{100 * results['bottom_used']:.1f}%", flush=True)
+    if score:
+        print("shapes scorer on the reconstructions:\n" + format_score(score))
+    if grid:  # the first 32 held-out images, each followed by its reconstruction
+        x = torch.stack([test_set[i][0] for i in range(min(32, len(test_set)))]).to(device)  # (N, 3, S, S)
+        pairs = torch.stack([x, model.decode(*model.encode(x))], 1).flatten(0, 1)  # (N, 2, 3, S, S) -> (2N, 3, S, S)
+        save_grid(pairs, grid, nrow=8)
+        model.train()
 
 
-def write_grid(model, test_set, out, tag, device):
-    """32 held-out images, each followed by its reconstruction: (input, output) pairs, 4 per row."""
-    count = min(32, len(test_set))
-    x = torch.stack([test_set[i][0] for i in range(count)]).to(device)  # (N, 3, S, S)
-    pairs = torch.stack([x, model.decode(*model.encode(x))], 1).flatten(0, 1)  # (N, 2, 3, S, S) -> (2N, 3, S, S)
-    save_grid(pairs, out / f"reconstructions_{tag}.png", nrow=8)
+def training_metrics(model, loss, mse, commitments, ids, runtime):
+    """The loss terms and, per level, the perplexity exp(entropy) of its codes in the batch (K when all are
+    equally used, 1 when one is) and the last window's usage and restarts."""
+    metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
+    quantizers = (model.quantize_top, model.quantize_bottom)
+    for name, quantizer, commitment, level_ids in zip(("top", "bottom"), quantizers, commitments, ids):
+        p = torch.bincount(level_ids.flatten(), minlength=quantizer.codebook_size).float() / level_ids.numel()  # (K,)
+        used, restarted, total = quantizer.window_stats.tolist()
+        metrics |= {f"{name}_commitment": commitment.item(), f"{name}_used": used, f"{name}_restarts": restarted,
+                    f"{name}_perplexity": math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item()),
+                    f"{name}_restarts_total": total}
+    if runtime.distributed:  # the largest |e - e_rank0| over every rank and code: 0 when the codebooks agree
+        spread = torch.zeros((), device=model.quantize_top.codebook.device)
+        for quantizer in quantizers:
+            reference = quantizer.codebook.clone()
+            broadcast_from_first_rank(reference)
+            spread = torch.maximum(spread, (quantizer.codebook - reference).abs().max())
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        metrics["codebook_spread"] = spread.item()
+    return metrics
 
 
-def codebook_spread(model):
-    """Largest |e - e_rank0| over every rank and code: 0 when the codebooks are identical everywhere."""
-    spread = torch.zeros((), device=model.quantize_top.codebook.device)
-    for quantizer in (model.quantize_top, model.quantize_bottom):
-        reference = quantizer.codebook.clone()
-        broadcast_from_first_rank(reference)
-        spread = torch.maximum(spread, (quantizer.codebook - reference).abs().max())
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    return spread.item()
+def start(model, optimizer, config, runtime, checkpoint, what):
+    """Load `checkpoint` (a loaded ckpt.pt) when resuming, say what trains, and wrap the model for torchrun.
+    -> (the step to start from, the module to call)."""
+    step = checkpoint["step"] if checkpoint else 0
+    if checkpoint:
+        load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
+    if runtime.is_main:
+        print(f"{what}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {runtime.device}, "
+              f"{runtime.world_size} process(es), from step {step}")
+    # The quantisers keep their buffers identical on every rank themselves (all_reduce, broadcast): DDP must not
+    # overwrite them from rank 0 at each forward (the flag was renamed in torch 2.13).
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return step, DistributedDataParallel(model, **{no_sync: False}) if runtime.distributed else model
+
+
+def optimizer_step(optimizer, parameters, loss, step, config, guard):
+    """Backpropagate, clip the gradient norm and step at the scheduled learning rate (linear warmup, cosine
+    decay), unless the loss or gradient norm is not finite: the guard skips that update. -> (norm, stepped)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip or float("inf"))
+    stepped = guard.finite(step, loss, grad_norm)
+    if stepped:
+        optimizer.step()
+    return grad_norm, stepped
+
+
+def stopped(step, config, runtime, save):
+    """Stopped by Ctrl-C or SIGTERM before the last step: keep the work, then exit with 130."""
+    if step < config.steps:
+        if runtime.is_main:
+            save()
+            print(f"stopped: saved {Path(config.out) / 'ckpt.pt'} at step {step}; continue with --resume")
+        raise KeyboardInterrupt
 
 
 def train(config, runtime, checkpoint=None):
-    """Train the autoencoder from scratch, or from `checkpoint` (a loaded ckpt.pt) when resuming."""
-    out = Path(config.out)
-    device = runtime.device
+    """Train the autoencoder from scratch, or on from `checkpoint` (a loaded ckpt.pt) when resuming."""
+    out, device = Path(config.out), runtime.device
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VQVAE2(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = 0
-    if checkpoint:
-        load_state(model, checkpoint["model"], out / "ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
-        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"vqvae2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_set)} training images, {len(test_set)} held out, device {device}, "
-              f"{runtime.world_size} process(es), from step {step}")
-    # The quantisers keep their buffers identical on every rank themselves (all_reduce, broadcast), so
-    # DDP must not overwrite them from rank 0 at each forward (the flag was renamed in torch 2.13).
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
-        else "broadcast_buffers"
-    network = DistributedDataParallel(model, **{no_sync: False}) if runtime.distributed else model
+    step, network = start(model, optimizer, config, runtime, checkpoint,
+                          f"vqvae2: {len(train_set)} training images, {len(test_set)} held out")
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
-    levels = (("top", model.quantize_top), ("bottom", model.quantize_bottom))
     guard = NonFiniteGuard(model)  # a NaN or infinite loss skips its update, EMA included; too many stop the run
+    quantizers = (model.quantize_top, model.quantize_bottom)
 
     def save():
-        save_checkpoint(out / "ckpt.pt", "vqvae2", config, step, model=model.state_dict(),
-                        optimizer=optimizer.state_dict())
+        save_checkpoint(out / "ckpt.pt", "vqvae2", config, step, model=model.state_dict(), optimizer=optimizer.state_dict())
 
-    start_time, start_step, held_out_seconds = time.time(), step, 0.0  # throughput leaves evaluation out
+    start_time, start_step, held_out_seconds = time.time(), step, 0.0  # the throughput leaves held-out checks out
     with StopRequest() as stop:
         while step < config.steps and not stop.requested:
             x, _ = next(data)  # (B, 3, S, S) in [0, 1]
             guard.remember()  # the codebooks before this step's EMA update
-            recent = [quantizer.recent for _, quantizer in levels]  # the last batch, where dead codes restart
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
+            recent = [quantizer.recent for quantizer in quantizers]  # where dead codes would restart
             with autocast(device):
-                x_hat, (commitment_top, commitment_bottom), ids = network(x)
-            mse = F.mse_loss(x_hat.float(), x)  # ||x - x_hat||^2 averaged over pixels, channels and batch
-            loss = mse + config.beta * (commitment_top + commitment_bottom)  # VQ-VAE eq. 3, codebook term by EMA
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            if guard.finite(step, loss, grad_norm):
-                optimizer.step()
-            else:  # the guard put the codebooks back; dead codes must not restart from this batch either
-                for (_, quantizer), previous in zip(levels, recent):
+                x_hat, commitments, ids = network(x)
+            loss, mse = vqvae_loss(x, x_hat, commitments, config.beta)
+            grad_norm, stepped = optimizer_step(optimizer, model.parameters(), loss, step, config, guard)
+            if not stepped:  # the guard put the codebooks back; dead codes must not restart from this batch either
+                for quantizer, previous in zip(quantizers, recent):
                     quantizer.recent = previous
             step += 1
-            if step % config.window == 0:  # the restart draws depend only on (seed, step): exact resume
+            if step % config.window == 0:  # count usage, restart dead codes; the draws depend on (seed, step) only
                 restart_noise = step_generator(device, config.seed, 0, step)
-                for _, quantizer in levels:
+                for quantizer in quantizers:
                     quantizer.end_window(config.restarts, restart_noise)
             if step % config.log_every == 0 or step == config.steps:
-                metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)),
-                               lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
-                for (name, quantizer), commitment, level_ids in zip(levels, (commitment_top, commitment_bottom), ids):
-                    used, restarted, total = quantizer.window_stats.tolist()
-                    metrics |= {f"{name}_commitment": commitment.item(),
-                                f"{name}_perplexity": perplexity(level_ids, quantizer.codebook_size),
-                                f"{name}_used": used, f"{name}_restarts": restarted, f"{name}_restarts_total": total}
-                if runtime.distributed:
-                    metrics["codebook_spread"] = codebook_spread(model)
-                metrics["images_per_second"] = ((step - start_step) * config.batch_size * runtime.world_size
-                                                / (time.time() - start_time - held_out_seconds))
-                logger.log(step, **metrics)
-                logger.progress(step, loss=metrics["loss"], psnr=metrics["psnr"],
-                                top_used=metrics["top_used"], bottom_used=metrics["bottom_used"])
+                metrics = training_metrics(model, loss, mse, commitments, ids, runtime)
+                logger.log(step, **metrics, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
+                logger.progress(step, **{key: metrics[key] for key in ("loss", "psnr", "top_used", "bottom_used")})
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                evaluation_start = time.time()
-                model.eval()
-                held_out = evaluate(model, test_set, device, score=False)
-                logger.log(step, **{f"test_{key}": value for key, value in held_out.items()})
-                print(f"step {step}: held-out MSE {held_out['mse']:.5f}, PSNR {held_out['psnr']:.2f} dB, "
-                      f"codes used top {100 * held_out['top_used']:.0f}% bottom {100 * held_out['bottom_used']:.0f}%",
-                      flush=True)
-                write_grid(model, test_set, out, f"{step:06d}", device)
-                model.train()
+                tick = time.time()
+                report(model, test_set, device, logger, step, grid=out / f"reconstructions_{step:06d}.png")
                 save()
-                held_out_seconds += time.time() - evaluation_start
-    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
+                held_out_seconds += time.time() - tick
+    stopped(step, config, runtime, save)
     if runtime.is_main:
-        seconds = time.time() - start_time
-        images_per_second = (step - start_step) * config.batch_size * runtime.world_size / (seconds - held_out_seconds)
-        print(f"trained {step - start_step} steps in {seconds:.0f} s ({held_out_seconds:.0f} s of it held-out "
-              f"evaluation and checkpoints): {images_per_second:.0f} training images/s")
-        report(model.eval(), test_set, device, logger, step)
+        seconds = time.time() - start_time - held_out_seconds
+        print(f"trained {step - start_step} steps in {seconds:.0f} s, plus {held_out_seconds:.0f} s of held-out checks and "
+              f"checkpoints: {(step - start_step) * config.batch_size * runtime.world_size / seconds:.0f} training images/s")
+        report(model, test_set, device, logger, step)
 
 
-def report(model, test_set, device, logger=None, step=None):
-    results = evaluate(model, test_set, device)
-    score = results.pop("score", None)
-    if logger:
-        logger.log(step, **{f"test_{key}": value for key, value in results.items()},
-                   **({"test_score_all": score["overall"]["all"]} if score else {}))
-    print(f"held-out ({len(test_set)} images): MSE {results['mse']:.5f}, PSNR {results['psnr']:.2f} dB, "
-          f"codes used top {100 * results['top_used']:.1f}% bottom {100 * results['bottom_used']:.1f}%")
-    if score:
-        print("shapes scorer on the reconstructions:\n" + format_score(score))
-    return results | ({"score": score} if score else {})
+@torch.no_grad()
+def prior_nll(priors, dataset, tokenizer, device, batch_size=500):
+    """Held-out NLL in bits per code, top and bottom, averaged over codes and images."""
+    totals = torch.zeros(2)
+    for codes in dataset.codes.split(batch_size):  # (B, Ht Wt + Hb Wb)
+        totals += torch.tensor([nll.item() for nll in priors(*split_codes(codes.to(device), tokenizer))]) * len(codes)
+    return (totals / len(dataset) / math.log(2)).tolist()
+
+
+@torch.no_grad()
+def write_samples(priors, tokenizer, count, path, seed, device):
+    images = tokenizer.decode(*priors.sample(count, torch.Generator(device).manual_seed(seed)))
+    save_grid(images, path, nrow=int(math.ceil(math.sqrt(count))))
+    return images
+
+
+def train_prior(config, runtime, checkpoint=None):
+    """Train p(top) and p(bottom | top) together on codes from --encode."""
+    out, device = Path(config.out), runtime.device
+    codes = load_codes(config.train_prior)
+    tokenizer = VQVAE2.from_state(codes["tokenizer"], device, config.train_prior)
+    train_set, test_set = CodesDataset(codes["train"]), CodesDataset(codes["test"])
+    priors = Priors(tokenizer, config).to(device)
+    optimizer = torch.optim.Adam(priors.parameters(), lr=config.lr)
+    step, network = start(priors, optimizer, config, runtime, checkpoint,
+                          f"vqvae2 priors: {len(train_set)} training code grids, {len(test_set)} held out")
+    logger = Logger(out, config.steps, step, runtime.is_main)
+    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
+
+    def save():
+        save_checkpoint(out / "ckpt.pt", "vqvae2-prior", config, step, model=priors.state_dict(),
+                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
+
+    with StopRequest() as stop:
+        while step < config.steps and not stop.requested:
+            codes, _ = next(data)  # (B, Ht Wt + Hb Wb)
+            with autocast(device):
+                nll_top, nll_bottom = network(*split_codes(codes, tokenizer))
+            loss = nll_top + nll_bottom  # nats per code, summed over the two levels
+            grad_norm, _ = optimizer_step(optimizer, priors.parameters(), loss, step, config, guard)
+            step += 1
+            if step % config.log_every == 0 or step == config.steps:
+                bits = dict(top_bits=nll_top.item() / math.log(2), bottom_bits=nll_bottom.item() / math.log(2))
+                logger.log(step, loss=loss.item(), **bits, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
+                logger.progress(step, **bits)
+            if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
+                top_bits, bottom_bits = prior_nll(priors.eval(), test_set, tokenizer, device)
+                logger.log(step, test_top_bits=top_bits, test_bottom_bits=bottom_bits)
+                print(f"step {step}: held-out NLL top {top_bits:.3f} bits/code, bottom {bottom_bits:.3f} bits/code")
+                write_samples(priors, tokenizer, 16, out / f"samples_{step:06d}.png", config.seed, device)
+                priors.train()
+                save()
+    stopped(step, config, runtime, save)
+    if runtime.is_main and all(parse_caption(caption) for caption in test_set.captions[:10]):
+        images = write_samples(priors.eval(), tokenizer, 100, out / "samples.png", config.seed, device)
+        clean = score_shapes(images, [""] * len(images))["clean"]  # on shapes: samples read as one clean shape
+        logger.log(step, clean_samples=clean)
+        print(f"samples read as one clean shape by the shapes scorer: {100 * clean:.0f}% (of 100, {out / 'samples.png'})")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Codes files and the priors
+# Codes files (one, or a folder of parts written under torchrun) and the command line
 
 
 @torch.no_grad()
 def encode_split(model, dataset, indices, device, batch_size=500):
     """The codes and captions of dataset[i] for i in `indices`: top (N, Ht, Wt), bottom (N, Hb, Wb) int16."""
-    top = [torch.zeros(0, *model.top_shape, dtype=torch.int16)]
-    bottom = [torch.zeros(0, *model.bottom_shape, dtype=torch.int16)]
+    top, bottom = [torch.zeros(0, *model.top_shape, dtype=torch.int16)], [torch.zeros(0, *model.bottom_shape, dtype=torch.int16)]
     captions, state = [], random.getstate()
     for first in range(0, len(indices), batch_size):
         items = []
         for index in indices[first: first + batch_size]:
-            random.seed(index)  # an image with several captions gets one drawn by its index: any split into parts agrees
+            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
             items.append(dataset[index])
         top_ids, bottom_ids = model.encode(torch.stack([image for image, _ in items]).to(device))
         top.append(top_ids.to(torch.int16).cpu())
@@ -621,85 +682,46 @@ def encode_split(model, dataset, indices, device, batch_size=500):
     return dict(top=torch.cat(top), bottom=torch.cat(bottom), captions=captions)
 
 
-def write_codes_parts(model, splits, folder, runtime):
-    """Under torchrun, every rank encodes its parts of the splits into folder/part-INDEX-of-COUNT.pt, each a
-    complete codes file with the tokenizer (data.write_parts: a stopped encoding writes only what is missing)."""
-    def made_by_this_tokenizer(path):
-        made_by = load_checkpoint(path, "vqvae2-codes", required=("tokenizer",))["tokenizer"]
-        check(same_tokenizer(made_by, model.state()),
-              f"{folder}: its parts were made by another tokenizer; remove them or choose another --out")
-
-    def encode_part(index, count):
-        start = time.time()
-        part = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
-                for name, dataset in splits.items()}
-        print(f"rank {runtime.rank}: encoded {len(part['train']['captions'])} train and {len(part['test']['captions'])} "
-              f"held-out images in {time.time() - start:.1f} s (part {index} of {count})", flush=True)
-        return dict(kind="vqvae2-codes", tokenizer=model.state(), **part)
-
-    write_parts(folder, runtime, encode_part, made_by_this_tokenizer)
-
-
-@torch.no_grad()
 def encode_dataset(config, runtime, out_given):
-    """Write every image's codes and caption, train and held-out split, with the tokenizer that made them, to
-    one plain-data file; or, under torchrun or into an existing folder, to a folder of parts (write_codes_parts).
-    Returns the codes, as load_codes reads them."""
+    """Write the codes and captions of every image, train and held-out split, with the tokenizer that made
+    them, to one file; or, under torchrun or into a folder already there, to a folder of parts, one per
+    process, of which a rerun writes only the missing ones (data.write_parts). -> the codes, as load_codes."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     model = VQVAE2.from_checkpoint(path, runtime.device)
     out = Path(config.out) if out_given else Path(path).parent / ("codes" if runtime.distributed else "codes.pt")
     splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
-    if runtime.distributed or out.is_dir():
+
+    def encode(index, count):  # part `index` of `count`: a codes file of its own
+        start_time = time.time()
+        codes = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
+                 for name, dataset in splits.items()}
+        sizes, seconds = [len(split["captions"]) for split in codes.values()], max(time.time() - start_time, 1e-9)
+        print(f"rank {runtime.rank}: encoded {sizes[0]} train and {sizes[1]} held-out images in {seconds:.1f} s "
+              f"({sum(sizes) / seconds:.0f} images/s, data loading included; part {index} of {count})", flush=True)
+        return dict(kind="vqvae2-codes", tokenizer=model.state(), **codes)
+
+    in_parts = runtime.distributed or out.is_dir()
+    if in_parts:
         check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
-        write_codes_parts(model, splits, out, runtime)
-        codes = load_codes(out)  # every part there, and all from one tokenizer: this one?
-        check(same_tokenizer(codes["tokenizer"], model.state()),
-              f"{out}: its parts were made by another tokenizer than {path}; remove them or choose another --out")
-        if runtime.is_main:
-            print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out, "
-                  f"in {len(parts_in(out)[1])} parts -> {out}")
-        return codes
-    start = time.time()
-    codes = dict(kind="vqvae2-codes", tokenizer=model.state(),
-                 **{name: encode_split(model, dataset, range(len(dataset)), runtime.device)
-                    for name, dataset in splits.items()})
-    atomic_write(out, lambda file: torch.save(codes, file))
-    count, seconds = sum(len(dataset) for dataset in splits.values()), time.time() - start
-    print(f"encoded {count} images in {seconds:.1f} s ({count / seconds:.0f} images/s, data loading included): "
-          f"{len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out -> {out}")
+        write_parts(out, runtime, encode, "vqvae2-codes", made_by=("tokenizer", model.state()))
+        codes = load_codes(out)  # every part there, all from one tokenizer: this one, as the first part was
+    else:
+        codes = encode(0, 1)
+        atomic_write(out, lambda file: torch.save(codes, file))
+    if runtime.is_main:
+        print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out"
+              f"{f', in {parts_in(out)[0]} parts' if in_parts else ''} -> {out}")
     return codes
 
 
 def load_codes(path):
-    """A codes file from --encode, or a folder of its parts: checked complete (all COUNT of COUNT) and from
-    one tokenizer, then concatenated in part order. -> dict(tokenizer, train, test), each split
-    dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
-    path = Path(path)
-    if not path.is_dir():
-        codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
-        check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
-        return codes
-    parts, paths = read_parts(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
-    for part, part_path in zip(parts, paths):
-        check(same_tokenizer(part["tokenizer"], parts[0]["tokenizer"]),
-              f"{part_path}: made by another tokenizer than {paths[0].name}; encode the folder again")
-    try:
-        return dict(kind="vqvae2-codes", tokenizer=parts[0]["tokenizer"], **{
-            name: dict(top=torch.cat([part[name]["top"] for part in parts]),
-                       bottom=torch.cat([part[name]["bottom"] for part in parts]),
-                       captions=[caption for part in parts for caption in part[name]["captions"]])
-            for name in ("train", "test")})
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
-
-
-def same_tokenizer(a, b):
-    """Whether two tokenizer states (VQVAE2.state()) hold the same config and weights."""
-    try:
-        return a["config"] == b["config"] and a["model"].keys() == b["model"].keys() and all(
-            torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
-    except (KeyError, TypeError, AttributeError):
-        return False
+    """A codes file from --encode, or a folder of its parts (complete, from one tokenizer, joined in part order).
+    -> dict(tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    if Path(path).is_dir():
+        return read_parts(path, "vqvae2-codes", ("tokenizer", "train", "test"), made_by="tokenizer")
+    codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
+    check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
+    return codes
 
 
 class CodesDataset(Dataset):
@@ -722,106 +744,6 @@ def split_codes(codes, tokenizer):
     return codes[:, :top_size].view(-1, *tokenizer.top_shape), codes[:, top_size:].view(-1, *tokenizer.bottom_shape)
 
 
-@torch.no_grad()
-def prior_nll(priors, dataset, tokenizer, device, batch_size=500):
-    """Held-out NLL in bits per code, top and bottom, averaged over codes and images."""
-    totals = torch.zeros(2)
-    for first in range(0, len(dataset), batch_size):
-        codes = dataset.codes[first: first + batch_size].to(device)
-        totals += torch.tensor([nll.item() for nll in priors(*split_codes(codes, tokenizer))]) * len(codes)
-    return (totals / len(dataset) / math.log(2)).tolist()
-
-
-@torch.no_grad()
-def write_samples(priors, tokenizer, count, path, seed, device):
-    generator = torch.Generator(device).manual_seed(seed)
-    images = tokenizer.decode(*priors.sample(count, generator))
-    save_grid(images, path, nrow=int(math.ceil(math.sqrt(count))))
-    return images
-
-
-def train_prior(config, runtime, checkpoint=None):
-    """Train p(top) and p(bottom | top) together on a codes file or folder of parts: loss = their NLLs in nats per
-    code, summed."""
-    out, device = Path(config.out), runtime.device
-    codes = load_codes(config.train_prior)
-    tokenizer = VQVAE2.from_state(codes["tokenizer"], device, config.train_prior)
-    train_set, test_set = CodesDataset(codes["train"]), CodesDataset(codes["test"])
-    priors = Priors(tokenizer, config).to(device)
-    optimizer = torch.optim.Adam(priors.parameters(), lr=config.lr)
-    step = 0
-    if checkpoint:
-        load_state(priors, checkpoint["model"], out / "ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
-        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"vqvae2 priors: {sum(p.numel() for p in priors.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_set)} training code grids, {len(test_set)} held out, device {device}, "
-              f"{runtime.world_size} process(es), from step {step}")
-    network = DistributedDataParallel(priors) if runtime.distributed else priors
-    logger = Logger(out, config.steps, step, runtime.is_main)
-    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
-    guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
-
-    def save():
-        save_checkpoint(out / "ckpt.pt", "vqvae2-prior", config, step, model=priors.state_dict(),
-                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
-
-    with StopRequest() as stop:
-        while step < config.steps and not stop.requested:
-            batch, _ = next(data)  # (B, Ht Wt + Hb Wb)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
-            with autocast(device):
-                nll_top, nll_bottom = network(*split_codes(batch, tokenizer))
-            loss = nll_top + nll_bottom
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(priors.parameters(), config.grad_clip or float("inf"))
-            if guard.finite(step, loss, grad_norm):  # else this batch is skipped
-                optimizer.step()
-            step += 1
-            if step % config.log_every == 0 or step == config.steps:
-                bits_top, bits_bottom = nll_top.item() / math.log(2), nll_bottom.item() / math.log(2)
-                logger.log(step, loss=loss.item(), top_bits=bits_top, bottom_bits=bits_bottom,
-                           lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
-                logger.progress(step, top_bits=bits_top, bottom_bits=bits_bottom)
-            if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                priors.eval()
-                top_bits, bottom_bits = prior_nll(priors, test_set, tokenizer, device)
-                logger.log(step, test_top_bits=top_bits, test_bottom_bits=bottom_bits)
-                print(f"step {step}: held-out NLL top {top_bits:.3f} bits/code, bottom {bottom_bits:.3f} bits/code",
-                      flush=True)
-                write_samples(priors, tokenizer, 16, out / f"samples_{step:06d}.png", config.seed, device)
-                priors.train()
-                save()
-    if step < config.steps:
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
-    if runtime.is_main and all(parse_caption(caption) for caption in test_set.captions[:10]):
-        priors.eval()  # on shapes: how many samples the pixel scorer reads as one clean shape
-        images = write_samples(priors, tokenizer, 100, out / "samples.png", config.seed, device)
-        clean = score_shapes(images, [""] * len(images))["clean"]
-        logger.log(step, clean_samples=clean)
-        print(f"samples read as one clean shape by the shapes scorer: {100 * clean:.0f}% (of 100, {out / 'samples.png'})")
-
-
-@torch.no_grad()
-def sample(config, runtime, out_given):
-    path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
-    checkpoint = load_checkpoint(path, "vqvae2-prior", required=("config", "model", "tokenizer"))
-    tokenizer = VQVAE2.from_state(checkpoint["tokenizer"], runtime.device, path)
-    priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"], validate)).to(runtime.device)
-    load_state(priors, checkpoint["model"], path)
-    out = Path(config.out) if out_given else Path(path).parent
-    write_samples(priors.eval(), tokenizer, config.sample, out / "samples.png", config.seed, runtime.device)
-    print(f"wrote {out / 'samples.png'}")
-
-
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     if config.train_prior and "out" not in given:
@@ -830,8 +752,15 @@ def main(argv=None):
                                     training=not (config.sample or config.eval or config.encode))
     runtime = setup(config.device, config.seed)
     try:
-        if config.sample:
-            sample(config, runtime, "out" in given)
+        if config.sample:  # from the priors of a prior checkpoint, decoded by its tokenizer
+            path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
+            checkpoint = load_checkpoint(path, "vqvae2-prior", required=("config", "model", "tokenizer"))
+            tokenizer = VQVAE2.from_state(checkpoint["tokenizer"], runtime.device, path)
+            priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"], validate)).to(runtime.device)
+            load_state(priors, checkpoint["model"], path)
+            out = Path(config.out if "out" in given else Path(path).parent) / "samples.png"
+            write_samples(priors.eval(), tokenizer, config.sample, out, config.seed, runtime.device)
+            print(f"wrote {out}")
         elif config.eval:
             model = VQVAE2.from_checkpoint(config.ckpt or str(Path(config.out) / "ckpt.pt"), runtime.device)
             try:
