@@ -234,16 +234,16 @@ class DALLE(nn.Module):
 
 
 def losses(model, tokens):
-    """tokens (B, L) -> (CE_text, a mean over the B (T-1) predicted bytes, in nats; the per-token image
-    NLL -log p(z_i | y, z_<i), (B, Nt + Nb)). Training averages the latter over all B (Nt + Nb) codes."""
-    text_logits, image_logits = model(tokens)
+    """tokens (B, L) -> (CE_text, scalar; -log p(z_i | y, z_<i) of every image token, (B, Nt + Nb)), in nats.
+    Training averages the latter over the batch's B (Nt + Nb) image tokens; caption_gain sums it."""
+    text_logits, image_logits = model(tokens)  # (B, T-1, 257), [(B, Nt, Kt), (B, Nb, Kb)]
     T = text_logits.shape[1] + 1
-    text = F.cross_entropy(text_logits.flatten(0, 1).float(), tokens[:, 1:T].flatten())  # mean over B (T-1)
-    image_targets = tokens[:, T:]  # (B, Nt + Nb)
-    log_probs = torch.cat([logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-                           for logits, targets in zip(image_logits, image_targets.split(
-                               [logits.shape[1] for logits in image_logits], 1))], 1)  # (B, Nt + Nb)
-    return text, -log_probs  # scalar, (B, Nt + Nb) per-token NLL
+    # CE_text = -1/(B (T-1)) sum_b sum_{t=2..T} log p(y_t | y_<t): the mean over the batch's predicted bytes
+    text = F.cross_entropy(text_logits.flatten(0, 1).float(), tokens[:, 1:T].flatten())  # (B (T-1), 257) -> scalar
+    z = tokens[:, T:].split([logits.shape[1] for logits in image_logits], 1)  # (B, Nt), (B, Nb)
+    log_p = torch.cat([logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]  # (B, N, K) -> (B, N)
+                       for logits, targets in zip(image_logits, z)], 1)  # (B, Nt + Nb): log p(z_i | y, z_<i)
+    return text, -log_p
 
 
 def drop_captions(text, probability, generator):
@@ -482,8 +482,8 @@ def train(config, runtime, checkpoint=None):
             tokens = torch.cat([drop_captions(y, config.cond_drop, generator), z], 1)  # (B, L), for guidance
             with autocast(device):
                 text_loss, nll = losses(network, tokens)
-                image_loss = nll.mean()  # mean over the B (Nt + Nb) image tokens
-                # loss = 1/8 CE_text + 7/8 CE_image (paper sec. 2.2), each a mean over its tokens in the batch
+                image_loss = nll.mean()  # CE_image: the mean over the batch's B (Nt + Nb) image tokens
+                # loss = 1/8 CE_text + 7/8 CE_image (paper sec. 2.2: each CE normalised by its count of tokens)
                 loss = config.text_weight * text_loss + (1 - config.text_weight) * image_loss
                 loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
@@ -557,6 +557,7 @@ def evaluate(model, tokenizer, test_set, config, device, logger, step):
 
 
 def write_samples(model, tokenizer, captions, config, device, path):
+    """A grid of one sample per caption."""
     images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0), device)
     save_grid(images, path, nrow=8, captions=captions)
 
@@ -706,8 +707,9 @@ def benchmark(config, runtime):
     device, K, B = runtime.device, vqvae2.Config().codebook_size, config.batch_size
     model = DALLE(config, (config.image_size // 8,) * 2, (config.image_size // 4,) * 2, K, K).to(device)
     tokens = torch.randint(0, 256, (B, model.length), device=device)  # (B, L): random bytes and codes
-    optimizer, results = torch.optim.AdamW(model.parameters(), lr=config.lr), {}
-    for name, steps in (("warm_up", 1), ("train", 5)):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    results = dict(parameters=sum(p.numel() for p in model.parameters()))
+    for steps in (1, 5):  # a warm-up step, then the measured ones
         start = time.time()
         for _ in range(steps):
             with autocast(device):
@@ -716,7 +718,7 @@ def benchmark(config, runtime):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         text_loss.item()  # waits for the GPU
-        results[f"{name}_tokens_per_second"] = steps * B * (model.length - 1) / (time.time() - start)
+        results["train_tokens_per_second"] = steps * B * (model.length - 1) / (time.time() - start)
     for cache in (True, False):
         start, text = time.time(), tokens[:config.n, :config.text_len]  # (n, T)
         with autocast(device):
