@@ -1387,11 +1387,11 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
     assert (tmp_path / "s" / "samples.png").is_file()
     scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
     assert scored.returncode == 0, scored.stderr
-    interactive = subprocess.run([sys.executable, ROOT / "dalle.py", "--interactive", "--ckpt", ckpt, "-n", "2",
-                                  "--out", tmp_path / "i"], input="a red circle\n\nun cercle bleu\n",
-                                 capture_output=True, text=True, timeout=120)
-    assert interactive.returncode == 0, interactive.stderr
-    assert len(list((tmp_path / "i").glob("interactive_*.png"))) == 2
+    piped = subprocess.run([sys.executable, ROOT / "dalle.py", "--prompts", "-", "--ckpt", ckpt, "-n", "2",
+                            "--out", tmp_path / "i"], input="a red circle\n\nun cercle bleu\n",
+                           capture_output=True, text=True, timeout=120)  # captions from standard input
+    assert piped.returncode == 0, piped.stderr
+    assert len(list((tmp_path / "i" / "samples").glob("*.png"))) == 2 * 2  # the blank line is no caption
     evaluated = run(ROOT / "dalle.py", "--eval", "--ckpt", ckpt, "--test", tiny_shapes, "--guidance", 2)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "48 test captions, guidance 2" in evaluated.stdout and "seen " in evaluated.stdout  # a folder of shapes
