@@ -325,8 +325,10 @@ def generate(model, tokenizer, captions, config, device):
 # NOTE: the paper states no regulariser. We use residual dropout and DropKey (Li et al. 2023,
 # arXiv:2208.02646), 0.2 each: without them our model memorises its training codes on shapes (image loss
 # 0.19 nats per token in training against 1.04 held out).
-# NOTE: the paper samples at temperature 1 and reranks with CLIP; our default temperature is 0.2, which
-# draws seen captions right 89% of the time against 57% at 1, at the price of less varied images.
+# NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
+# 1.5) are the best measured on shapes (95.2% of seen pairs against 77.8% at temperature 1). On real
+# images they are not: on Fashion-MNIST --guidance 3 --temperature 1 raises class accuracy from 70% to 89%
+# (README, "Results on real captioned images").
 
 
 def keep_mask(shape, p, device):
@@ -553,7 +555,14 @@ def evaluate(model, tokenizer, test_set, config, device, logger, step):
     logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
     print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
           f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
-    write_samples(model, tokenizer, test_set.captions[:16], config, device, Path(config.out) / f"samples_{step:06d}.png")
+    write_samples(model, tokenizer, spread_captions(test_set.captions), config, device,
+                  Path(config.out) / f"samples_{step:06d}.png")
+
+
+def spread_captions(captions, count=16):
+    """Up to `count` different captions spread over a split (a sorted folder groups its classes), each twice."""
+    picks = dict.fromkeys(captions[int(i)] for i in torch.linspace(0, len(captions) - 1, 4 * count).round())
+    return [caption for caption in list(picks)[:count] for _ in range(2)]
 
 
 def write_samples(model, tokenizer, captions, config, device, path):
@@ -617,7 +626,7 @@ def prepare_codes(config, runtime):
 def report(model, tokenizer, captions, config, device, out, logger=None, step=None):
     """On shapes: the scorer on a sample per caption (--keep M: the M best of n) at guidance 1 and --guidance."""
     if not all(parse_caption(caption) for caption in captions[:20]):
-        write_samples(model, tokenizer, captions[:16], config, device, out / "samples.png")
+        write_samples(model, tokenizer, spread_captions(captions), config, device, out / "samples.png")
         return print(f"samples for held-out captions: {out / 'samples.png'}")
     for guidance in sorted({1.0, config.guidance}):
         start, scored = time.time(), dataclasses.replace(config, guidance=guidance, n=config.n if config.keep else 1)

@@ -1561,9 +1561,10 @@ def score_judge(args):
     logits, features = model.judge(samples, runtime.device)  # (N, classes), (N, 128)
     real_logits, real_features = model.judge(real, runtime.device)
     hits = (logits.argmax(1) == wanted)[wanted >= 0]
-    n, disjoint = len(samples), 2 * len(samples) <= len(real)  # else the floor's images overlap the reference
+    # the floor: as many real images as samples against the other real ones, or half against half
+    n, floor_n = len(samples), min(len(samples), len(real) // 2)
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
-    floor, reference = order[:n], order[n:] if disjoint else order
+    floor, reference = order[:floor_n], order[floor_n:]
     report = dict(samples=n, unnamed=n - len(hits), class_accuracy=hits.double().mean().item() if len(hits) else None,
                   real_accuracy=(real_logits.argmax(1) == real_labels).double().mean().item(),
                   fd=frechet_distance(features, real_features[reference]), reference=len(reference),
@@ -1575,8 +1576,7 @@ def score_judge(args):
         "class accuracy  " + (f"{100 * report['class_accuracy']:.1f}% of {len(hits)}" if len(hits) else "-")
         + f" (the judge on the {len(real)} real images: {100 * report['real_accuracy']:.1f}%)",
         f"FD              {report['fd']:.3f} (the samples against {len(reference)} real images)",
-        f"floor           {report['floor']:.3f} ({len(floor)} {'other' if disjoint else 'overlapping'} real "
-        f"images against the same {len(reference)})"]))
+        f"floor           {report['floor']:.3f} ({len(floor)} other real images against the same {len(reference)})"]))
 
 
 # ----------------------------------------------------------------------------------------------------
