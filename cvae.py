@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
+                  load_train_test, parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid,
                   score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
 
 
@@ -275,11 +275,7 @@ def train(config, runtime, checkpoint=None):
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = CVAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = checkpoint["step"] if checkpoint else 0
-    if checkpoint:  # resuming: the weights, Adam's moments and the step
-        load_state(model, checkpoint["model"], out / "ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
+    step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     grid_captions = [caption for caption in spread_batch(test_set, 8)[1] for _ in range(4)]  # 8 held out, 4 each
     if runtime.is_main:
         print(f"cvae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} training "

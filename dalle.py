@@ -34,9 +34,9 @@ from torch.utils.data import Dataset
 
 import vqvae2
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
-                  batches, check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state,
-                  load_test, parse_caption, parse_config, parts_in, run_cli, run_config, save_checkpoint, save_grid, score_report,
-                  setup, step_generator, teardown, warn_if_cut)
+                  batches, check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint,
+                  load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli, run_config,
+                  save_checkpoint, save_grid, score_report, setup, step_generator, teardown, warn_if_cut)
 
 
 @dataclass
@@ -525,11 +525,7 @@ def build(config, runtime, tokenizer, train_set, test_set, checkpoint):
         code_appearance(model, tokenizer, train_set.codes)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.96),
                                   eps=1e-8, fused=runtime.device.type == "cuda")  # betas and eps from the paper (B.2)
-    step = checkpoint["step"] if checkpoint else 0
-    if checkpoint:
-        load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
+    step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     if runtime.is_main:
         print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "

@@ -1121,6 +1121,17 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
     return checkpoint
 
 
+def restore(checkpoint, config, model, optimizer):
+    """The step a run starts at: 0, or with --resume the checkpoint's, after loading its model and optimizer
+    states (the weights, the optimizer's moments)."""
+    if not checkpoint:
+        return 0
+    load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    check(checkpoint["step"] < config.steps, f"the checkpoint is at step {checkpoint['step']} already; pass a larger --steps")
+    return checkpoint["step"]
+
+
 def load_state(module, state, path):
     """load_state_dict with a one-line error when the shapes do not match."""
     try:

@@ -880,7 +880,7 @@ def test_vqvae2_initialises_codebooks_from_the_first_batch():
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)  # (count, D)
         distance, nearest = (quantizer.codebook[:, None] - flat[None]).norm(dim=2).min(1)  # (K, count) -> (K,)
         assert quantizer.initialised and distance.max() < 1e-4  # every code is one of the first batch's z_e
-        assert len(set(nearest.tolist())) == min(count, 16)  # all different when there are enough
+        assert len(set(nearest.tolist())) == 16 or count < 16  # all different when there are enough
     model = tiny_vqvae2(16)
     x = torch.rand(64, 3, 16, 16)
     model(x)

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check,
                   config_from_dict, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
-                  parse_config, run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
+                  parse_config, restore, run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
                   step_generator, teardown, warn)
 
 
@@ -232,12 +232,7 @@ def train(config, runtime, checkpoint=None):
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = 0
-    if checkpoint:
-        load_state(model, checkpoint["model"], out / "ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
-        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
+    step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

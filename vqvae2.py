@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check, config_from_dict,
                   format_score, learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_caption,
-                  parse_config, part_indices, parts_in, read_parts, run_cli, run_config, save_checkpoint, save_grid,
+                  parse_config, part_indices, parts_in, read_parts, restore, run_cli, run_config, save_checkpoint, save_grid,
                   score_report, score_shapes, setup, step_generator, teardown, write_parts)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
@@ -510,11 +510,7 @@ def training_metrics(model, loss, mse, commitments, ids, runtime):
 def start(model, optimizer, config, runtime, checkpoint, what):
     """Load `checkpoint` (a loaded ckpt.pt) when resuming, say what trains, and wrap the model for torchrun.
     -> (the step to start from, the module to call)."""
-    step = checkpoint["step"] if checkpoint else 0
-    if checkpoint:
-        load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
+    step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     if runtime.is_main:
         print(f"{what}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {runtime.device}, "
               f"{runtime.world_size} process(es), from step {step}")
