@@ -1207,7 +1207,7 @@ def die(*arguments, **keywords):
 def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_with(tiny_shapes, tmp_path, monkeypatch,
                                                                                    capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
-            "1", "--warmup", "1", "--code-drop", "0.25", "--no-text-shift"]  # none of them the default
+            "1", "--warmup", "1", "--code-drop", "0.25", "--text-shift"]  # none of them the default
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     # killed while the tokenizer trains, while the dataset is encoded, and before the transformer's first save
