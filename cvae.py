@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid,
-                  score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
+                  load_train_test, parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint,
+                  save_grid, score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
 
 
 @dataclass

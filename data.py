@@ -1128,7 +1128,8 @@ def restore(checkpoint, config, model, optimizer):
         return 0
     load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    check(checkpoint["step"] < config.steps, f"the checkpoint is at step {checkpoint['step']} already; pass a larger --steps")
+    check(checkpoint["step"] < config.steps,
+          f"the checkpoint is at step {checkpoint['step']} already; pass a larger --steps")
     return checkpoint["step"]
 
 

@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check,
-                  config_from_dict, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
-                  parse_config, restore, run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check, config_from_dict,
+                  learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_config, restore,
+                  run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
                   step_generator, teardown, warn)
 
 
@@ -343,7 +343,8 @@ def sample(config, runtime, out_given):
     mu = model.encoder(x)[0].view(-1, 2, saved.latent_dim)  # (P, 2, J): P pairs
     t = torch.linspace(0, 1, 10, device=runtime.device).view(1, 10, 1)  # (1, 10, 1)
     z = (1 - t) * mu[:, :1] + t * mu[:, 1:]  # (P, 10, J)
-    save_grid(torch.sigmoid(model.decoder(z.flatten(0, 1))), out / "interpolation.png", nrow=10)  # z (P, 10, J) -> (P * 10, J): one row per pair
+    x = torch.sigmoid(model.decoder(z.flatten(0, 1)))  # z (P, 10, J) -> (P * 10, J): one row per pair
+    save_grid(x, out / "interpolation.png", nrow=10)
     print(f"wrote {out / 'interpolation.png'}")
 
 

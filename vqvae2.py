@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check, config_from_dict,
-                  format_score, learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_caption,
-                  parse_config, part_indices, parts_in, read_parts, restore, run_cli, run_config, save_checkpoint, save_grid,
-                  score_report, score_shapes, setup, step_generator, teardown, write_parts)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
+                  config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, restore, run_cli,
+                  run_config, save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown,
+                  write_parts)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
 # once; the bottom grid is Hb x Wb = S/4 x S/4, the top grid Ht x Wt = S/8 x S/8.
