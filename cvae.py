@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
-                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint,
-                  save_grid, score_report, setup, spread_batch, step_generator, teardown, warn_if_cut)
+                  encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test,
+                  parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid, score_report,
+                  setup, spread_batch, step_generator, warn_if_cut)
 
 
 @dataclass
@@ -319,11 +319,7 @@ def train(config, runtime, checkpoint=None):
                 images = draw(model, grid_captions, config, device)  # 4 samples of 8 held-out captions, a row each
                 save_grid(images, out / f"samples_{step:06d}.png", nrow=4, captions=grid_captions)
                 save()
-    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
+    keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         report(model, test_set, config, device, logger, step)
 
@@ -374,23 +370,14 @@ def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     config, checkpoint = run_config(config, given, "cvae", validate, training=not (config.sample or config.eval))
     runtime = setup(config.device, config.seed)
-    try:
-        if not (config.sample or config.eval):
-            return train(config, runtime, checkpoint)
-        path = config.ckpt or str(Path(config.out) / "ckpt.pt")  # --sample and --eval read a checkpoint
-        checkpoint = load_checkpoint(path, "cvae")
-        saved = config_from_dict(Config, checkpoint["config"], validate)
-        model = CVAE(saved).to(runtime.device)
-        load_state(model, checkpoint["model"], path)
-        if config.sample:  # beside the checkpoint unless --out is given
-            out = Path(config.out) if "out" in given else Path(path).parent
-            sample(model.eval(), saved, config, out, runtime.device)
-        else:
-            test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
-            report(model.eval(), test_set, replace(saved, iw=config.iw, seed=config.seed), runtime.device)
-    finally:
-        teardown()
-
+    if not (config.sample or config.eval):
+        return train(config, runtime, checkpoint)
+    model, saved, out = load_run(config, given, "cvae", validate, lambda saved: CVAE(saved).to(runtime.device))
+    if config.sample:
+        sample(model, saved, config, out, runtime.device)
+    else:
+        test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
+        report(model, test_set, replace(saved, iw=config.iw, seed=config.seed), runtime.device)
 
 if __name__ == "__main__":
     run_cli(main)

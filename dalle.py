@@ -34,9 +34,9 @@ from torch.utils.data import Dataset
 
 import vqvae2
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
-                  batches, check, config_from_dict, encode_text, format_score, learning_rate, load_checkpoint,
-                  load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli, run_config,
-                  save_checkpoint, save_grid, score_report, setup, step_generator, teardown, warn_if_cut)
+                  batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
+                  load_checkpoint, load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli,
+                  run_config, save_checkpoint, save_grid, score_report, setup, step_generator, warn_if_cut)
 
 
 @dataclass
@@ -507,11 +507,7 @@ def train(config, runtime, checkpoint=None):
                 model.train()
                 save()
                 paused += time.time() - evaluation_start
-    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
+    keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s of it held-out "
               "evaluation)")
@@ -743,20 +739,17 @@ def main(argv=None):
     config, checkpoint = run_config(config, given, "dalle", validate, legacy=LEGACY,
                                     training=not (config.benchmark or sampling or config.eval))
     runtime = setup(config.device, config.seed)
-    try:
-        if config.benchmark:
-            benchmark(config, runtime)
-        elif sampling:
-            sample(config, runtime, "out" in given)
-        elif config.eval:
-            path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
-            model, tokenizer, saved = load_model(path, runtime.device)
-            out = Path(config.out) if "out" in given else path.parent
-            report(model, tokenizer, eval_captions(config, saved, tokenizer.image_size), config, runtime.device, out)
-        else:
-            train(config, runtime, checkpoint)
-    finally:
-        teardown()
+    if config.benchmark:
+        benchmark(config, runtime)
+    elif sampling:
+        sample(config, runtime, "out" in given)
+    elif config.eval:
+        path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
+        model, tokenizer, saved = load_model(path, runtime.device)
+        out = Path(config.out) if "out" in given else path.parent
+        report(model, tokenizer, eval_captions(config, saved, tokenizer.image_size), config, runtime.device, out)
+    else:
+        train(config, runtime, checkpoint)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,10 @@ def run_cli(main, argv=None):
     status = 0
     _new_records.clear()
     try:
-        main(argv)
+        try:
+            main(argv)
+        finally:
+            teardown()
     except (UsageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 2
@@ -1088,6 +1091,27 @@ def remove_stale_temporaries(folder, name="*"):
             path.unlink(missing_ok=True)
         except (PermissionError, OverflowError):  # another user's process; a number too large to be a pid
             pass
+
+
+def keep_work_if_stopped(step, steps, runtime, save, out):
+    """After a training loop that StopRequest ended before `steps`: save (rank 0), then exit with 130."""
+    if step < steps:
+        if runtime.is_main:
+            save()
+            print(f"stopped: saved {Path(out) / 'ckpt.pt'} at step {step}; continue with --resume")
+        raise KeyboardInterrupt
+
+
+def load_run(config, given, kind, validate, build, key="model", name="ckpt.pt"):
+    """For --sample and --eval: the model `build(saved config)` with the weights `key` of the checkpoint at
+    --ckpt (default OUT/NAME), in eval mode; its saved Config; the folder for what they write (--out when
+    given, else the checkpoint's)."""
+    path = Path(config.ckpt or Path(config.out) / name)
+    checkpoint = load_checkpoint(path, kind, required=("config", key))
+    saved = config_from_dict(type(config), checkpoint["config"], validate)
+    model = build(saved)
+    load_state(model, checkpoint[key], path)
+    return model.eval(), saved, Path(config.out) if "out" in given else path.parent
 
 
 def save_checkpoint(path, kind, config, step, **state):

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
-                  config_from_dict, encode_text, format_score, learning_rate, load_checkpoint, load_state, load_test,
+                  encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_state, load_test,
                   load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
-                  score_report, score_shapes, setup, spread_batch, step_generator, teardown, warn, warn_if_cut)
+                  score_report, score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut)
 
 
 @dataclass
@@ -361,11 +361,7 @@ def train(config, runtime, checkpoint=None):
                 with torch.no_grad():  # fixed z (and held-out captions): 64 samples of the averaged G
                     images = (G_ema(grid_z, caption_tokens(grid_captions, config, device)).float() + 1) / 2
                 save_grid(images, out / f"samples_{step:06d}.png", nrow=8, captions=grid_captions)
-    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
+    keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         report(G_ema, test_set, config, device, logger, step)
 
@@ -402,24 +398,16 @@ def main(argv=None):
                                     required=("config", "step", "generator", "discriminator", "ema_generator",
                                               "generator_optimizer", "discriminator_optimizer", "window"))
     runtime = setup(config.device, config.seed)
-    try:
-        if not (config.sample or config.eval):
-            return train(config, runtime, checkpoint)
-        path = config.ckpt or str(Path(config.out) / "ckpt.pt")  # --sample and --eval read the averaged G
-        checkpoint = load_checkpoint(path, "dcgan", required=("config", "step", "ema_generator"))
-        saved = config_from_dict(Config, checkpoint["config"], validate)
-        G_ema = Generator(saved).to(runtime.device)
-        load_state(G_ema, checkpoint["ema_generator"], path)
-        if config.sample:  # beside the checkpoint unless --out is given
-            out = Path(config.out) if "out" in given else Path(path).parent
-            sample(G_ema.eval(), saved, config, out, runtime.device)
-        else:
-            test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
-            check(report(G_ema.eval(), test_set, replace(saved, seed=config.seed), runtime.device) is not None,
-                  "--eval scores shapes samples, but the held-out captions are not shapes captions")
-    finally:
-        teardown()
-
+    if not (config.sample or config.eval):
+        return train(config, runtime, checkpoint)
+    G_ema, saved, out = load_run(config, given, "dcgan", validate,  # --sample and --eval: the averaged G
+                                 lambda saved: Generator(saved).to(runtime.device), key="ema_generator")
+    if config.sample:
+        sample(G_ema, saved, config, out, runtime.device)
+    else:
+        test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
+        check(report(G_ema, test_set, replace(saved, seed=config.seed), runtime.device) is not None,
+              "--eval scores shapes samples, but the held-out captions are not shapes captions")
 
 if __name__ == "__main__":
     run_cli(main)

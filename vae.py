@@ -41,10 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check, config_from_dict,
-                  learning_rate, load_checkpoint, load_state, load_test, load_train_test, parse_config, restore,
-                  run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
-                  step_generator, teardown, warn)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check, keep_work_if_stopped,
+                  learning_rate, load_run, load_test, load_train_test, parse_config, restore, run_cli, run_config,
+                  save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch, step_generator, warn)
 
 
 @dataclass
@@ -276,11 +275,7 @@ def train(config, runtime, checkpoint=None):
                       f"({held_out['neg_elbo_bpd']:.4f} bits/dim)", flush=True)
                 write_grids(model, test_set, config, out, f"{step:06d}", device)
                 save()
-    if step < config.steps:  # stopped by Ctrl-C or SIGTERM: keep the work, then exit with 130
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
+    keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         report(model, test_set, config, device, logger, step)
 
@@ -314,20 +309,8 @@ def report(model, test_set, config, device, logger=None, step=None):
 # Sampling and evaluation of a checkpoint
 
 
-def load_model(config, device):
-    """The model and its saved config from --ckpt (default OUT/ckpt.pt)."""
-    path = config.ckpt or str(Path(config.out) / "ckpt.pt")
-    checkpoint = load_checkpoint(path, "vae")
-    saved = config_from_dict(Config, checkpoint["config"], validate)
-    model = VAE(saved).to(device)
-    load_state(model, checkpoint["model"], path)
-    return model.eval(), saved, Path(path).parent
-
-
 @torch.no_grad()
-def sample(config, runtime, out_given):
-    model, saved, run_folder = load_model(config, runtime.device)
-    out = Path(config.out) if out_given else run_folder
+def sample(model, saved, config, out, runtime):
     generator = torch.Generator(runtime.device).manual_seed(config.seed)
     z = torch.randn(config.sample, saved.latent_dim, device=runtime.device, generator=generator)  # (N, J)
     # NOTE: we show the Bernoulli means sigmoid(f(z)), as is customary, not binary draws from them.
@@ -352,17 +335,14 @@ def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     config, checkpoint = run_config(config, given, "vae", validate, training=not (config.sample or config.eval))
     runtime = setup(config.device, config.seed)
-    try:
-        if config.sample:
-            sample(config, runtime, "out" in given)
-        elif config.eval:
-            model, saved, _ = load_model(config, runtime.device)
-            test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
-            report(model, test_set, dataclasses.replace(saved, iw=config.iw, seed=config.seed), runtime.device)
-        else:
-            train(config, runtime, checkpoint)
-    finally:
-        teardown()
+    if not (config.sample or config.eval):
+        return train(config, runtime, checkpoint)
+    model, saved, out = load_run(config, given, "vae", validate, lambda saved: VAE(saved).to(runtime.device))
+    if config.sample:
+        sample(model, saved, config, out, runtime)
+    else:
+        test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
+        report(model, test_set, dataclasses.replace(saved, iw=config.iw, seed=config.seed), runtime.device)
 
 
 if __name__ == "__main__":

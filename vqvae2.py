@@ -36,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
-                  config_from_dict, format_score, learning_rate, load_checkpoint, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, restore, run_cli,
-                  run_config, save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator, teardown,
+                  config_from_dict, format_score, keep_work_if_stopped, learning_rate, load_checkpoint, load_state,
+                  load_test, load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, restore,
+                  run_cli, run_config, save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator,
                   write_parts)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
@@ -536,15 +536,6 @@ def optimizer_step(optimizer, parameters, loss, step, config, guard):
     return grad_norm, stepped
 
 
-def stopped(step, config, runtime, save):
-    """Stopped by Ctrl-C or SIGTERM before the last step: keep the work, then exit with 130."""
-    if step < config.steps:
-        if runtime.is_main:
-            save()
-            print(f"stopped: saved {Path(config.out) / 'ckpt.pt'} at step {step}; continue with --resume")
-        raise KeyboardInterrupt
-
-
 def train(config, runtime, checkpoint=None):
     """Train the autoencoder from scratch, or on from `checkpoint` (a loaded ckpt.pt) when resuming."""
     out, device = Path(config.out), runtime.device
@@ -588,7 +579,7 @@ def train(config, runtime, checkpoint=None):
                 report(model, test_set, device, logger, step, grid=out / f"reconstructions_{step:06d}.png")
                 save()
                 held_out_seconds += time.time() - tick
-    stopped(step, config, runtime, save)
+    keep_work_if_stopped(step, config.steps, runtime, save, config.out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         seconds = time.time() - start_time - held_out_seconds
         print(f"trained {step - start_step} steps in {seconds:.0f} s, plus {held_out_seconds:.0f} s of held-out checks and "
@@ -649,7 +640,7 @@ def train_prior(config, runtime, checkpoint=None):
                 write_samples(priors, tokenizer, 16, out / f"samples_{step:06d}.png", config.seed, device)
                 priors.train()
                 save()
-    stopped(step, config, runtime, save)
+    keep_work_if_stopped(step, config.steps, runtime, save, config.out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main and all(parse_caption(caption) for caption in test_set.captions[:10]):
         images = write_samples(priors.eval(), tokenizer, 100, out / "samples.png", config.seed, device)
         clean = score_shapes(images, [""] * len(images))["clean"]  # on shapes: samples read as one clean shape
@@ -748,31 +739,28 @@ def main(argv=None):
     config, checkpoint = run_config(config, given, lambda c: "vqvae2-prior" if c.train_prior else "vqvae2", validate,
                                     training=not (config.sample or config.eval or config.encode))
     runtime = setup(config.device, config.seed)
-    try:
-        if config.sample:  # from the priors of a prior checkpoint, decoded by its tokenizer
-            path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
-            checkpoint = load_checkpoint(path, "vqvae2-prior", required=("config", "model", "tokenizer"))
-            tokenizer = VQVAE2.from_state(checkpoint["tokenizer"], runtime.device, path)
-            priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"], validate)).to(runtime.device)
-            load_state(priors, checkpoint["model"], path)
-            out = Path(config.out if "out" in given else Path(path).parent) / "samples.png"
-            write_samples(priors.eval(), tokenizer, config.sample, out, config.seed, runtime.device)
-            print(f"wrote {out}")
-        elif config.eval:
-            model = VQVAE2.from_checkpoint(config.ckpt or str(Path(config.out) / "ckpt.pt"), runtime.device)
-            try:
-                test_set = load_test(model.config.train, config.test or model.config.test, model.image_size)
-            except UsageError as error:
-                raise UsageError(f"the held-out images are not available here; pass --test DIR ({error})") from None
-            report(model, test_set, runtime.device)
-        elif config.encode:
-            encode_dataset(config, runtime, "out" in given)
-        elif config.train_prior:
-            train_prior(config, runtime, checkpoint)
-        else:
-            train(config, runtime, checkpoint)
-    finally:
-        teardown()
+    if config.sample:  # from the priors of a prior checkpoint, decoded by its tokenizer
+        path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
+        checkpoint = load_checkpoint(path, "vqvae2-prior", required=("config", "model", "tokenizer"))
+        tokenizer = VQVAE2.from_state(checkpoint["tokenizer"], runtime.device, path)
+        priors = Priors(tokenizer, config_from_dict(Config, checkpoint["config"], validate)).to(runtime.device)
+        load_state(priors, checkpoint["model"], path)
+        out = Path(config.out if "out" in given else Path(path).parent) / "samples.png"
+        write_samples(priors.eval(), tokenizer, config.sample, out, config.seed, runtime.device)
+        print(f"wrote {out}")
+    elif config.eval:
+        model = VQVAE2.from_checkpoint(config.ckpt or str(Path(config.out) / "ckpt.pt"), runtime.device)
+        try:
+            test_set = load_test(model.config.train, config.test or model.config.test, model.image_size)
+        except UsageError as error:
+            raise UsageError(f"the held-out images are not available here; pass --test DIR ({error})") from None
+        report(model, test_set, runtime.device)
+    elif config.encode:
+        encode_dataset(config, runtime, "out" in given)
+    elif config.train_prior:
+        train_prior(config, runtime, checkpoint)
+    else:
+        train(config, runtime, checkpoint)
 
 
 if __name__ == "__main__":
