@@ -13,7 +13,7 @@ Usage:
     python vqvae2.py --train-prior runs/vqvae2/codes.pt      # the priors (runs/vqvae2/prior)
     python vqvae2.py --sample 64 --ckpt runs/vqvae2/prior/ckpt.pt
 
-Deviations (NOTEs in "Beyond the paper"): an MLP on each 4x4 patch instead of strided convolutions; 1024
+Deviations (each marked NOTE): an MLP on each 4x4 patch instead of strided convolutions; 1024
 codes per level, not 512; codebooks start from encoder outputs and dead codes restart (as in Jukebox);
 small priors without attention; Adam with warmup, cosine decay and gradient clipping.
 """
@@ -25,7 +25,6 @@ import inspect
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write,
 # once; the bottom grid is Hb x Wb = S/4 x S/4, the top grid Ht x Wt = S/8 x S/8.
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     train: str = "shapes"  # images: a folder, tar shards, 'shapes' or 'shapes:N'
     test: str = ""  # held-out images; empty: shapes' test split or 5% of --train
@@ -82,8 +81,8 @@ class Config:
 
 def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    for name in ("hidden", "patch_hidden", "residual_hidden", "codebook_size", "code_dim", "window", "steps", "batch_size",
-                 "log_every", "save_every", "prior_width", "prior_layers"):
+    for name in ("hidden", "patch_hidden", "residual_hidden", "codebook_size", "code_dim", "window", "steps",
+                 "batch_size", "log_every", "save_every", "prior_width", "prior_layers"):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
     check(config.codebook_size <= 32768, "--codebook-size must be at most 32768 (codes are stored as int16)")
     check(0 <= config.decay < 1 and config.beta >= 0, "--decay must be in [0, 1) and --beta not negative")
@@ -95,7 +94,114 @@ def validate(config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The vector quantiser with an EMA codebook (VQ-VAE section 3.1 and appendix A.1)
+# The two-level autoencoder (VQ-VAE-2 section 3.1, algorithm 1), which is also the tokenizer of dalle.py
+
+
+class ResidualBlock(nn.Module):
+    """h + conv1x1(ReLU(conv3x3(ReLU(h)))), as in the VQ-VAE paper."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, h):
+        return h + self.net(h)
+
+
+def residual_stack(channels, hidden, count):
+    return [ResidualBlock(channels, hidden) for _ in range(count)] + [nn.ReLU()]
+
+
+class VQVAE2(nn.Module):
+    """Images x (B, 3, S, S) in [0, 1] <-> top codes (B, S/8, S/8) and bottom codes (B, S/4, S/4):
+        h_bottom   = E_bottom(x)                                  (B, C, S/4, S/4)
+        z_e_top    = E_top(h_bottom)                              (B, D, S/8, S/8)
+        z_q_top    = e_k, k = argmin_j ||z_e_top - e_j||_2        the nearest code of the top codebook
+        z_e_bottom = conv1x1([h_bottom; D_top(z_q_top)])          (B, D, S/4, S/4): sees the decoded top
+        z_q_bottom = the nearest code of the bottom codebook
+        x_hat      = D([upsample(z_q_top); z_q_bottom])           (B, 3, S, S)
+    As dalle.py's tokenizer: encode, decode, state, from_state, from_checkpoint, top/bottom_shape and _codebook_size."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.image_size = config, config.image_size
+        C, D, P = config.hidden, config.code_dim, config.patch_hidden
+        R, n = config.residual_hidden, config.residual_blocks
+        self.top_codebook_size = self.bottom_codebook_size = config.codebook_size
+        self.top_shape, self.bottom_shape = (config.image_size // 8,) * 2, (config.image_size // 4,) * 2
+        self.encoder_bottom = nn.Sequential(
+            nn.PixelUnshuffle(4),  # (B, 3, S, S) -> (B, 48, S/4, S/4): one 4x4x3 patch per position
+            # NOTE: the paper has two strided convolutions here (and transposed ones in D); an MLP on each 4x4
+            # patch learns sharp edges faster on a CPU (README).
+            nn.Conv2d(48, P, 1), nn.ReLU(), nn.Conv2d(P, C, 1), nn.ReLU(),  # (B, C, S/4, S/4)
+            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n))  # h_bottom (B, C, S/4, S/4)
+        self.encoder_top = nn.Sequential(
+            nn.Conv2d(C, C, 4, 2, 1), nn.ReLU(),  # (B, C, S/8, S/8)
+            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n),
+            nn.Conv2d(C, D, 1))  # z_e_top (B, D, S/8, S/8)
+        self.quantize_top = VectorQuantizer(config.codebook_size, D, config.decay)  # EMAQuantizer + restarts
+        self.decoder_top = nn.Sequential(
+            nn.Conv2d(D, C, 3, padding=1), *residual_stack(C, R, n),
+            nn.ConvTranspose2d(C, D, 4, 2, 1))  # D_top(z_q_top) (B, D, S/4, S/4)
+        self.to_z_e_bottom = nn.Conv2d(C + D, D, 1)  # [h_bottom; D_top(z_q_top)] -> z_e_bottom
+        self.quantize_bottom = VectorQuantizer(config.codebook_size, D, config.decay)
+        self.upsample_top = nn.ConvTranspose2d(D, D, 4, 2, 1)  # z_q_top onto the bottom grid (B, D, S/4, S/4)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(2 * D, C, 3, padding=1), *residual_stack(C, R, n),
+            nn.Conv2d(C, P, 1), nn.ReLU(), nn.Conv2d(P, 48, 1),  # the mirror MLP: (B, 48, S/4, S/4)
+            nn.PixelShuffle(4))  # (B, 48, S/4, S/4) -> (B, 3, S, S), in [-1, 1] units
+
+    def quantize(self, x):
+        """x (B, 3, S, S) in [0, 1] -> (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment top, bottom)."""
+        h_bottom = self.encoder_bottom(2 * x - 1)  # the networks see [-1, 1]
+        z_q_top, top_ids, commitment_top = self.quantize_top(self.encoder_top(h_bottom))
+        h = torch.cat([h_bottom, self.decoder_top(z_q_top)], 1)  # (B, C + D, S/4, S/4)
+        z_e_bottom = self.to_z_e_bottom(h)  # (B, D, S/4, S/4)
+        z_q_bottom, bottom_ids, commitment_bottom = self.quantize_bottom(z_e_bottom)
+        return (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment_top, commitment_bottom)
+
+    def reconstruct(self, z_q_top, z_q_bottom):
+        """The decoder D: -> x_hat (B, 3, S, S) in [0, 1] units, not clamped."""
+        h = torch.cat([self.upsample_top(z_q_top), z_q_bottom], 1)  # (B, 2D, S/4, S/4)
+        return 0.5 * (self.decoder(h) + 1)
+
+    def forward(self, x):
+        """-> x_hat (B, 3, S, S), commitments (top, bottom), ids (top (B, Ht, Wt), bottom (B, Hb, Wb))."""
+        z_q, ids, commitments = self.quantize(x)
+        return self.reconstruct(*z_q), commitments, ids
+
+    @torch.no_grad()
+    def encode(self, images):
+        """images (B, 3, S, S) in [0, 1] -> top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb); in eval mode: the
+        codebooks never move."""
+        training = self.training
+        _, ids, _ = self.eval().quantize(images)
+        self.train(training)
+        return ids
+
+    @torch.no_grad()
+    def decode(self, top_ids, bottom_ids):
+        """top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), any integer type -> images (B, 3, S, S) in [0, 1]."""
+        return self.reconstruct(self.quantize_top.lookup(top_ids), self.quantize_bottom.lookup(bottom_ids)).clamp(0, 1)
+
+    def state(self):  # plain data that rebuilds this tokenizer, kept in codes files and prior checkpoints
+        return dict(config=dataclasses.asdict(self.config), model=self.state_dict())
+
+    @classmethod
+    def from_state(cls, state, device="cpu", path="checkpoint"):
+        check(isinstance(state, dict) and {"config", "model"} <= state.keys(), f"{path}: its tokenizer is incomplete")
+        model = cls(config_from_dict(Config, state["config"], validate)).to(device)
+        load_state(model, state["model"], path)
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):  # the autoencoder of a vqvae2 checkpoint, in eval mode
+        return cls.from_state(load_checkpoint(path, "vqvae2"), device, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The vector quantiser with an EMA codebook and the loss (VQ-VAE section 3.1, eq. 3 and appendix A.1)
 
 
 class EMAQuantizer(nn.Module):
@@ -150,117 +256,9 @@ class EMAQuantizer(nn.Module):
         return n
 
 
-# ----------------------------------------------------------------------------------------------------
-# The two-level autoencoder (VQ-VAE-2 section 3.1, algorithm 1), which is also the tokenizer of dalle.py
-
-
-class ResidualBlock(nn.Module):
-    """h + conv1x1(ReLU(conv3x3(ReLU(h)))), as in the VQ-VAE paper."""
-
-    def __init__(self, channels, hidden):
-        super().__init__()
-        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(hidden, channels, 1))
-
-    def forward(self, h):
-        return h + self.net(h)
-
-
-def residual_stack(channels, hidden, count):
-    return [ResidualBlock(channels, hidden) for _ in range(count)] + [nn.ReLU()]
-
-
-class VQVAE2(nn.Module):
-    """Images x (B, 3, S, S) in [0, 1] <-> top codes (B, S/8, S/8) and bottom codes (B, S/4, S/4):
-        h_bottom   = E_bottom(x)                                  (B, C, S/4, S/4)
-        z_e_top    = E_top(h_bottom)                              (B, D, S/8, S/8)
-        z_q_top    = e_k, k = argmin_j ||z_e_top - e_j||_2        the nearest code of the top codebook
-        z_e_bottom = conv1x1([h_bottom; D_top(z_q_top)])          (B, D, S/4, S/4): sees the decoded top
-        z_q_bottom = the nearest code of the bottom codebook
-        x_hat      = D([upsample(z_q_top); z_q_bottom])           (B, 3, S, S)
-    Tokenizer API (dalle.py): encode(images) -> (top_ids, bottom_ids); decode(top_ids, bottom_ids) -> images;
-    from_checkpoint(path, device), from_state(state), state(); top/bottom_codebook_size, top/bottom_shape, image_size."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config, self.image_size = config, config.image_size
-        C, D, R, n, P = config.hidden, config.code_dim, config.residual_hidden, config.residual_blocks, config.patch_hidden
-        self.top_codebook_size = self.bottom_codebook_size = config.codebook_size
-        self.top_shape, self.bottom_shape = (config.image_size // 8,) * 2, (config.image_size // 4,) * 2
-        self.encoder_bottom = nn.Sequential(
-            *pixels_to_grid(P, C),  # (B, 3, S, S) -> (B, C, S/4, S/4): a per-patch MLP, see its NOTE
-            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n))  # h_bottom (B, C, S/4, S/4)
-        self.encoder_top = nn.Sequential(
-            nn.Conv2d(C, C, 4, 2, 1), nn.ReLU(),  # (B, C, S/8, S/8)
-            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n),
-            nn.Conv2d(C, D, 1))  # z_e_top (B, D, S/8, S/8)
-        self.quantize_top = VectorQuantizer(config.codebook_size, D, config.decay)  # EMAQuantizer + restarts
-        self.decoder_top = nn.Sequential(
-            nn.Conv2d(D, C, 3, padding=1), *residual_stack(C, R, n),
-            nn.ConvTranspose2d(C, D, 4, 2, 1))  # D_top(z_q_top) (B, D, S/4, S/4)
-        self.to_z_e_bottom = nn.Conv2d(C + D, D, 1)  # [h_bottom; D_top(z_q_top)] -> z_e_bottom
-        self.quantize_bottom = VectorQuantizer(config.codebook_size, D, config.decay)
-        self.upsample_top = nn.ConvTranspose2d(D, D, 4, 2, 1)  # z_q_top onto the bottom grid (B, D, S/4, S/4)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(2 * D, C, 3, padding=1), *residual_stack(C, R, n),
-            *grid_to_pixels(C, P))  # (B, C, S/4, S/4) -> (B, 3, S, S), in [-1, 1] units
-
-    def quantize(self, x):
-        """x (B, 3, S, S) in [0, 1] -> (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment top, bottom)."""
-        h_bottom = self.encoder_bottom(2 * x - 1)  # the networks see [-1, 1]
-        z_q_top, top_ids, commitment_top = self.quantize_top(self.encoder_top(h_bottom))
-        z_e_bottom = self.to_z_e_bottom(torch.cat([h_bottom, self.decoder_top(z_q_top)], 1))  # (B, C + D, ..) -> (B, D, ..)
-        z_q_bottom, bottom_ids, commitment_bottom = self.quantize_bottom(z_e_bottom)
-        return (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment_top, commitment_bottom)
-
-    def reconstruct(self, z_q_top, z_q_bottom):
-        """The decoder D: -> x_hat (B, 3, S, S) in [0, 1] units, not clamped."""
-        h = torch.cat([self.upsample_top(z_q_top), z_q_bottom], 1)  # (B, 2D, S/4, S/4)
-        return 0.5 * (self.decoder(h) + 1)
-
-    def forward(self, x):
-        """-> x_hat (B, 3, S, S), commitments (top, bottom), ids (top (B, Ht, Wt), bottom (B, Hb, Wb))."""
-        z_q, ids, commitments = self.quantize(x)
-        return self.reconstruct(*z_q), commitments, ids
-
-    @torch.no_grad()
-    def encode(self, images):
-        """images (B, 3, S, S) in [0, 1] -> top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), long; in eval mode,
-        so the codebooks never move."""
-        training = self.training
-        _, ids, _ = self.eval().quantize(images)
-        self.train(training)
-        return ids
-
-    @torch.no_grad()
-    def decode(self, top_ids, bottom_ids):
-        """top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), any integer type -> images (B, 3, S, S) in [0, 1]."""
-        return self.reconstruct(self.quantize_top.lookup(top_ids), self.quantize_bottom.lookup(bottom_ids)).clamp(0, 1)
-
-    def state(self):
-        """Plain data that rebuilds this tokenizer (stored in codes files and prior checkpoints)."""
-        return dict(config=dataclasses.asdict(self.config), model=self.state_dict())
-
-    @classmethod
-    def from_state(cls, state, device="cpu", path="checkpoint"):
-        check(isinstance(state, dict) and {"config", "model"} <= state.keys(), f"{path}: its tokenizer is incomplete")
-        model = cls(config_from_dict(Config, state["config"], validate)).to(device)
-        load_state(model, state["model"], path)
-        return model.eval()
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """The trained autoencoder of a vqvae2 checkpoint, in eval mode, on `device`."""
-        return cls.from_state(load_checkpoint(path, "vqvae2"), device, path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loss (VQ-VAE eq. 3, over both levels)
-
-
 def vqvae_loss(x, x_hat, commitments, beta):
-    """L = ||x - x_hat||^2 + beta sum_levels ||z_e - sg[z_q]||^2. Eq. 3's codebook term ||sg[z_e] - e||^2 is
-    left out: the codebooks follow their moving averages instead (appendix A.1). -> (L, ||x - x_hat||^2)."""
+    """L = ||x - x_hat||^2 + beta sum_levels ||z_e - sg[z_q]||^2 (eq. 3, both levels). Its codebook term
+    ||sg[z_e] - e||^2 is left out: the codebooks follow their moving averages (appendix A.1). -> (L, MSE)."""
     mse = F.mse_loss(x_hat.float(), x)  # averaged over pixels, channels and batch, in [0, 1] units
     return mse + beta * (commitments[0] + commitments[1]), mse  # each commitment averaged over B, D, H, W
 
@@ -269,18 +267,16 @@ def vqvae_loss(x, x_hat, commitments, beta):
 # Gated PixelCNN priors over the codes (VQ-VAE-2 section 3.2)
 
 
-def gated(a):
-    """tanh(first half of the channels) * sigmoid(second half): (B, 2C, H, W) -> (B, C, H, W)."""
+def gated(a):  # tanh(first half of the channels) * sigmoid(second half): (B, 2C, H, W) -> (B, C, H, W)
     f, g = a.chunk(2, 1)
     return torch.tanh(f) * torch.sigmoid(g)
 
 
 class GatedLayer(nn.Module):
-    """One gated PixelCNN layer (van den Oord et al. 2016, figure 2), causal by padding and shifting:
-    the vertical stack at row i sees rows <= i, and is shifted down one row before it feeds the
-    horizontal stack, which sees row i up to column j (the first layer: columns < j). So the horizontal
-    output at (i, j) depends only on codes before (i, j) in raster order. Activation (paper eq. 5):
-        y = tanh(W_f * x + V_f c) * sigmoid(W_g * x + V_g c),    c: the top codes, for the bottom prior"""
+    """One gated PixelCNN layer (van den Oord et al. 2016, figure 2), causal by padding and shifting: the
+    vertical stack at row i sees rows <= i and, shifted down a row, feeds the horizontal stack, which sees row i
+    up to column j (the first layer: columns < j). So the output at (i, j) sees only the codes before it in
+    raster order. Paper eq. 5: y = tanh(W_f * x + V_f c) * sigmoid(W_g * x + V_g c), c: top codes (bottom prior)."""
 
     def __init__(self, channels, kernel, first, conditioned):
         super().__init__()
@@ -306,7 +302,7 @@ class GatedLayer(nn.Module):
 
 
 class PixelCNN(nn.Module):
-    """p(codes) = prod_i p(code_i | codes before i in raster order [, top codes]): ids (B, H, W) -> logits (B, K, H, W)."""
+    """p(codes) = prod_i p(code_i | codes before i in raster order [, top codes]): ids (B, H, W) -> (B, K, H, W)."""
 
     def __init__(self, codebook_size, channels, layers, condition_codebook_size=0, kernel=3):
         super().__init__()
@@ -366,35 +362,19 @@ class Priors(nn.Module):
 # ====================================================================================================
 # Beyond the paper
 #
-# NOTE: the paper has K = 512 codes per level; we default to 1024, because the 512 most frequent 4x4 patches
-# of shapes 32x32 rebuild its test split at only 26.8 dB PSNR (of its about 1500 distinct patches).
+# NOTE: the paper has K = 512 codes per level; we default to 1024, since 512 codes rebuild the 4x4 patches
+# of shapes poorly (README).
 
 
-def pixels_to_grid(hidden, channels):
-    """(B, 3, S, S) -> (B, C, S/4, S/4) by an MLP on each 4x4 patch.
-    NOTE: the paper uses two strided convolutions here (and transposed ones back); the MLP learns sharp
-    edges faster on a CPU (the strided version reached only 28.3 dB PSNR after 1500 steps of 64 images)."""
-    return [nn.PixelUnshuffle(4),  # (B, 3, S, S) -> (B, 48, S/4, S/4): one 4x4x3 patch per position
-            nn.Conv2d(48, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1), nn.ReLU()]
-
-
-def grid_to_pixels(channels, hidden):
-    """(B, C, S/4, S/4) -> (B, 3, S, S): the decoder's per-patch MLP, the mirror of pixels_to_grid."""
-    return [nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, 48, 1),  # (B, 48, S/4, S/4)
-            nn.PixelShuffle(4)]  # (B, 48, S/4, S/4) -> (B, 3, S, S)
-
-
-def broadcast_from_first_rank(*tensors):
-    """Under torchrun, copy rank 0's tensors to every rank (in place)."""
+def broadcast_from_first_rank(*tensors):  # under torchrun, copy rank 0's tensors to every rank, in place
     for tensor in tensors if dist.is_initialized() else ():
         dist.broadcast(tensor, 0)
 
 
 class VectorQuantizer(EMAQuantizer):
-    """The EMA quantiser with a codebook that stays alive.
-    NOTE: the paper starts from a random codebook and leaves unused codes where they are; we start from
-    encoder outputs of the first batch and move codes unused over a window onto recent encoder outputs (as
-    Jukebox does, arXiv:2005.00341), since without restarts our top codebook collapses onto one code."""
+    """The EMA quantiser with a codebook that stays alive. NOTE: the paper starts from a random codebook and
+    leaves unused codes where they are; we start from the first batch's encoder outputs and move codes unused
+    over a window onto recent ones (as Jukebox does, arXiv:2005.00341): without, the top codebook collapses."""
 
     def __init__(self, codebook_size, code_dim, decay, epsilon=1e-5):
         super().__init__(codebook_size, code_dim, decay, epsilon)
@@ -424,8 +404,7 @@ class VectorQuantizer(EMAQuantizer):
     @torch.no_grad()
     def end_window(self, restart, generator=None):
         """Close a usage window: record the fraction of codes used in it and, if `restart`, move every code
-        unused in it onto a random z_e of the last batch (rank 0 draws them, every rank copies them).
-        -> (fraction used, codes restarted)."""
+        unused in it onto a random z_e of the last batch (drawn on rank 0). -> (fraction used, codes restarted)."""
         dead = (self.usage == 0).nonzero().flatten()  # the same on every rank: usage sums all ranks
         used = 1.0 - len(dead) / self.codebook_size
         restarted = len(dead) if restart and self.recent is not None else 0
@@ -444,39 +423,36 @@ class VectorQuantizer(EMAQuantizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Training: the autoencoder, then the priors on its codes
 
 
 @torch.no_grad()
 def report(model, test_set, device, logger=None, step=None, grid=None, batch_size=250):
-    """Held-out figures through decode(encode(x)), logged and printed: MSE averaged over every pixel, channel
-    and image ([0, 1] units), PSNR = 10 log10(1 / MSE), the fraction of each level's codes in use; during
-    training a grid of held-out images, each followed by its reconstruction (`grid`: where); after it, and
-    for --eval, the shapes scorer's report on the reconstructions when the captions are shapes captions."""
+    """Held-out MSE of decode(encode(x)) (averaged over pixels, channels and images, [0, 1] units), PSNR =
+    10 log10(1 / MSE) and each level's fraction of codes in use, logged and printed. With `grid`, a picture of
+    held-out images beside their reconstructions; without, the shapes scorer's report on shapes captions."""
     squared_error, reconstructions, captions = 0.0, [], []
     seen = [torch.zeros(size, dtype=torch.bool, device=device) for size in (model.top_codebook_size,
                                                                            model.bottom_codebook_size)]
-    for start in range(0, len(test_set), batch_size):
-        items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
-        x = torch.stack([image for image, _ in items]).to(device)  # (B, 3, S, S)
+    for first in range(0, len(test_set), batch_size):
+        images, batch_captions = zip(*[test_set[i] for i in range(first, min(first + batch_size, len(test_set)))])
+        x = torch.stack(images).to(device)  # (B, 3, S, S)
         ids = model.eval().encode(x)
         x_hat = model.decode(*ids)
         squared_error += (x_hat - x).pow(2).sum().item()
         reconstructions.append(x_hat.cpu())
+        captions += batch_captions
         for level, level_ids in zip(seen, ids):
             level[level_ids.flatten()] = True  # (B, H, W) -> (B H W,)
-        captions += [caption for _, caption in items]
     mse = squared_error / (len(test_set) * x[0].numel())
-    results = dict(mse=mse, psnr=10 * math.log10(1 / max(mse, 1e-12)), top_used=seen[0].float().mean().item(),
-                   bottom_used=seen[1].float().mean().item())
-    score = score_report(torch.cat(reconstructions), captions) \
-        if not grid and all(parse_caption(caption) for caption in captions) else None
+    psnr, (top_used, bottom_used) = 10 * math.log10(1 / max(mse, 1e-12)), [used.float().mean().item() for used in seen]
+    shapes = not grid and all(map(parse_caption, captions))
+    score = score_report(torch.cat(reconstructions), captions) if shapes else None
     if logger:
-        logger.log(step, **{f"test_{key}": value for key, value in results.items()},
+        logger.log(step, test_mse=mse, test_psnr=psnr, test_top_used=top_used, test_bottom_used=bottom_used,
                    **({"test_score_all": score["overall"]["all"]} if score else {}))
     print(f"{f'step {step}: held-out' if grid else f'held-out ({len(test_set)} images):'} MSE {mse:.5f}, PSNR "
-          f"{results['psnr']:.2f} dB, codes used top {100 * results['top_used']:.1f}% bottom "
-          f"{100 * results['bottom_used']:.1f}%", flush=True)
+          f"{psnr:.2f} dB, codes used top {100 * top_used:.1f}% bottom {100 * bottom_used:.1f}%", flush=True)
     if score:
         print("shapes scorer on the reconstructions:\n" + format_score(score))
     if grid:  # the first 32 held-out images, each followed by its reconstruction
@@ -487,8 +463,8 @@ def report(model, test_set, device, logger=None, step=None, grid=None, batch_siz
 
 
 def training_metrics(model, loss, mse, commitments, ids, runtime):
-    """The loss terms and, per level, the perplexity exp(entropy) of its codes in the batch (K when all are
-    equally used, 1 when one is) and the last window's usage and restarts."""
+    """The loss terms; per level the perplexity exp(entropy) of the batch's codes (K when all are equally used,
+    1 when one is) and the last window's usage and restarts; under torchrun the codebooks' spread across ranks."""
     metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
     quantizers = (model.quantize_top, model.quantize_bottom)
     for name, quantizer, commitment, level_ids in zip(("top", "bottom"), quantizers, commitments, ids):
@@ -498,33 +474,34 @@ def training_metrics(model, loss, mse, commitments, ids, runtime):
                     f"{name}_perplexity": math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item()),
                     f"{name}_restarts_total": total}
     if runtime.distributed:  # the largest |e - e_rank0| over every rank and code: 0 when the codebooks agree
-        spread = torch.zeros((), device=model.quantize_top.codebook.device)
-        for quantizer in quantizers:
-            reference = quantizer.codebook.clone()
-            broadcast_from_first_rank(reference)
-            spread = torch.maximum(spread, (quantizer.codebook - reference).abs().max())
+        codebooks = torch.cat([quantizer.codebook for quantizer in quantizers])  # (2K, D)
+        reference = codebooks.clone()
+        broadcast_from_first_rank(reference)
+        spread = (codebooks - reference).abs().max()
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
         metrics["codebook_spread"] = spread.item()
     return metrics
 
 
-def start(model, optimizer, config, runtime, checkpoint, what):
-    """Load `checkpoint` (a loaded ckpt.pt) when resuming, say what trains, and wrap the model for torchrun.
-    -> (the step to start from, the module to call)."""
+def start(model, optimizer, config, runtime, checkpoint, train_set, what):
+    """Load `checkpoint` when resuming and say what trains. -> (the step to start from, the module to call
+    (DDP under torchrun), the logger, the batches from that step on)."""
     step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     if runtime.is_main:
         print(f"{what}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {runtime.device}, "
               f"{runtime.world_size} process(es), from step {step}")
-    # The quantisers keep their buffers identical on every rank themselves (all_reduce, broadcast): DDP must not
-    # overwrite them from rank 0 at each forward (the flag was renamed in torch 2.13).
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
-        else "broadcast_buffers"
-    return step, DistributedDataParallel(model, **{no_sync: False}) if runtime.distributed else model
+    # The quantisers keep their buffers identical on every rank themselves: DDP must not overwrite them from
+    # rank 0 at each forward (torch 2.13 renamed the flag).
+    flags = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in flags else "broadcast_buffers"
+    network = DistributedDataParallel(model, **{no_sync: False}) if runtime.distributed else model
+    return step, network, Logger(config.out, config.steps, step, runtime.is_main), \
+        batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
 
 
 def optimizer_step(optimizer, parameters, loss, step, config, guard):
-    """Backpropagate, clip the gradient norm and step at the scheduled learning rate (linear warmup, cosine
-    decay), unless the loss or gradient norm is not finite: the guard skips that update. -> (norm, stepped)."""
+    """Backpropagate, clip the gradient norm, step at the scheduled rate (linear warmup, cosine decay); the
+    guard skips the update when the loss or gradient norm is not finite. -> (gradient norm, stepped)."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
     optimizer.zero_grad(set_to_none=True)
@@ -542,15 +519,14 @@ def train(config, runtime, checkpoint=None):
     train_set, test_set = load_train_test(config.train, config.test, config.image_size)
     model = VQVAE2(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step, network = start(model, optimizer, config, runtime, checkpoint,
-                          f"vqvae2: {len(train_set)} training images, {len(test_set)} held out")
-    logger = Logger(out, config.steps, step, runtime.is_main)
-    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    step, network, logger, data = start(model, optimizer, config, runtime, checkpoint, train_set,
+                                        f"vqvae2: {len(train_set)} training images, {len(test_set)} held out")
     guard = NonFiniteGuard(model)  # a NaN or infinite loss skips its update, EMA included; too many stop the run
     quantizers = (model.quantize_top, model.quantize_bottom)
 
     def save():
-        save_checkpoint(out / "ckpt.pt", "vqvae2", config, step, model=model.state_dict(), optimizer=optimizer.state_dict())
+        save_checkpoint(out / "ckpt.pt", "vqvae2", config, step, model=model.state_dict(),
+                        optimizer=optimizer.state_dict())
 
     start_time, start_step, held_out_seconds = time.time(), step, 0.0  # the throughput leaves held-out checks out
     with StopRequest() as stop:
@@ -563,8 +539,7 @@ def train(config, runtime, checkpoint=None):
             loss, mse = vqvae_loss(x, x_hat, commitments, config.beta)
             grad_norm, stepped = optimizer_step(optimizer, model.parameters(), loss, step, config, guard)
             if not stepped:  # the guard put the codebooks back; dead codes must not restart from this batch either
-                for quantizer, previous in zip(quantizers, recent):
-                    quantizer.recent = previous
+                model.quantize_top.recent, model.quantize_bottom.recent = recent
             step += 1
             if step % config.window == 0:  # count usage, restart dead codes; the draws depend on (seed, step) only
                 restart_noise = step_generator(device, config.seed, 0, step)
@@ -581,19 +556,10 @@ def train(config, runtime, checkpoint=None):
                 held_out_seconds += time.time() - tick
     keep_work_if_stopped(step, config.steps, runtime, save, config.out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
-        seconds = time.time() - start_time - held_out_seconds
-        print(f"trained {step - start_step} steps in {seconds:.0f} s, plus {held_out_seconds:.0f} s of held-out checks and "
-              f"checkpoints: {(step - start_step) * config.batch_size * runtime.world_size / seconds:.0f} training images/s")
+        seconds, images = time.time() - start_time - held_out_seconds, (step - start_step) * config.batch_size
+        print(f"trained {step - start_step} steps in {seconds:.0f} s, plus {held_out_seconds:.0f} s of held-out checks "
+              f"and checkpoints: {images * runtime.world_size / seconds:.0f} training images/s")
         report(model, test_set, device, logger, step)
-
-
-@torch.no_grad()
-def prior_nll(priors, dataset, tokenizer, device, batch_size=500):
-    """Held-out NLL in bits per code, top and bottom, averaged over codes and images."""
-    totals = torch.zeros(2)
-    for codes in dataset.codes.split(batch_size):  # (B, Ht Wt + Hb Wb)
-        totals += torch.tensor([nll.item() for nll in priors(*split_codes(codes.to(device), tokenizer))]) * len(codes)
-    return (totals / len(dataset) / math.log(2)).tolist()
 
 
 @torch.no_grad()
@@ -611,10 +577,8 @@ def train_prior(config, runtime, checkpoint=None):
     train_set, test_set = CodesDataset(codes["train"]), CodesDataset(codes["test"])
     priors = Priors(tokenizer, config).to(device)
     optimizer = torch.optim.Adam(priors.parameters(), lr=config.lr)
-    step, network = start(priors, optimizer, config, runtime, checkpoint,
-                          f"vqvae2 priors: {len(train_set)} training code grids, {len(test_set)} held out")
-    logger = Logger(out, config.steps, step, runtime.is_main)
-    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+    what = f"vqvae2 priors: {len(train_set)} training code grids, {len(test_set)} held out"
+    step, network, logger, data = start(priors, optimizer, config, runtime, checkpoint, train_set, what)
     guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 
     def save():
@@ -631,10 +595,16 @@ def train_prior(config, runtime, checkpoint=None):
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 bits = dict(top_bits=nll_top.item() / math.log(2), bottom_bits=nll_bottom.item() / math.log(2))
-                logger.log(step, loss=loss.item(), **bits, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
+                logger.log(step, loss=loss.item(), **bits, lr=optimizer.param_groups[0]["lr"],
+                           grad_norm=grad_norm.item())
                 logger.progress(step, **bits)
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                top_bits, bottom_bits = prior_nll(priors.eval(), test_set, tokenizer, device)
+                totals = torch.zeros(2)  # held-out NLL, top and bottom, summed over images
+                with torch.no_grad():
+                    for codes in test_set.codes.split(500):  # (B, Ht Wt + Hb Wb)
+                        nll = priors.eval()(*split_codes(codes.to(device), tokenizer))
+                        totals += torch.tensor([level.item() for level in nll]) * len(codes)
+                top_bits, bottom_bits = (totals / len(test_set) / math.log(2)).tolist()  # bits per code, averaged
                 logger.log(step, test_top_bits=top_bits, test_bottom_bits=bottom_bits)
                 print(f"step {step}: held-out NLL top {top_bits:.3f} bits/code, bottom {bottom_bits:.3f} bits/code")
                 write_samples(priors, tokenizer, 16, out / f"samples_{step:06d}.png", config.seed, device)
@@ -645,41 +615,40 @@ def train_prior(config, runtime, checkpoint=None):
         images = write_samples(priors.eval(), tokenizer, 100, out / "samples.png", config.seed, device)
         clean = score_shapes(images, [""] * len(images))["clean"]  # on shapes: samples read as one clean shape
         logger.log(step, clean_samples=clean)
-        print(f"samples read as one clean shape by the shapes scorer: {100 * clean:.0f}% (of 100, {out / 'samples.png'})")
+        print(f"samples read as one clean shape by the shapes scorer: {100 * clean:.0f}% "
+              f"(of 100, {out / 'samples.png'})")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Codes files (one, or a folder of parts written under torchrun) and the command line
+# Codes: a file, or under torchrun a folder of parts (data.write_parts), with the tokenizer that made them
 
 
 @torch.no_grad()
 def encode_split(model, dataset, indices, device, batch_size=500):
-    """The codes and captions of dataset[i] for i in `indices`: top (N, Ht, Wt), bottom (N, Hb, Wb) int16."""
-    top, bottom = [torch.zeros(0, *model.top_shape, dtype=torch.int16)], [torch.zeros(0, *model.bottom_shape, dtype=torch.int16)]
+    """The codes and captions of dataset[i], i in `indices`: top (N, Ht, Wt), bottom (N, Hb, Wb) int16."""
+    levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (model.top_shape, model.bottom_shape)]
     captions, state = [], random.getstate()
     for first in range(0, len(indices), batch_size):
         items = []
         for index in indices[first: first + batch_size]:
             random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
             items.append(dataset[index])
-        top_ids, bottom_ids = model.encode(torch.stack([image for image, _ in items]).to(device))
-        top.append(top_ids.to(torch.int16).cpu())
-        bottom.append(bottom_ids.to(torch.int16).cpu())
+        for level, ids in zip(levels, model.encode(torch.stack([image for image, _ in items]).to(device))):
+            level.append(ids.to(torch.int16).cpu())
         captions += [caption for _, caption in items]
     random.setstate(state)
-    return dict(top=torch.cat(top), bottom=torch.cat(bottom), captions=captions)
+    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
 
 
 def encode_dataset(config, runtime, out_given):
-    """Write the codes and captions of every image, train and held-out split, with the tokenizer that made
-    them, to one file; or, under torchrun or into a folder already there, to a folder of parts, one per
-    process, of which a rerun writes only the missing ones (data.write_parts). -> the codes, as load_codes."""
+    """Encode both splits with --ckpt into one codes file; under torchrun, or into a folder already there, into
+    a folder of parts, one per process, of which a rerun writes only the missing ones. -> the codes (load_codes)."""
     path = config.ckpt or str(Path(config.out) / "ckpt.pt")
     model = VQVAE2.from_checkpoint(path, runtime.device)
     out = Path(config.out) if out_given else Path(path).parent / ("codes" if runtime.distributed else "codes.pt")
     splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
 
-    def encode(index, count):  # part `index` of `count`: a codes file of its own
+    def encode(index, count):  # part `index` of `count`
         start_time = time.time()
         codes = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
                  for name, dataset in splits.items()}
@@ -692,7 +661,7 @@ def encode_dataset(config, runtime, out_given):
     if in_parts:
         check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
         write_parts(out, runtime, encode, "vqvae2-codes", made_by=("tokenizer", model.state()))
-        codes = load_codes(out)  # every part there, all from one tokenizer: this one, as the first part was
+        codes = load_codes(out)  # every part there, all from one tokenizer: this one
     else:
         codes = encode(0, 1)
         atomic_write(out, lambda file: torch.save(codes, file))
@@ -703,7 +672,7 @@ def encode_dataset(config, runtime, out_given):
 
 
 def load_codes(path):
-    """A codes file from --encode, or a folder of its parts (complete, from one tokenizer, joined in part order).
+    """A codes file from --encode, or a folder of its parts (complete, from one tokenizer, joined in order).
     -> dict(tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
     if Path(path).is_dir():
         return read_parts(path, "vqvae2-codes", ("tokenizer", "train", "test"), made_by="tokenizer")
