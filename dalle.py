@@ -7,14 +7,11 @@ Usage:
     python dalle.py --train shapes                  # tokenizer, codes, transformer, score (runs/dalle)
     python dalle.py --resume --out runs/dalle       # continue a stopped run exactly
     python dalle.py --sample "a red circle" -n 16 --keep 4 --ckpt runs/dalle/ckpt.pt
-    python dalle.py --prompts captions.txt --ckpt runs/dalle/ckpt.pt    # one caption a line, '-': stdin
     torchrun --nproc_per_node=2 dalle.py --train shapes                 # data parallel
 
 Deviations: bytes, not BPE; VQ-VAE-2 codes, not the dVAE; dense attention; guidance and reranking by
 caption gain, not CLIP; a small model; and the section "Beyond the paper" below (README: dalle.py).
 """
-
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -23,14 +20,12 @@ import resource
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 
 import vqvae2
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
@@ -38,8 +33,7 @@ from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageErr
                   load_checkpoint, load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli,
                   run_config, save_checkpoint, save_grid, score_report, setup, step_generator, warn_if_cut)
 
-
-@dataclass
+@dataclasses.dataclass
 class Config:
     train: str = "shapes"  # folder, tar shards or 'shapes[:N]'
     test: str = ""  # held-out images ('': split of --train)
@@ -55,25 +49,21 @@ class Config:
     heads: int = 4  # H, attention heads per block
     dropout: float = 0.2  # residual dropout (Beyond the paper)
     drop_key: float = 0.2  # DropKey (Beyond the paper)
-    cond_drop: float = 0.1  # caption dropout, for guidance
     appearance: bool = True  # code descriptions (Beyond the paper)
     silhouette: bool = True  # silhouettes too (Beyond the paper)
     code_drop: float = 0.0  # code dropout (Beyond the paper)
     text_shift: bool = False  # caption shift (Beyond the paper)
-    text_weight: float = 0.125  # text loss weight (paper: 1/8)
     steps: int = 1800  # optimizer steps
     batch_size: int = 32  # sequences per step and process
     lr: float = 2e-3  # peak learning rate of AdamW
-    weight_decay: float = 0.045  # AdamW weight decay (paper)
     warmup: int = 100  # warmup steps, then cosine decay
-    grad_clip: float = 1.0  # gradient-norm clip (0: off)
     compile: bool = False  # torch.compile (CUDA)
     log_every: int = 100  # steps between progress lines
     save_every: int = 600  # steps between evaluations and saves
     device: str = "auto"  # auto, cpu, cuda or mps
     seed: int = 0  # seeds weights, data, dropout, sampling
     resume: bool = False  # continue OUT/ckpt.pt with its flags
-    sample: list[str] = field(default_factory=list)  # captions to draw from --ckpt
+    sample: list[str] = dataclasses.field(default_factory=list)  # captions to draw from --ckpt
     prompts: str = ""  # a caption file, one a line ('-': stdin)
     n: int = 8  # images per caption
     keep: int = 0  # keep the M of n of most caption gain
@@ -86,29 +76,23 @@ class Config:
     benchmark: bool = False  # speed with random weights
     ckpt: str = ""  # checkpoint ('': OUT/ckpt.pt)
 
-
 def validate(config):
     for name in ("vqvae_steps", "text_len", "width", "layers", "heads", "steps", "batch_size", "log_every",
-                 "save_every", "n"):
+                 "save_every", "n", "lr", "temperature"):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
     check(config.width % config.heads == 0, "--width must be a multiple of --heads")
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    check(all(0 <= p < 1 for p in (config.cond_drop, config.dropout, config.drop_key, config.code_drop))
-          and 0 <= config.text_weight <= 1,
-          "--cond-drop, --dropout, --drop-key and --code-drop must be in [0, 1), --text-weight in [0, 1]")
-    check(config.lr > 0 and min(config.warmup, config.grad_clip, config.weight_decay) >= 0,
-          "--lr must be positive; --warmup, --grad-clip and --weight-decay must not be negative")
-    check(config.temperature > 0 and config.top_k >= 0 and 0 < config.top_p <= 1 and config.guidance >= 0,
-          "--temperature must be positive, --top-k >= 0, --top-p in (0, 1], --guidance >= 0")
+    check(all(0 <= p < 1 for p in (config.dropout, config.drop_key, config.code_drop)),
+          "--dropout, --drop-key and --code-drop must be in [0, 1)")
+    check(min(config.warmup, config.top_k, config.guidance) >= 0 and 0 < config.top_p <= 1,
+          "--warmup, --top-k and --guidance must not be negative, --top-p must be in (0, 1]")
     check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
     check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
 
-
 # ----------------------------------------------------------------------------------------------------
-# The model (paper sec. 2.2): y = caption bytes, z = image codes, one sequence s = [y ; z_top ; z_bottom]
+# The model and its loss (paper sec. 2.2): y = caption bytes, z = image codes, a sequence s = [y ; z_top ; z_bottom]
 # Shapes: B batch, T = text_len caption bytes, Nt = Ht*Wt top codes, Nb = Hb*Wb bottom codes,
 # L = T + Nt + Nb tokens in a sequence, C width, H heads, K codes in a level's codebook.
-
 
 class CausalSelfAttention(nn.Module):
     """Multi-head attention of position i to positions <= i; a key/value cache computes each position once."""
@@ -116,8 +100,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width, heads, dropout, drop_key):
         super().__init__()
         self.heads, self.dropout, self.drop_key = heads, dropout, drop_key
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
 
     def forward(self, x, cache=None, start=0):
         """x (B, L, C) at sequence positions start .. start+L-1; cache = (keys, values), each (B, H, L_max, C/H)."""
@@ -131,52 +114,43 @@ class CausalSelfAttention(nn.Module):
             if start > 0 and L > 1:  # new positions see the whole cache and the new ones up to themselves
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)  # (L, start+L)
                 causal = False
-        if self.training and self.drop_key > 0 and cache is None:
-            mask, causal = drop_key_mask(B, self.heads, L, self.drop_key, x.device), False  # Beyond the paper
+        if self.training and self.drop_key > 0 and cache is None:  # DropKey, Beyond the paper
+            mask, causal = keep_mask((B, self.heads, L, L), self.drop_key, x.device).tril_(), False  # (B, H, L, L)
+            mask.diagonal(dim1=2, dim2=3).fill_(True)  # each query always sees itself
         # softmax(q k^T / sqrt(C/H)) v, the softmax over each query's allowed keys (Vaswani et al. 2017, eq. 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, C/H)
         return dropout(self.proj(y.transpose(1, 2).reshape(B, L, C)), self.dropout, self.training)  # (B, L, C)
-
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, width, heads, dropout, drop_key):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.norm1, self.norm2, self.dropout = nn.LayerNorm(width), nn.LayerNorm(width), dropout
         self.attention = CausalSelfAttention(width, heads, dropout, drop_key)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.dropout = dropout
 
     def forward(self, x, cache=None, start=0):
         x = x + self.attention(self.norm1(x), cache, start)  # (B, L, C)
         return x + dropout(self.mlp(self.norm2(x)), self.dropout, self.training)  # (B, L, C)
 
-
 class DALLE(nn.Module):
-    """p(s) = prod_i p(s_i | s_<i) over s = [y_1 .. y_T ; z_1 .. z_Nt ; z_Nt+1 .. z_Nt+Nb], length L: the
-    caption bytes, then the top and bottom code grids in raster order (the paper: 256 BPE tokens, then
-    32 x 32 dVAE codes). Each position predicts from the vocabulary of the token that follows it."""
+    """p(s) = prod_i p(s_i | s_<i) over s = [y_1 .. y_T ; z_1 .. z_Nt ; z_Nt+1 .. z_Nt+Nb]: caption bytes, then the top
+    and bottom code grids in raster order (the paper: 256 BPE tokens, then 32 x 32 dVAE codes)."""
 
     def __init__(self, config, top_shape, bottom_shape, top_codebook_size, bottom_codebook_size):
         super().__init__()
-        C, T = config.width, config.text_len
-        self.text_len, self.top_shape, self.bottom_shape = T, tuple(top_shape), tuple(bottom_shape)
-        self.top_count, self.bottom_count = math.prod(top_shape), math.prod(bottom_shape)  # Nt, Nb
+        C, T, H = config.width, config.text_len, config.heads
+        self.text_len, self.top_count, self.bottom_count = T, math.prod(top_shape), math.prod(bottom_shape)  # Nt, Nb
         self.length = T + self.top_count + self.bottom_count  # L
-        # each part of the sequence has its own vocabulary, input embedding, positions and output head
-        self.text_embedding = nn.Embedding(TEXT_VOCAB, C)
-        self.top_embedding = nn.Embedding(top_codebook_size, C)  # E_k of the top codes
-        self.bottom_embedding = nn.Embedding(bottom_codebook_size, C)
-        self.text_position = nn.Parameter(torch.zeros(T, C))  # learned, one per byte
-        self.top_row, self.top_column = nn.Parameter(torch.zeros(top_shape[0], C)), nn.Parameter(torch.zeros(top_shape[1], C))
-        self.bottom_row = nn.Parameter(torch.zeros(bottom_shape[0], C))
-        self.bottom_column = nn.Parameter(torch.zeros(bottom_shape[1], C))
-        self.blocks = nn.ModuleList(Block(C, config.heads, config.dropout, config.drop_key) for _ in range(config.layers))
+        vocabularies = (TEXT_VOCAB, top_codebook_size, bottom_codebook_size)  # a part's own embedding, positions, head
+        self.text_embedding, self.top_embedding, self.bottom_embedding = (nn.Embedding(V, C) for V in vocabularies)
+        self.text_position = nn.Parameter(torch.zeros(T, C))  # learned, one per byte; a row and a column per code:
+        self.top_row, self.top_column = (nn.Parameter(torch.zeros(side, C)) for side in top_shape)  # (Ht, C), (Wt, C)
+        self.bottom_row, self.bottom_column = (nn.Parameter(torch.zeros(side, C)) for side in bottom_shape)
+        self.blocks = nn.ModuleList(Block(C, H, config.dropout, config.drop_key) for _ in range(config.layers))
         self.norm = nn.LayerNorm(C)
-        self.text_head = nn.Linear(C, TEXT_VOCAB, bias=False)
-        self.top_head = nn.Linear(C, top_codebook_size, bias=False)  # E'_k, the output vectors
-        self.bottom_head = nn.Linear(C, bottom_codebook_size, bias=False)
+        self.text_head, self.top_head, self.bottom_head = (nn.Linear(C, V, bias=False) for V in vocabularies)
         add_code_descriptions(self, config, top_codebook_size, bottom_codebook_size)  # Beyond the paper
         for name, parameter in self.named_parameters():  # GPT-2 initialisation, as in nanoGPT
             if parameter.dim() >= 2:
@@ -186,39 +160,28 @@ class DALLE(nn.Module):
                 nn.init.zeros_(parameter)
 
     def parts(self):
-        """(first position, end, input vectors (V, C), output vectors (V, C)) of the text, top and bottom parts."""
+        """(first position, end, input vectors (V, C), output vectors (V, C)) of the text, top and bottom codes."""
         T, Nt = self.text_len, self.top_count
-        top, bottom = describe_codes(self)  # (K, C) each, or 0: Beyond the paper
-        levels = []
-        for embedding, head, description in ((self.top_embedding, self.top_head, top),
-                                             (self.bottom_embedding, self.bottom_head, bottom)):
-            E_in, E_out = drop_codes(self, embedding.weight, head.weight)  # (K, C) each, E_k and E'_k
-            levels.append((E_in + description, E_out + description))
-        (top_in, top_out), (bottom_in, bottom_out) = levels
         return ((0, T, self.text_embedding.weight, self.text_head.weight),
-                (T, T + Nt, top_in, top_out),
-                (T + Nt, self.length, bottom_in, bottom_out))
+                (T, T + Nt, *code_vectors(self, "top")), (T + Nt, self.length, *code_vectors(self, "bottom")))
 
     def hidden(self, tokens, start=0, cache=None, parts=None):
         """tokens (B, L') at positions start .. start+L'-1, each an id in its part's vocabulary -> (B, L', C)."""
-        pieces = []
-        for first, end, vectors, _ in parts or self.parts():
-            a, b = max(first, start), min(end, start + tokens.shape[1])
-            if a < b:
-                pieces.append(F.embedding(tokens[:, a - start: b - start], vectors))  # (B, b - a, C)
+        stop = start + tokens.shape[1]  # each part embeds the tokens at its positions first .. end-1:
+        pieces = [F.embedding(tokens[:, max(first, start) - start: end - start], vectors)  # (B, its tokens, C)
+                  for first, end, vectors, _ in parts or self.parts() if max(first, start) < min(end, stop)]
         top = (self.top_row[:, None] + self.top_column[None]).flatten(0, 1)  # (Ht, 1, C) + (1, Wt, C) -> (Nt, C)
         bottom = (self.bottom_row[:, None] + self.bottom_column[None]).flatten(0, 1)  # (Nb, C)
         positions = torch.cat([self.text_position, top, bottom])  # (L, C): learned, row + column for the codes
-        x = torch.cat(pieces, 1) + positions[start: start + tokens.shape[1]]  # (B, L', C)
+        x = torch.cat(pieces, 1) + positions[start: stop]  # (B, L', C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache[i] if cache is not None else None, start)
         return self.norm(x)
 
     def forward(self, tokens):
-        """tokens (B, L) -> text logits (B, T-1, 257), image logits [(B, Nt, K), (B, Nb, K)]: position i predicts i + 1."""
-        parts = self.parts()
+        """tokens (B, L) -> logits of the next tokens: text (B, T-1, 257), image [(B, Nt, Kt), (B, Nb, Kb)]."""
+        parts, T, Nt = self.parts(), self.text_len, self.top_count
         h = self.hidden(tokens[:, :-1], parts=parts)  # (B, L-1, C)
-        T, Nt = self.text_len, self.top_count
         (_, _, _, text_head), (_, _, _, top_head), (_, _, _, bottom_head) = parts
         return (h[:, :T - 1] @ text_head.T,  # (B, T-1, C) @ (C, 257): predicts tokens 1 .. T-1
                 [h[:, T - 1: T - 1 + Nt] @ top_head.T, h[:, T - 1 + Nt:] @ bottom_head.T])  # (B, Nt, K), (B, Nb, K)
@@ -227,11 +190,6 @@ class DALLE(nn.Module):
         C, H = self.norm.normalized_shape[0], self.blocks[0].attention.heads
         return [(torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype),
                  torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype)) for _ in self.blocks]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loss (paper sec. 2.2), and dropped captions for classifier-free guidance (Ho & Salimans sec. 3.2)
-
 
 def losses(model, tokens):
     """tokens (B, L) -> (CE_text, scalar; -log p(z_i | y, z_<i) of every image token, (B, Nt + Nb)), in nats.
@@ -245,16 +203,8 @@ def losses(model, tokens):
                        for logits, targets in zip(image_logits, z)], 1)  # (B, Nt + Nb): log p(z_i | y, z_<i)
     return text, -log_p
 
-
-def drop_captions(text, probability, generator):
-    """Each caption (B, T) becomes padding with this probability: one model learns p(z | y) and p(z)."""
-    dropped = torch.rand(text.shape[0], device=text.device, generator=generator) < probability  # (B,)
-    return torch.where(dropped[:, None], torch.full_like(text, PAD), text)  # (B, T)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Sampling: one code at a time, with classifier-free guidance
-
 
 def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     """One token per row from logits (B, K): temperature, then top-k, then top-p (nucleus) filtering."""
@@ -269,19 +219,15 @@ def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, -math.inf))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
 
-
 @torch.no_grad()
 def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, cache=True):
     """text (B, T) -> image codes (B, Nt + Nb), one token per step; guided, the rows and their unconditional
     twins (padded captions) run as one batch of 2B. cache=False recomputes the prefix at every step."""
-    guided = guidance != 1.0
-    rows = torch.cat([text, torch.full_like(text, PAD)]) if guided else text  # (R, T), R = 2B or B
-    T, count = model.text_len, model.top_count + model.bottom_count
-    dtype = next(model.parameters()).dtype
-    kv = model.new_cache(len(rows), text.device, dtype) if cache else None
+    guided, T, count = guidance != 1.0, model.text_len, model.top_count + model.bottom_count
+    sequence = torch.cat([text, torch.full_like(text, PAD)]) if guided else text  # (R, T), R = 2B or B
+    kv = model.new_cache(len(sequence), text.device, next(model.parameters()).dtype) if cache else None
     parts = model.parts()  # the code vectors, computed once
-    sequence, hidden = rows, model.hidden(rows, 0, kv, parts)[:, -1]  # the caption is computed once: (R, C)
-    codes = []
+    hidden = model.hidden(sequence, 0, kv, parts)[:, -1]  # the caption is computed once: (R, C)
     for i in range(count):
         head = next(head for first, end, _, head in parts if first <= T + i < end)  # E'_k of token T + i: (K, C)
         logits = hidden @ head.T  # (R, C) @ (C, K) -> (R, K) for image token i
@@ -289,21 +235,15 @@ def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0,
             conditional, unconditional = logits.chunk(2)  # (B, K) each
             logits = conditional + (guidance - 1) * (conditional - unconditional)  # (B, K)
         token = pick(logits, generator, temperature, top_k, top_p)  # (B,)
-        codes.append(token)
-        if i + 1 < count:
-            new = (torch.cat([token, token]) if guided else token)[:, None]  # (R, 1)
-            if cache:
-                hidden = model.hidden(new, T + i, kv, parts)[:, -1]  # (R, C)
-            else:
-                sequence = torch.cat([sequence, new], 1)  # (R, T + i + 1)
-                hidden = model.hidden(sequence, parts=parts)[:, -1]  # (R, C)
-    return torch.stack(codes, 1)  # (B, Nt + Nb)
-
+        sequence = torch.cat([sequence, (torch.cat([token, token]) if guided else token)[:, None]], 1)  # (R, T+i+1)
+        if i + 1 < count:  # the new token's hidden state, from the cache or from the whole sequence again
+            new = model.hidden(sequence[:, -1:], T + i, kv, parts) if cache else model.hidden(sequence, parts=parts)
+            hidden = new[:, -1]  # (R, C)
+    return sequence[:len(text), T:]  # (B, Nt + Nb)
 
 def to_images(tokenizer, codes):
     """codes (B, Nt + Nb) -> images (B, 3, S, S) in [0, 1] through the VQ-VAE-2 decoder, 256 at a time."""
     return torch.cat([tokenizer.decode(*vqvae2.split_codes(chunk, tokenizer)) for chunk in codes.split(256)])
-
 
 @torch.no_grad()
 def generate(model, tokenizer, captions, config, device):
@@ -312,57 +252,38 @@ def generate(model, tokenizer, captions, config, device):
     text = encode_text([c for c in captions for _ in range(config.n)], model.text_len).to(device)  # (B n, T)
     codes = torch.cat([sample_codes(model, chunk, generator, config.guidance, config.temperature, config.top_k,
                                     config.top_p) for chunk in text.split(256)])  # (B n, Nt + Nb)
-    if config.keep:
-        codes = rerank(model, text, codes, config.n, config.keep)  # (B M, Nt + Nb), Beyond the paper
+    if config.keep:  # reranking, Beyond the paper: the M = keep of each caption's n of most caption gain
+        gain = torch.cat([caption_gain(model, text_chunk, codes_chunk)  # in chunks: (256, L) logits each
+                          for text_chunk, codes_chunk in zip(text.split(256), codes.split(256))]).view(-1, config.n)
+        best = gain.topk(config.keep, 1).indices + torch.arange(len(gain), device=device)[:, None] * config.n  # (B, M)
+        codes = codes[best.flatten()]  # (B M, Nt + Nb)
     return to_images(tokenizer, codes), [c for c in captions for _ in range(config.keep or config.n)], codes
 
-
 # ====================================================================================================
-# Beyond the paper: each addition with a NOTE (what the paper does, what we do, why), measured in the
-# README's dalle tables.
-# ====================================================================================================
-
-# NOTE: the paper states no regulariser. We use residual dropout and DropKey (Li et al. 2023,
-# arXiv:2208.02646), 0.2 each: without them our model memorises its training codes on shapes (image loss
-# 0.19 nats per token in training against 1.04 held out).
+# Beyond the paper: each addition with a NOTE (what the paper does, what we do, why); README: dalle.py
+# NOTE: the paper states no regulariser; we use residual dropout and DropKey (Li et al. 2023, arXiv:2208.02646),
+# 0.2 each, without which our model memorises its training codes on shapes. DropKey hides each earlier key from
+# a query with probability p; its paper also drops the diagonal and lowers p with depth, we do neither.
 # NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
-# 1.5) are the best measured on shapes (95.2% of seen pairs against 77.8% at temperature 1). On real
-# images they are not: on Fashion-MNIST --guidance 3 --temperature 1 raises class accuracy from 70% to 89%
-# (README, "Results on real captioned images").
-
+# 1.5) are the best measured on shapes, not on real images (README: --guidance 3 --temperature 1 there).
 
 def keep_mask(shape, p, device):
     """A boolean tensor of `shape`, True with probability 1 - p. NOTE: torch.rand draws one number per element
-    on one CPU thread; four 16-bit numbers per 64-bit draw (p in steps of 2^-16) took a sixth off a step."""
+    on one CPU thread; we cut four 16-bit numbers from each 64-bit draw (p in steps of 2^-16), a faster step."""
     if torch.device(device).type != "cpu":  # GPU generators draw in parallel
         return torch.rand(shape, device=device) >= p
     count = math.prod(shape)
     bits = torch.randint(-2**63, 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)  # (ceil(count/4),)
     return bits.view(torch.int16)[:count].view(shape) >= round(p * 2**16) - 2**15  # int16 uniform on [-2^15, 2^15)
 
-
 def dropout(x, p, training):
     """Dropout (Srivastava et al. 2014): zero each entry with probability p, scale the rest by 1 / (1 - p)."""
     return x * keep_mask(x.shape, p, x.device) / (1 - p) if training and p > 0 else x
 
-
-def drop_key_mask(B, H, L, p, device):
-    """DropKey: the keys (B, H, L, L) each query sees, each earlier one left out with probability p. NOTE:
-    DropKey also drops the diagonal and lowers p with depth; we keep both (no query without keys)."""
-    mask = keep_mask((B, H, L, L), p, device).tril_()  # (B, H, L, L), causal
-    mask.diagonal(dim1=2, dim2=3).fill_(True)  # each query always sees itself
-    return mask
-
-
-# NOTE: the paper's codes have learned vectors E_k only, which say nothing about what a code looks like,
-# so edge codes of a colour never seen in a triangle are not drawn in one. We add describe(a_k), an MLP of
-# the mean RGB patch a_k the tokenizer decodes where code k sits in training, and silhouette(m_k), an MLP
-# of that patch's colour-free brightness, each shared by the codes of a level: codes that look alike get
-# alike vectors (held-out colour-shape pairs drawn right: 48% -> 66%).
-
-
 def add_code_descriptions(model, config, top_codebook_size, bottom_codebook_size):
-    """The appearances a_k (buffers) and the MLPs describe and silhouette of a DALLE."""
+    """NOTE: the paper's codes have learned vectors E_k only, which do not say what a code looks like, so a colour never
+    seen in a triangle is not drawn in one. We add describe(a_k), an MLP of the mean RGB patch a_k the tokenizer decodes
+    where code k sits, and silhouette(m_k), one of its colour-free brightness. Here: the buffers a_k and the MLPs."""
     C = config.width
     model.appearance, model.silhouette = config.appearance, config.appearance and config.silhouette
     model.code_drop = config.code_drop if config.appearance else 0.0  # without descriptions nothing would stand in
@@ -376,24 +297,27 @@ def add_code_descriptions(model, config, top_codebook_size, bottom_codebook_size
         model.top_silhouette = nn.Sequential(nn.Linear(top_patch // 3, C), nn.GELU(), nn.Linear(C, C))
         model.bottom_silhouette = nn.Sequential(nn.Linear(bottom_patch // 3, C), nn.GELU(), nn.Linear(C, C))
 
-
-def describe_codes(model):
-    """describe(a_k) + silhouette(m_k) of every top and bottom code: (Kt, C), (Kb, C); 0, 0 without them."""
-    top, bottom = 0, 0
-    if model.appearance:
-        top, bottom = model.top_describe(model.top_appearance), model.bottom_describe(model.bottom_appearance)  # (K, C)
+def code_vectors(model, level):
+    """A level's input and output code vectors (K, C): E_k + d_k and E'_k + d_k, d_k = describe(a_k) + silhouette(m_k).
+    In training E_k and E'_k sit out together with probability code_drop. NOTE: embedding dropout (Gal & Ghahramani
+    2016, arXiv:1512.05287) on the learned part only, so that the descriptions must tell the codes apart."""
+    E_in, E_out = getattr(model, f"{level}_embedding").weight, getattr(model, f"{level}_head").weight  # (K, C) each
+    if model.training and model.code_drop > 0:
+        keep = keep_mask((len(E_in), 1), model.code_drop, E_in.device) / (1 - model.code_drop)  # (K, 1)
+        E_in, E_out = E_in * keep, E_out * keep  # (K, C) each
+    if not model.appearance:
+        return E_in, E_out
+    appearance = getattr(model, f"{level}_appearance")  # (K, 3 p p)
+    description = getattr(model, f"{level}_describe")(appearance)  # (K, C)
     if model.silhouette:
-        top = top + model.top_silhouette(brightness(model.top_appearance))  # (Kt, C)
-        bottom = bottom + model.bottom_silhouette(brightness(model.bottom_appearance))  # (Kb, C)
-    return top, bottom
-
+        description = description + getattr(model, f"{level}_silhouette")(brightness(appearance))  # (K, C)
+    return E_in + description, E_out + description
 
 def brightness(appearance):
     """m_k: a patch's brightness (the largest of R, G and B) over its brightest pixel's, (K, 3 p p) in [-1, 1]
     -> (K, p p) in [0, 1]; on a black background, the silhouette of what it shows, the same in every colour."""
     value = ((appearance + 1) / 2).unflatten(1, (3, -1)).amax(1)  # (K, 3, p p) -> (K, p p), in [0, 1]
     return value / value.amax(1, keepdim=True).clamp(min=0.05)  # (K, p p); a black patch stays black
-
 
 @torch.no_grad()
 def code_appearance(model, tokenizer, codes, chunk=256):
@@ -404,184 +328,40 @@ def code_appearance(model, tokenizer, codes, chunk=256):
     for piece in codes.split(chunk):
         images = 2 * to_images(tokenizer, piece.to(model.top_appearance.device)) - 1  # (B, 3, S, S) in [-1, 1]
         for (appearance, shape), ids, total, count in zip(levels, vqvae2.split_codes(piece, tokenizer), sums, counts):
-            side = tokenizer.image_size // shape[0]
-            patches = F.unfold(images, side, stride=side).transpose(1, 2).flatten(0, 1)  # (B, 3 p p, H W) -> (B H W, 3 p p)
+            p = tokenizer.image_size // shape[0]  # a code covers p x p pixels
+            patches = F.unfold(images, p, stride=p).transpose(1, 2).flatten(0, 1)  # (B, 3 p p, H W) -> (B H W, 3 p p)
             ids = ids.flatten().to(appearance.device).long()  # (B H W,), raster order like unfold's
             total.index_add_(0, ids, patches)
             count.index_add_(0, ids, torch.ones_like(ids, dtype=count.dtype))
     for (appearance, _), total, count in zip(levels, sums, counts):
         appearance.copy_(total / count.clamp(min=1)[:, None])  # a code never used: zeros, a mid-grey patch
 
-
-def drop_codes(model, E_in, E_out):
-    """Code dropout: in training each code's learned E_k and E'_k (K, C) sit out together with probability
-    code_drop. NOTE: embedding dropout (Gal & Ghahramani 2016, arXiv:1512.05287) on the learned part only,
-    so that the descriptions must tell the codes apart; off by default (README: 60-minute size)."""
-    if model.training and model.code_drop > 0:
-        keep = keep_mask((len(E_in), 1), model.code_drop, E_in.device) / (1 - model.code_drop)  # (K, 1)
-        return E_in * keep, E_out * keep
-    return E_in, E_out
-
-
 def shift_captions(text, generator):
-    """Move each caption (B, T) right by s pad bytes, s uniform over 0 .. its trailing padding. NOTE: the
-    paper's captions start at position 0. Positions are learned, so a word is a byte at a position, and no
-    training caption on shapes has a shape word where 'a small red triangle' has 'triangle'. On Fashion-MNIST
-    it makes the class names harder to read (README: caption gap 0.086 against 0.101 without), and on shapes
-    its gain is inside the spread between seeds: off by default (--text-shift)."""
+    """Move each caption (B, T) right by s pad bytes, s uniform over 0 .. its padding. NOTE: the paper's captions start
+    at position 0; with learned positions a shift shows each word at many. Off by default: it costs on Fashion-MNIST."""
     B, T = text.shape
     length = (text != PAD).sum(1)  # (B,) caption bytes; the padding trails them
     s = (torch.rand(B, device=text.device, generator=generator) * (T - length + 1)).long()  # (B,) in 0 .. T - length
     index = (torch.arange(T, device=text.device) - s[:, None]) % T  # (B, T): output j reads input j - s
     return text.gather(1, index)  # (B, T), the first s bytes wrapped around from the padding
 
-
 @torch.no_grad()
 def caption_gain(model, text, codes):
-    """sum over the Nt + Nb image tokens of log p(z_i | y, z_<i) - log p(z_i | no caption, z_<i): (B,)."""
+    """sum over the Nt + Nb image tokens of log p(z_i | y, z_<i) - log p(z_i | no caption, z_<i): (B,).
+    NOTE: the paper reranks samples with CLIP, a network trained on 400M pairs; caption gain needs none."""
     both = torch.cat([torch.cat([text, codes], 1), torch.cat([torch.full_like(text, PAD), codes], 1)])  # (2B, L)
     conditional, unconditional = losses(model, both)[1].sum(1).chunk(2)  # NLL summed over image tokens: (B,) each
     return unconditional - conditional
 
-
-def rerank(model, text, codes, n, keep):
-    """The `keep` of each caption's n samples (B n, Nt + Nb) of most caption gain -> (B keep, Nt + Nb).
-    NOTE: the paper reranks with CLIP, a network trained on 400M pairs; caption gain needs none."""
-    gain = torch.cat([caption_gain(model, text_chunk, codes_chunk)  # in chunks: (256, L) logits each
-                      for text_chunk, codes_chunk in zip(text.split(256), codes.split(256))]).view(-1, n)  # (B, n)
-    best = gain.topk(keep, 1).indices + torch.arange(len(gain), device=gain.device)[:, None] * n  # (B, keep)
-    return codes[best.flatten()]
-
 # End of "Beyond the paper"
 # ====================================================================================================
-
 
 # ----------------------------------------------------------------------------------------------------
 # Training: stages 1 and 2 (tokenizer and codes) when needed, then stage 3, the transformer
 
-
-def train(config, runtime, checkpoint=None):
-    out, device = Path(config.out), runtime.device
-    tokenizer, train_set, test_set = prepare_codes(config, runtime)  # stages 1 and 2
-    model, optimizer, step = build(config, runtime, tokenizer, train_set, test_set, checkpoint)  # stage 3
-    network = torch.compile(model) if config.compile else model
-    network = DistributedDataParallel(network) if runtime.distributed else network
-    logger, guard = Logger(out, config.steps, step, runtime.is_main), NonFiniteGuard()
-    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
-
-    def save():
-        save_checkpoint(out / "ckpt.pt", "dalle", config, step, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
-
-    start_time, start_step, paused = time.time(), step, 0.0  # `paused`: evaluation time, left out of the speed
-    with StopRequest() as stop:
-        while step < config.steps and not stop.requested:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
-            generator = step_generator(device, config.seed, runtime.rank, step)
-            torch.manual_seed(generator.initial_seed())  # dropout masks: a function of the step, for --resume
-            tokens, _ = next(data)  # (B, L)
-            y, z = tokens[:, :config.text_len], tokens[:, config.text_len:]  # (B, T) caption bytes, (B, Nt + Nb) codes
-            y = shift_captions(y, generator) if config.text_shift else y  # Beyond the paper
-            tokens = torch.cat([drop_captions(y, config.cond_drop, generator), z], 1)  # (B, L), for guidance
-            with autocast(device):
-                text_loss, nll = losses(network, tokens)
-                image_loss = nll.mean()  # CE_image: the mean over the batch's B (Nt + Nb) image tokens
-                # loss = 1/8 CE_text + 7/8 CE_image (paper sec. 2.2: each CE normalised by its count of tokens)
-                loss = config.text_weight * text_loss + (1 - config.text_weight) * image_loss
-                loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            if guard.finite(step, loss, grad_norm):  # a NaN or infinite loss skips its update; too many stop the run
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % config.log_every == 0 or step == config.steps:
-                speed = ((step - start_step) * config.batch_size * runtime.world_size * (model.length - 1)
-                         / (time.time() - start_time - paused))  # tokens per second
-                logger.log(step, loss=loss.item(), text_loss=text_loss.item(), image_loss=image_loss.item(),
-                           lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(), tokens_per_second=speed)
-                logger.progress(step, text=text_loss.item(), image=image_loss.item(), tok_per_s=speed)
-            if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                evaluation_start = time.time()
-                evaluate(model.eval(), tokenizer, test_set, config, device, logger, step)
-                model.train()
-                save()
-                paused += time.time() - evaluation_start
-    keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
-    if runtime.is_main:
-        print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s of it held-out "
-              "evaluation)")
-        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
-
-
-def build(config, runtime, tokenizer, train_set, test_set, checkpoint):
-    """The model, its optimizer and the step to start at: a new run's, or --resume's."""
-    torch.manual_seed(config.seed)  # the same initial weights whether or not stages 1 and 2 ran in this process
-    model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
-                  tokenizer.bottom_codebook_size).to(runtime.device)
-    if config.appearance and not checkpoint:  # (a checkpoint carries the appearances it was trained with)
-        code_appearance(model, tokenizer, train_set.codes)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.96),
-                                  eps=1e-8, fused=runtime.device.type == "cuda")  # betas and eps from the paper (B.2)
-    step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
-    if runtime.is_main:
-        print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "
-              f"{len(train_set)} training, {len(test_set)} held out, device {runtime.device}, "
-              f"{runtime.world_size} process(es), from step {step}", flush=True)
-    return model, optimizer, step
-
-
-def parameter_groups(model, weight_decay):
-    """AdamW groups as in nanoGPT: matrices and embeddings decay, biases and LayerNorm gains do not."""
-    return [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
-            dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, test_set, config, device, logger, step):
-    """Held-out text and image loss, the image loss a dropped caption adds (the caption gap), a grid."""
-    tokens = test_set.tokens[:256].to(device)  # (256, L)
-    text, nll = losses(model, tokens)
-    _, nll_dropped = losses(model, torch.cat([torch.full_like(tokens[:, :model.text_len], PAD),
-                                              tokens[:, model.text_len:]], 1))
-    metrics = dict(text_loss=text.item(), image_loss=nll.mean().item(), caption_gap=(nll_dropped - nll).mean().item())
-    logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
-    print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
-          f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
-    write_samples(model, tokenizer, spread_captions(test_set.captions), config, device,
-                  Path(config.out) / f"samples_{step:06d}.png")
-
-
-def spread_captions(captions, count=16):
-    """Up to `count` different captions spread over a split (a sorted folder groups its classes), each twice."""
-    picks = dict.fromkeys(captions[int(i)] for i in torch.linspace(0, len(captions) - 1, 4 * count).round())
-    return [caption for caption in list(picks)[:count] for _ in range(2)]
-
-
-def write_samples(model, tokenizer, captions, config, device, path):
-    """A grid of one sample per caption."""
-    images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0), device)
-    save_grid(images, path, nrow=8, captions=captions)
-
-
-class TokenDataset(Dataset):
-    """One split of a codes file as (tokens (L,) = [caption bytes; top codes; bottom codes], caption)."""
-
-    def __init__(self, split, text_len):
-        self.codes, self.captions = vqvae2.CodesDataset(split).codes, split["captions"]  # (N, Nt + Nb), N captions
-        self.tokens = torch.cat([encode_text(self.captions, text_len), self.codes], 1)  # (N, L)
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, index):
-        return self.tokens[index], self.captions[index]
-
-
 def prepare_codes(config, runtime):
     """Stages 1 and 2, each resumable: the tokenizer in OUT/vqvae2 (or --vqvae), the codes in OUT/codes.pt
-    (torchrun: OUT/codes/, a part per rank) or --codes. -> (tokenizer, train and held-out TokenDatasets)."""
+    (torchrun: OUT/codes/, a part per rank) or --codes. -> (tokenizer, train and held-out CodesDatasets)."""
     out, path = Path(config.out), Path(config.vqvae or Path(config.out) / "vqvae2" / "ckpt.pt")
     codes_path = Path(config.codes) if config.codes else out / "codes.pt"
     if not config.codes and not config.vqvae:
@@ -614,13 +394,104 @@ def prepare_codes(config, runtime):
         codes = vqvae2.encode_dataset(vqvae2.Config(encode=config.train, test=config.test, ckpt=str(path),
                                                     out=str(codes_path)), runtime, out_given=True)
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], runtime.device, codes_path)
-    return tokenizer, TokenDataset(codes["train"], config.text_len), TokenDataset(codes["test"], config.text_len)
+    return tokenizer, vqvae2.CodesDataset(codes["train"]), vqvae2.CodesDataset(codes["test"])
 
+def parameter_groups(model, weight_decay):
+    """AdamW groups as in nanoGPT: matrices and embeddings decay, biases and LayerNorm gains do not."""
+    return [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
+            dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
+
+def train(config, runtime, checkpoint=None):
+    out, device = Path(config.out), runtime.device
+    tokenizer, train_set, test_set = prepare_codes(config, runtime)  # stages 1 and 2
+    torch.manual_seed(config.seed)  # stage 3: the same initial weights whether or not stages 1 and 2 ran here
+    model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
+                  tokenizer.bottom_codebook_size).to(device)
+    if config.appearance and not checkpoint:  # (a checkpoint carries the appearances it was trained with)
+        code_appearance(model, tokenizer, train_set.codes)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.045), lr=config.lr, betas=(0.9, 0.96), eps=1e-8,
+                                  fused=device.type == "cuda")  # weight decay, betas and eps from the paper (B.2)
+    step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
+    if runtime.is_main:
+        print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "
+              f"{len(train_set)} training, {len(test_set)} held out, device {device}, "
+              f"{runtime.world_size} process(es), from step {step}", flush=True)
+    network = torch.compile(model) if config.compile else model
+    network = DistributedDataParallel(network) if runtime.distributed else network
+    logger, guard = Logger(out, config.steps, step, runtime.is_main), NonFiniteGuard()
+    data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
+
+    def save():
+        save_checkpoint(out / "ckpt.pt", "dalle", config, step, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
+
+    start_time, start_step, paused = time.time(), step, 0.0  # `paused`: evaluation time, left out of the speed
+    with StopRequest() as stop:
+        while step < config.steps and not stop.requested:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
+            generator = step_generator(device, config.seed, runtime.rank, step)
+            torch.manual_seed(generator.initial_seed())  # dropout masks: a function of the step, for --resume
+            z, captions = next(data)  # (B, Nt + Nb) codes
+            y = encode_text(captions, config.text_len).to(device)  # (B, T) caption bytes
+            y = shift_captions(y, generator) if config.text_shift else y  # Beyond the paper
+            dropped = torch.rand(len(y), device=y.device, generator=generator) < 0.1  # (B,): p_uncond = 0.1 (guidance)
+            tokens = torch.cat([torch.where(dropped[:, None], torch.full_like(y, PAD), y), z], 1)  # (B, L)
+            with autocast(device):
+                text_loss, nll = losses(network, tokens)
+                image_loss = nll.mean()  # CE_image: the mean over the batch's B (Nt + Nb) image tokens
+                loss = 1 / 8 * text_loss + 7 / 8 * image_loss  # paper sec. 2.2, each CE a mean over its tokens
+                loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the gradient norm, clipped at 1
+            if guard.finite(step, loss, grad_norm):  # a NaN or infinite loss skips its update; too many stop the run
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % config.log_every == 0 or step == config.steps:
+                speed = ((step - start_step) * config.batch_size * runtime.world_size * (model.length - 1)
+                         / (time.time() - start_time - paused))  # tokens per second
+                logger.log(step, loss=loss.item(), text_loss=text_loss.item(), image_loss=image_loss.item(),
+                           lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(), tokens_per_second=speed)
+                logger.progress(step, text=text_loss.item(), image=image_loss.item(), tok_per_s=speed)
+            if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
+                evaluation_start = time.time()
+                evaluate(model.eval(), tokenizer, test_set, config, device, logger, step)
+                model.train()
+                save()
+                paused += time.time() - evaluation_start
+    keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
+    if runtime.is_main:
+        print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s of it held-out "
+              "evaluation)")
+        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
+
+@torch.no_grad()
+def evaluate(model, tokenizer, test_set, config, device, logger, step):
+    """Held-out text and image loss, the image loss a dropped caption adds (the caption gap), a grid."""
+    y, z = encode_text(test_set.captions[:256], model.text_len).to(device), test_set.codes[:256].to(device)
+    text, nll = losses(model, torch.cat([y, z], 1))  # (256, L) = [y ; z]
+    _, nll_dropped = losses(model, torch.cat([torch.full_like(y, PAD), z], 1))  # the same without their captions
+    metrics = dict(text_loss=text.item(), image_loss=nll.mean().item(), caption_gap=(nll_dropped - nll).mean().item())
+    logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
+    print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
+          f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
+    write_samples(model, tokenizer, test_set.captions, config, device, Path(config.out) / f"samples_{step:06d}.png")
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and scoring from the command line, and the speed benchmark
+
+def write_samples(model, tokenizer, captions, config, device, path, count=16):
+    """A grid of one sample each for up to `count` captions, twice, spread over a split (a folder sorts by class)."""
+    picks = dict.fromkeys(captions[int(i)] for i in torch.linspace(0, len(captions) - 1, 4 * count).round())
+    captions = [caption for caption in list(picks)[:count] for _ in range(2)]
+    images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0), device)
+    save_grid(images, path, nrow=8, captions=captions)
 
 def report(model, tokenizer, captions, config, device, out, logger=None, step=None):
     """On shapes: the scorer on a sample per caption (--keep M: the M best of n) at guidance 1 and --guidance."""
     if not all(parse_caption(caption) for caption in captions[:20]):
-        write_samples(model, tokenizer, spread_captions(captions), config, device, out / "samples.png")
+        write_samples(model, tokenizer, captions, config, device, out / "samples.png")
         return print(f"samples for held-out captions: {out / 'samples.png'}")
     for guidance in sorted({1.0, config.guidance}):
         start, scored = time.time(), dataclasses.replace(config, guidance=guidance, n=config.n if config.keep else 1)
@@ -637,49 +508,39 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
                      if name in result]
             print(f"faithfulness (guidance {guidance:g}): {', '.join(parts)}; sample grid: {out / 'samples.png'}")
 
+LEGACY = dict(drop_key=0.0, appearance=False, text_shift=False, silhouette=False, code_drop=0.0)  # for absent fields
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: checkpoints, sampling, evaluation, the speed benchmark
-
-LEGACY = dict(drop_key=0.0, appearance=False, text_shift=False, silhouette=False, code_drop=0.0)
-
-
-def load_model(path, device):
-    """A dalle checkpoint's model, tokenizer and Config (LEGACY: what an older one trained without)."""
+def sample_or_score(config, given, runtime):
+    """--sample and --prompts (a file, one caption a line; '-': standard input): a grid, and a PNG + TXT pair per
+    image (`python data.py score` reads them); --eval: the scorer on --test's captions, else the run's own."""
+    path, device = Path(config.ckpt or Path(config.out) / "ckpt.pt"), runtime.device
     checkpoint = load_checkpoint(path, "dalle", required=("config", "model", "tokenizer"))
-    values = checkpoint["config"]
-    saved = config_from_dict(Config, {**LEGACY, **values} if isinstance(values, dict) else values, validate)
+    saved = config_from_dict(Config, {**LEGACY, **checkpoint["config"]}, validate)
     tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
     model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
     load_state(model, checkpoint["model"], path)
-    return model.eval(), tokenizer, saved
-
-
-def read_prompts(path):
-    """The captions of a text file, or of standard input for '-', one per line."""
-    check(path == "-" or Path(path).is_file(), f"--prompts {path}: no such file")
-    try:
-        content = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as error:
-        raise UsageError(f"--prompts {path}: cannot be read ({error.strerror})") from None
-    captions = [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
-    check(captions, f"--prompts {path}: no captions in it")
-    return captions
-
-
-def sample(config, runtime, out_given):
-    """--sample and --prompts: a grid, and a PNG + TXT pair per image (`python data.py score` reads them)."""
-    path, device = Path(config.ckpt or Path(config.out) / "ckpt.pt"), runtime.device
-    model, tokenizer, saved = load_model(path, device)
-    out = Path(config.out) if out_given else path.parent
-    captions = list(config.sample) + (read_prompts(config.prompts) if config.prompts else [])
+    model, out = model.eval(), Path(config.out) if "out" in given else path.parent
+    if not (config.sample or config.prompts):  # --eval
+        if saved.codes and not config.test:
+            check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
+            captions = vqvae2.load_codes(saved.codes)["test"]["captions"]
+        else:
+            test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
+            captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
+        return report(model, tokenizer, captions, config, device, out)
+    captions = list(config.sample)
+    if config.prompts:
+        check(config.prompts == "-" or Path(config.prompts).is_file(), f"--prompts {config.prompts}: no such file")
+        content = sys.stdin.buffer.read() if config.prompts == "-" else Path(config.prompts).read_bytes()
+        captions += [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
+        check(len(captions) > len(config.sample), f"--prompts {config.prompts}: no captions in it")
     warn_if_cut(captions, model.text_len)
     images, captions, codes = generate(model, tokenizer, captions, config, device)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for i, (image, caption) in enumerate(zip(images, captions)):
         save_grid(image[None], out / "samples" / f"{i:04d}.png", nrow=1, padding=0)
-        atomic_write(out / "samples" / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode("utf-8", errors="replace")))
+        atomic_write(out / "samples" / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode(errors="replace")))
     per_row, labels = config.keep or config.n, captions
     if config.nearest:  # beside each sample the training code grid nearest in Hamming distance: does it copy?
         places = [Path(saved.codes)] if saved.codes else [path.parent / "codes.pt", path.parent / "codes"]
@@ -688,22 +549,12 @@ def sample(config, runtime, out_given):
         train_codes = vqvae2.CodesDataset(vqvae2.load_codes(codes_path)["train"]).codes.to(device)  # (N, Nt + Nb)
         distance, index = torch.cat([(chunk[:, None] != train_codes[None]).sum(-1)  # (B, N)
                                      for chunk in codes.split(16)]).min(1)  # (B,) each
-        images = torch.stack([images, to_images(tokenizer, train_codes[index].long())], 1).flatten(0, 1)  # (2B, 3, S, S)
+        images = torch.stack([images, to_images(tokenizer, train_codes[index])], 1).flatten(0, 1)  # (2B, 3, S, S)
         labels = [label for caption, d in zip(captions, distance.tolist())
                   for label in (caption, f"nearest training codes: {d}/{codes.shape[1]} differ")]
         per_row = 2 * min(per_row, 4)
     save_grid(images, out / "samples.png", nrow=min(per_row, 8), captions=labels)
     print(f"wrote {out / 'samples.png'} and {len(captions)} PNG + TXT pairs in {out / 'samples'}")
-
-
-def eval_captions(config, saved, image_size):
-    """--eval's captions: --test's, else those the run scored after training (its --codes' or --train's)."""
-    if saved.codes and not config.test:
-        check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
-        return vqvae2.load_codes(saved.codes)["test"]["captions"]
-    test_set = load_test(saved.train, config.test or saved.test, image_size)
-    return getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
-
 
 def benchmark(config, runtime):
     """Tokens/s of training (5 steps after a warm-up one) and of sampling, with and without the cache."""
@@ -717,7 +568,7 @@ def benchmark(config, runtime):
         for _ in range(steps):
             with autocast(device):
                 text_loss, nll = losses(model, tokens)
-            (config.text_weight * text_loss + (1 - config.text_weight) * nll.mean()).backward()
+            (1 / 8 * text_loss + 7 / 8 * nll.mean()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         text_loss.item()  # waits for the GPU
@@ -732,7 +583,6 @@ def benchmark(config, runtime):
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({key: round(value, 1) for key, value in results.items()}))
 
-
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     sampling = config.sample or config.prompts
@@ -741,16 +591,10 @@ def main(argv=None):
     runtime = setup(config.device, config.seed)
     if config.benchmark:
         benchmark(config, runtime)
-    elif sampling:
-        sample(config, runtime, "out" in given)
-    elif config.eval:
-        path = Path(config.ckpt or Path(config.out) / "ckpt.pt")
-        model, tokenizer, saved = load_model(path, runtime.device)
-        out = Path(config.out) if "out" in given else path.parent
-        report(model, tokenizer, eval_captions(config, saved, tokenizer.image_size), config, runtime.device, out)
+    elif sampling or config.eval:
+        sample_or_score(config, given, runtime)
     else:
         train(config, runtime, checkpoint)
-
 
 if __name__ == "__main__":
     run_cli(main)
