@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
-                  encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test,
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, encode_text,
+                  format_score, keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test,
                   parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid, score_report,
-                  setup, spread_batch, step_generator, warn_if_cut)
+                  setup, spread_batch, step_generator, warn_if_cut, write_pairs)
 
 
 @dataclass
@@ -236,9 +236,7 @@ def sample(model, saved, config, out, device):
     captions = [caption for caption in config.sample for _ in range(config.n)]
     images = model.generate(captions, saved.text_len, torch.Generator(device).manual_seed(config.seed))  # (N, 3, S, S)
     save_grid(images, out / "samples.png", nrow=min(config.n, 8), captions=captions)
-    for i, (image, caption) in enumerate(zip(images, captions)):  # image[None]: (1, 3, S, S)
-        save_grid(image[None], out / "samples" / f"{i:04d}.png", nrow=1, padding=0)
-        atomic_write(out / "samples" / f"{i:04d}.txt", lambda f: f.write(caption.encode("utf-8", errors="replace")))
+    write_pairs(out / "samples", images, captions)
     print(f"wrote {out / 'samples.png'} and {len(images)} PNG + TXT pairs in {out / 'samples'}")
 
 
@@ -378,6 +376,7 @@ def main(argv=None):
     else:
         test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
         report(model, test_set, replace(saved, iw=config.iw, seed=config.seed), runtime.device)
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,14 +1,13 @@
-"""data.py: the one module every model file shares.
+"""data.py: the one module every model file shares; copy it together with any one model file.
 
-Datasets, image I/O, the built-in `shapes` benchmark with its pixel scorer, byte-level text, and the
-plumbing every trainer needs (CLI from a Config dataclass, device, torchrun/DDP, sampler, checkpoints,
-logging, grids). Copy it together with any one model file.
+Sections, in the order a model file meets them: errors and the CLI from a Config dataclass; images,
+folders and tar shards; the `shapes` benchmark and its pixel scorer; byte-level text; dataset
+preparation (MNIST-family IDX files, Twemoji); grids; training plumbing (datasets by name, device,
+torchrun, samplers, checkpoints, run records, encodings in parts, logging); the judge.
 
-Conventions used everywhere:
-    images are float tensors (B, 3, H, W) with values in [0, 1]; a model that wants [-1, 1]
-    rescales itself. B batch, C channels, H height, W width, T tokens.
+Conventions: images are float tensors (B, 3, H, W) in [0, 1] (a model that wants [-1, 1] rescales
+itself). B batch, C channels, H height, W width, T tokens.
 
-Command line:
     python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
     python data.py score DIR                                                  # score them from pixels
     python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
@@ -58,8 +57,8 @@ class UsageError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run `main(argv)`; a UsageError becomes one line on stderr and exit status 2, never a traceback.
-    So does an OSError (an --out that is a file, a full disk, a folder without write permission)."""
+    """Run `main(argv)`, then leave torchrun's group. A UsageError or an OSError (an --out that is a file, a
+    full disk) becomes one line on stderr and exit status 2, never a traceback; Ctrl-C exits with 130."""
     status = 0
     _new_records.clear()
     try:
@@ -85,6 +84,7 @@ def run_cli(main, argv=None):
 
 
 _warned: set[str] = set()
+_new_records = []  # (config.json, whether its folder is new) written by this process for a new run
 
 
 def warn(message):
@@ -104,47 +104,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def _field_comments(config_class):
-    """The `# comment` after each field of a dataclass's source: it becomes that flag's --help."""
+def parse_config(config_class, argv=None, description=None):
+    """An argparse CLI from a Config dataclass: one flag per field, its help the `# comment` after the field.
+    Returns the config and the names of the flags given (--resume applies exactly those on top)."""
+    types, comments = typing.get_type_hints(config_class), {}
     try:
         source = inspect.getsource(config_class)
-    except (OSError, TypeError):
-        return {}
-    comments = {}
+    except (OSError, TypeError):  # a class built at run time has no source: no help texts
+        source = ""
     for line in source.splitlines():
-        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def parse_config(config_class, argv=None, description=None):
-    """Build an argparse CLI from a Config dataclass (one flag per field, help from its comment).
-    Returns the config and the set of field names given on the command line (so that --resume can
-    apply exactly those on top of a saved config)."""
-    types = typing.get_type_hints(config_class)
-    comments = _field_comments(config_class)
+        if match := re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line):
+            comments[match[1]] = match[2].strip()
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(config_class):
-        flags = ["--" + field.name.replace("_", "-")]
-        if len(field.name) == 1:  # a one-letter field also gets the short flag: n -> -n and --n
-            flags.insert(0, "-" + field.name)
+        flags = ["-" + field.name] * (len(field.name) == 1) + ["--" + field.name.replace("_", "-")]  # n: -n, --n
         kind = types[field.name]
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        help_text = f"{comments.get(field.name, '')} (default: {default!r})".replace("%", "%%")
+        common = dict(default=argparse.SUPPRESS, help=f"{comments.get(field.name, '')} (default: {default!r})"
+                      .replace("%", "%%"))
         if kind is bool:  # --flag / --no-flag
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is list:  # list[str]: --flag A B C
-            parser.add_argument(*flags, nargs="+", type=typing.get_args(kind)[0], default=argparse.SUPPRESS,
-                                help=help_text, metavar="TEXT")
+            parser.add_argument(*flags, nargs="+", type=typing.get_args(kind)[0], metavar="TEXT", **common)
         else:
-            parser.add_argument(*flags, type=finite_float if kind is float else kind, default=argparse.SUPPRESS,
-                                help=help_text, metavar={int: "N", float: "X"}.get(kind, "TEXT"))
+            parser.add_argument(*flags, type=finite_float if kind is float else kind,
+                                metavar={int: "N", float: "X"}.get(kind, "TEXT"), **common)
     given = vars(parser.parse_args(argv))  # only the flags actually given
     defaults = config_class()
     for name, value in given.items():  # --out "" would be the current folder: an unset shell variable, likely
@@ -175,16 +159,15 @@ def config_from_dict(config_class, values, validate):
         check(type(value) is expected or (expected is float and type(value) is int),
               f"a checkpoint whose config has {key} = {str(value)[:40]!r} ({type(value).__name__}, expected "
               f"{expected.__name__})")
-    config = config_class(**kept)
     try:
-        validate(config)
+        validate(config := config_class(**kept))
     except UsageError as error:
         raise UsageError(f"a checkpoint whose config is refused: {error}") from None
     return config
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images: any file PIL opens becomes RGB, square, image_size
+# Images: any file PIL opens becomes RGB, square, image_size; a folder of them, captioned
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -212,19 +195,17 @@ def resize_center_crop(image, size):
     if (width, height) == (size, size):
         return image
     scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    image = image.resize(new_size, Image.BICUBIC)
+    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
 def load_image(path, image_size=None):
-    """Read one image file as a uint8 tensor (3, H, W); raises on a broken file."""
+    """Read one image file (the first frame; camera orientation applied) as uint8 (3, H, W); raises if broken."""
     with Image.open(path) as image:
-        image.seek(0)  # animated GIF/WebP: the first frame
+        image.seek(0)
         image.load()  # decodes now, so a truncated file raises here
-        image = ImageOps.exif_transpose(image)  # camera orientation
-        image = to_rgb(image)
+        image = to_rgb(ImageOps.exif_transpose(image))
     if image_size is not None:
         image = resize_center_crop(image, image_size)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
@@ -240,17 +221,6 @@ def caption_lines(content):
     return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
 
 
-def _header_problem(path):
-    """Cheap check made once per file when a folder is scanned (full decoding happens on access)."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path):
-            return None
-    except Exception as error:  # PIL raises many kinds for many formats; any of them means skip
-        return reason(error)
-
-
 class ImageTextFolder(Dataset):
     """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str).
 
@@ -260,19 +230,16 @@ class ImageTextFolder(Dataset):
     """
 
     def __init__(self, root, image_size):
-        self.root, self.image_size = Path(root), image_size
+        self.root, self.image_size, self.broken, self.paths = Path(root), image_size, set(), []
         check(self.root.is_dir(), f"{root}: no such folder")
-        candidates = sorted(path for path in self.root.rglob("*")
-                            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
-        self.paths = []
-        for path in candidates:
-            problem = _header_problem(path)
-            if problem:
-                warn(f"skipping {path}: {problem}")
-            else:
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+            try:  # a cheap look at the header now; full decoding happens on access
+                check(path.stat().st_size > 0, "empty file")
+                Image.open(path).close()
                 self.paths.append(path)
+            except Exception as error:  # PIL raises many kinds for many formats; any of them means skip
+                warn(f"skipping {path}: {reason(error)}")
         check(self.paths, f"{root}: no usable image found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.broken = set()
 
     def __len__(self):
         return len(self.paths)
@@ -281,17 +248,12 @@ class ImageTextFolder(Dataset):
         """Every caption an image can get: the non-blank lines of its .txt file, else its subfolder's name."""
         text_path = path.with_suffix(".txt")
         if os.path.lexists(text_path):  # a folder, a dangling link or a link loop too: named in a warning, once
-            try:  # invalid UTF-8 is decoded with replacement characters rather than refused
-                lines = caption_lines(text_path.read_bytes())
-                if lines:
+            try:
+                if lines := caption_lines(text_path.read_bytes()):
                     return lines
             except OSError as error:
                 warn(f"cannot read caption {text_path} ({error.strerror or reason(error)}); it is left out")
         return [path.parent.name.replace("_", " ")] if path.parent != self.root else []
-
-    def caption(self, path):
-        lines = self.caption_choices(path)
-        return random.choice(lines) if lines else ""  # drawn again at every access
 
     def __getitem__(self, index):
         for attempt in range(len(self.paths)):
@@ -304,12 +266,13 @@ class ImageTextFolder(Dataset):
                 self.broken.add(path)
                 warn(f"skipping {path}: {reason(error)}")
                 continue
-            return image.float() / 255.0, self.caption(path)
+            lines = self.caption_choices(path)
+            return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shards: tar files in the WebDataset layout (KEY.png or KEY.jpg ..., plus KEY.txt), read in place
+# Shards: uncompressed tar files in the WebDataset layout (KEY.png or KEY.jpg ..., plus KEY.txt)
 
 
 def expand_braces(spec):
@@ -347,26 +310,20 @@ def shard_paths(name):
         return None
     paths = [Path(expanded) for expanded in expand_braces(name)]
     missing = [path for path in paths if not path.is_file()]
-    if missing:
-        raise UsageError(f"{missing[0]}: no such shard" + (f" ({len(missing)} of {len(paths)} missing)"
-                                                           if len(missing) > 1 else ""))
+    check(not missing, f"{missing[0] if missing else ''}: no such shard"
+                       + (f" ({len(missing)} of {len(paths)} missing)" if len(missing) > 1 else ""))
     return paths
 
 
 class ShardDataset(Dataset):
-    """The samples of uncompressed tar shards as (image (3, S, S) float in [0, 1], caption str), in
-    shard order. A sample is the regular files of one tar that share a KEY (the member name up to the
-    first dot of its last part): KEY.png (or .jpg, .webp, ...) is the image and KEY.txt its caption,
-    a random non-blank line of it drawn at every access, as for a folder ("" without one). An image
-    that cannot be decoded is skipped with one warning, as ImageTextFolder does.
+    """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample
+    is the regular files of one tar sharing a KEY (the member name up to the first dot of its last part):
+    KEY.png (or .jpg, ...) and its caption KEY.txt, read as a folder's are; a broken image is skipped.
 
-    NOTE: WebDataset streams each shard front to back through an IterableDataset. We read the tar
-    headers once (tarfile seeks over the data, so this costs a few bytes per member) and keep where
-    each member's bytes lie: a sample is then one seek and read in its tar, nothing is extracted, and
-    the dataset stays map-style, so len(), dataset[i], the held-out split, spread_batch and an exact
-    --resume work unchanged in every trainer. ShardSampler deals whole shards to torchrun ranks.
-    Member names are only dictionary keys, never paths: `../../x.png` or `/etc/x.png` reach nothing
-    on disk, and links, folders and devices are skipped.
+    NOTE: WebDataset streams each shard through an IterableDataset. We read the tar headers once and keep
+    where each member's bytes lie, so a sample is one seek and read and the dataset stays map-style: len(),
+    the held-out split and an exact --resume work as for a folder. Member names are dictionary keys, never
+    paths (`../x.png` reaches nothing on disk); links, folders and devices are skipped.
     """
 
     def __init__(self, paths, image_size, samples=None):
@@ -398,21 +355,12 @@ class ShardDataset(Dataset):
         return len(self.samples)
 
     def _read(self, shard, place):
-        offset, size = place
         with open(self.paths[shard], "rb") as file:  # opened per read: safe in forked DataLoader workers
-            file.seek(offset)
-            content = file.read(size)
-        if len(content) != size:
-            raise OSError(f"the tar ends {size - len(content)} bytes early")
+            file.seek(place[0])
+            content = file.read(place[1])
+        if len(content) != place[1]:
+            raise OSError(f"the tar ends {place[1] - len(content)} bytes early")
         return content
-
-    def caption(self, shard, key, place):
-        try:
-            lines = caption_lines(self._read(shard, place)) if place else []
-        except OSError as error:
-            warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
-            lines = []
-        return random.choice(lines) if lines else ""
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
@@ -426,7 +374,12 @@ class ShardDataset(Dataset):
                 problem = "not an image" if isinstance(error, UnidentifiedImageError) else reason(error)
                 warn(f"skipping {self.paths[shard]}: {key!r}: {problem}")
                 continue
-            return image.float() / 255.0, self.caption(shard, key, caption_place)
+            try:
+                lines = caption_lines(self._read(shard, caption_place)) if caption_place else []
+            except OSError as error:
+                warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
+                lines = []
+            return image.float() / 255.0, random.choice(lines) if lines else ""
         raise UsageError(f"{self.paths[0]} ...: no usable image (every one failed to decode)")
 
     def split(self, held):
@@ -436,10 +389,9 @@ class ShardDataset(Dataset):
 
 
 def write_shards(folder, out, per_shard, seed=0):
-    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into
-    OUT/000000.tar, OUT/000001.tar, ... of `per_shard` samples each, named by their rank in a random
-    order (seed), so that every shard, and the held-out tail of the last one, mixes the folder's
-    classes. The image files' bytes are stored as they are. Returns the number of shards."""
+    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into OUT/000000.tar,
+    ... of `per_shard` samples each, in a random order (seed) so that every shard mixes the folder's classes.
+    Image bytes are stored as they are, with mtime 0: the same folder gives the same bytes. Returns the count."""
     source, out = ImageTextFolder(folder, None), Path(out)
     check(per_shard > 0, f"--per-shard {per_shard}: must be positive")
     check(not (out.is_dir() and any(out.glob("*.tar"))), f"{out}: already holds .tar files; choose an empty folder")
@@ -451,7 +403,7 @@ def write_shards(folder, out, per_shard, seed=0):
                 caption = "".join(line + "\n" for line in source.caption_choices(paths[number])).encode()
                 for name, content in ((f"{number:08d}{paths[number].suffix.lower()}", paths[number].read_bytes()),
                                       (f"{number:08d}.txt", caption)):
-                    member = tarfile.TarInfo(name)  # mtime 0, mode 644: the same folder gives the same bytes
+                    member = tarfile.TarInfo(name)
                     member.size, member.mode = len(content), 0o644
                     archive.addfile(member, io.BytesIO(content))
 
@@ -565,9 +517,11 @@ def _template(shape, size, x0, y0, image_size):
 @lru_cache(maxsize=None)
 def _template_centroid(shape, size, image_size):
     """Centroid of a shape's mask relative to its box's top-left corner (a triangle's sits low)."""
-    mask = _template(shape, size, 0, 0, image_size)
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(_template(shape, size, 0, 0, image_size))
     return xs.mean(), ys.mean()
+
+
+STRAY_PIXELS = 2  # a clean shape: at most this many pixels disagree with its template off the outline
 
 
 def read_shape(image):
@@ -576,7 +530,9 @@ def read_shape(image):
     Foreground: pixels whose brightest channel is >= 128. Colour: majority vote of the nearest palette
     colour over the foreground. Shape and size: the best intersection-over-union against the exact
     renderings of every (shape, size) placed around the foreground's centroid. Position: the grid cell
-    holding the best template's box centre. Returns None when there is no foreground.
+    holding the best template's box centre. `stray`: the pixels where foreground and that template
+    disagree, not counting the template's outline (the pixels within 1 px of its edge), where blur and
+    noise move the edge. Returns None when there is no foreground.
     """
     pixels = np.asarray(image, dtype=np.float32)  # (S, S, 3) in [0, 255]
     image_size = pixels.shape[0]
@@ -595,24 +551,26 @@ def read_shape(image):
             for dy in range(-2, 3):
                 for dx in range(-2, 3):
                     template = _template(shape, size, base_x + dx, base_y + dy, image_size)
-                    union = np.logical_or(template, mask).sum()
-                    iou = np.logical_and(template, mask).sum() / max(union, 1)
+                    iou = np.logical_and(template, mask).sum() / max(np.logical_or(template, mask).sum(), 1)
                     if iou > best[0]:
                         best = (iou, (shape, size, base_x + dx, base_y + dy))
     iou, (shape, size, x0, y0) = best
+    template = np.pad(_template(shape, size, x0, y0, image_size), 1)  # (S + 2, S + 2)
+    windows = [template[dy: dy + image_size, dx: dx + image_size] for dy in range(3) for dx in range(3)]
+    outline = np.logical_or.reduce(windows) & ~np.logical_and.reduce(windows)  # dilated minus eroded, (S, S)
+    stray = int(((mask ^ template[1:-1, 1:-1]) & ~outline).sum())
     side = round(SIZES[size] * image_size)
-    centre_x, centre_y = x0 + side / 2, y0 + side / 2
-    col = min(max(int(centre_x // (image_size / 3)), 0), 2)
-    row = min(max(int(centre_y // (image_size / 3)), 0), 2)
-    return dict(colour=colour, shape=shape, size=size, position=POSITIONS[3 * row + col], iou=float(iou))
+    col = min(max(int((x0 + side / 2) // (image_size / 3)), 0), 2)
+    row = min(max(int((y0 + side / 2) // (image_size / 3)), 0), 2)
+    return dict(colour=colour, shape=shape, size=size, position=POSITIONS[3 * row + col], iou=float(iou), stray=stray)
 
 
 def score_shapes(images, captions):
     """Fraction of images whose colour, shape, size and position match their caption, and `all` four.
 
-    images: (N, 3, S, S) float in [0, 1] or uint8; captions: N strings. `clean` is the fraction read as
-    one clean shape (best template IoU >= 0.5), whatever its attributes. An unparseable caption counts
-    as a miss.
+    images: (N, 3, S, S) float in [0, 1] or uint8; captions: N strings. `clean`: the fraction read as one
+    cleanly drawn shape (at most STRAY_PIXELS stray pixels), whatever its attributes; a shape counts as
+    right only when it is also clean. An unparseable caption counts as a miss.
     """
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8:
@@ -624,10 +582,11 @@ def score_shapes(images, captions):
         target, found = parse_caption(caption), read_shape(image)
         if found is None:
             continue
-        hits["clean"] += found["iou"] >= 0.5
+        clean = found["stray"] <= STRAY_PIXELS
+        hits["clean"] += clean
         if target is None:
             continue
-        matches = [found[key] == target[key] for key in keys]
+        matches = [found[key] == target[key] and (clean or key != "shape") for key in keys]
         for key, match in zip(keys, matches):
             hits[key] += match
         hits["all"] += all(matches)
@@ -644,8 +603,7 @@ def score_report(images, captions):
     """score_shapes overall and separately for seen and held-out colour-shape pairs."""
     report = {"overall": score_shapes(images, captions)}
     for name, wanted in (("seen", False), ("held_out", True)):
-        chosen = [i for i, caption in enumerate(captions) if is_held_out(caption) == wanted]
-        if chosen:
+        if chosen := [i for i, caption in enumerate(captions) if is_held_out(caption) == wanted]:
             report[name] = score_shapes(torch.as_tensor(images)[chosen], [captions[i] for i in chosen])
     return report
 
@@ -669,12 +627,9 @@ def read_pairs(folder, image_size=None):
 
 
 def format_score(report):
-    lines = []
-    for name, score in report.items():
-        fields = "  ".join(f"{key} {100 * score[key]:5.1f}%"
-                           for key in ("all", "colour", "shape", "size", "position", "clean"))
-        lines.append(f"{name:9s} n={score['n']:<5d} {fields}")
-    return "\n".join(lines)
+    return "\n".join(f"{name:9s} n={score['n']:<5d} " + "  ".join(
+        f"{key} {100 * score[key]:5.1f}%" for key in ("all", "colour", "shape", "size", "position", "clean"))
+        for name, score in report.items())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -825,6 +780,15 @@ def save_grid(images, path, nrow=8, captions=None, padding=2):
         for j, line in enumerate(wrapped[i]):
             draw.text((x, y + tile_h + j * line_h), line, fill=(255, 255, 255), font=font)
     atomic_write(path, lambda file: grid.save(file, format="PNG"))
+
+
+def write_pairs(folder, images, captions, names=None):
+    """Each image (N, 3, S, S) as FOLDER/NAME.png with its caption as FOLDER/NAME.txt (NAME 0000, 0001, ...
+    unless `names` are given): the pairs that `data.py score` and `data.py judge score` read."""
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        name = names[i] if names else f"{i:04d}"
+        save_grid(image[None], Path(folder) / f"{name}.png", nrow=1, padding=0)  # image[None]: (1, 3, S, S)
+        atomic_write(Path(folder) / f"{name}.txt", lambda file: file.write(caption.encode("utf-8", errors="replace")))
 
 
 def _wrap(text, font, width):
@@ -1617,6 +1581,10 @@ def score_judge(args):
 
 # ----------------------------------------------------------------------------------------------------
 # Command line: python data.py shapes|score|idx|shard|emoji|judge
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 def main(argv=None):

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
-                  encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
-                  score_report, score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut)
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, encode_text,
+                  format_score, keep_work_if_stopped, learning_rate, load_run, load_state, load_test, load_train_test,
+                  parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid, score_report,
+                  score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut, write_pairs)
 
 
 @dataclass
@@ -66,8 +66,8 @@ def validate(config):
     check(config.image_size in (16, 32, 64, 128), "--image-size must be a power of two from 16 to 128")
     for name in ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "log_every", "save_every", "n"):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    check(config.lr > 0 and 0 <= config.ema < 1, "--lr must be positive; --ema must be in [0, 1)")
-    check(config.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs a batch)")
+    check(config.lr > 0 and 0 <= config.ema < 1 and config.batch_size >= 2,
+          "--lr must be positive, --ema in [0, 1), --batch-size at least 2 (batch norm needs a batch)")
     check(not (config.sample and config.eval), "--sample and --eval cannot be combined")
 
 
@@ -77,14 +77,11 @@ def validate(config):
 
 
 def initialise(module):
-    """Weights from N(0, 0.02) (DCGAN sec. 4), zero biases, unit batch-norm scales."""
+    """Weights from N(0, 0.02) (DCGAN sec. 4), zero biases; batch norm keeps its unit scales, zero shifts."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class Generator(nn.Module):
@@ -180,22 +177,17 @@ def generate(G_ema, config, device, count, captions=None, seed=0, chunk=250):
 
 def sample(G_ema, saved, config, out, device):
     """--cond checkpoint: -n samples of each caption (a row each); unconditional: --sample N. Writes
-    OUT/samples.png and OUT/samples/NAME.png + NAME.txt (the caption or a blank line) for `data.py score`."""
+    OUT/samples.png and OUT/samples/NNNN.png + NNNN.txt (the caption, or nothing) for `data.py score`."""
     if saved.cond:
         captions, per_row = [caption for caption in config.sample for _ in range(config.n)], config.n
-        names = [f"{i // config.n:03d}_{i % config.n:03d}" for i in range(len(captions))]
         warn_if_cut(config.sample, saved.text_len)
     else:
         check(len(config.sample) == 1 and config.sample[0].isdigit() and int(config.sample[0]) > 0,
               f"{config.ckpt or 'the checkpoint'} is unconditional: --sample takes a count N >= 1, not captions")
-        captions, per_row = None, math.ceil(math.sqrt(int(config.sample[0])))
-        names = [f"{i:05d}" for i in range(int(config.sample[0]))]
-    images = generate(G_ema, saved, device, len(names), captions, config.seed)  # (N, 3, S, S)
-    save_grid(images, out / "samples.png", nrow=per_row, captions=captions)
-    for i, (image, name) in enumerate(zip(images, names)):  # image[None]: (1, 3, S, S)
-        save_grid(image[None], out / "samples" / f"{name}.png", nrow=1, padding=0)
-        text = (captions[i] if captions else "") + "\n"
-        atomic_write(out / "samples" / f"{name}.txt", lambda f: f.write(text.encode("utf-8", errors="replace")))
+        captions, per_row = [""] * int(config.sample[0]), math.ceil(math.sqrt(int(config.sample[0])))
+    images = generate(G_ema, saved, device, len(captions), captions if saved.cond else None, config.seed)
+    save_grid(images, out / "samples.png", nrow=per_row, captions=captions if saved.cond else None)  # (N, 3, S, S)
+    write_pairs(out / "samples", images, captions)  # 0000.png + 0000.txt, ...
     print(f"wrote {out / 'samples.png'} and {len(images)} PNG + TXT pairs in {out / 'samples'}")
 
 
@@ -295,10 +287,9 @@ def train(config, runtime, checkpoint=None):
                                 for network in (G, D))  # beta1 0.5 (DCGAN sec. 4)
     step, window = 0, torch.zeros(5, device=device)  # summed D loss, G loss, D accuracy, diversity; steps
     if checkpoint:  # resuming: the weights, Adam's moments, the step and the window
-        for module, key in ((G, "generator"), (D, "discriminator"), (G_ema, "ema_generator")):
+        for module, key in ((G, "generator"), (D, "discriminator"), (G_ema, "ema_generator"),
+                            (optimizer_G, "generator_optimizer"), (optimizer_D, "discriminator_optimizer")):
             load_state(module, checkpoint[key], out / "ckpt.pt")
-        optimizer_G.load_state_dict(checkpoint["generator_optimizer"])
-        optimizer_D.load_state_dict(checkpoint["discriminator_optimizer"])
         step, window = checkpoint["step"], checkpoint["window"].to(device)
         check(step < config.steps, f"the checkpoint is at step {step} already; pass a larger --steps")
     refresh_captions = spread_batch(train_set, 512)[1] if config.cond else None
@@ -307,9 +298,8 @@ def train(config, runtime, checkpoint=None):
                    torch.Generator(device).manual_seed(config.seed))  # (64, J)
     if runtime.is_main:
         millions = [sum(p.numel() for p in network.parameters()) / 1e6 for network in (G, D)]
-        print(f"dcgan{' (caption-conditioned)' if config.cond else ''}: G {millions[0]:.2f}M, D {millions[1]:.2f}M "
-              f"parameters, {len(train_set)} training images, device {device}, {runtime.world_size} process(es), "
-              f"from step {step}")
+        print(f"dcgan{' (caption-conditioned)' * config.cond}: G {millions[0]:.2f}M, D {millions[1]:.2f}M parameters, "
+              f"{len(train_set)} training images, device {device}, {runtime.world_size} process(es), from step {step}")
     G_network, D_network = (DistributedDataParallel(network) if runtime.distributed else network for network in (G, D))
     logger = Logger(out, config.steps, step, runtime.is_main)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
@@ -388,10 +378,6 @@ def report(G_ema, test_set, config, device, logger=None, step=None):
     return results
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line plumbing
-
-
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     config, checkpoint = run_config(config, given, "dcgan", validate, training=not (config.sample or config.eval),
@@ -408,6 +394,7 @@ def main(argv=None):
         test_set = load_test(saved.train, config.test or saved.test, saved.image_size)
         check(report(G_ema, test_set, replace(saved, seed=config.seed), runtime.device) is not None,
               "--eval scores shapes samples, but the held-out captions are not shapes captions")
+
 
 if __name__ == "__main__":
     run_cli(main)

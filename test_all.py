@@ -245,6 +245,31 @@ def test_scorer_ground_truth_and_shuffled():
     assert data.score_shapes(images[:5], ["nonsense"] * 5)["all"] == 0.0
 
 
+def test_scorer_counts_a_shape_only_when_it_is_drawn_cleanly():
+    from PIL import ImageDraw, ImageFilter
+    images, captions, _ = data.make_shapes(300, 32, seed=5, split="test")
+    noise = np.random.default_rng(0).normal(0, 25.5, (32, 32, 3))  # sigma 0.1 of the range
+    degraded = torch.stack([torch.from_numpy(np.clip(np.asarray(  # a Gaussian blur of radius 1 px, then noise
+        Image.fromarray(image.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(1))) + noise, 0, 255)
+        .round().astype(np.uint8)).permute(2, 0, 1) for image in images])  # (N, 3, S, S)
+    assert data.score_shapes(degraded, captions)["all"] >= 0.99
+    malformed = []
+    for size, notch in (("small", 3), ("large", 5)):  # a square with a notch cut out, a square with a roof
+        for roof in (False, True):
+            image = Image.new("RGB", (32, 32))
+            draw = ImageDraw.Draw(image)
+            x0, y0, x1, y1 = data.shape_box(size, "center", 32)
+            draw.rectangle((x0, y0, x1, y1), fill=(0, 255, 0))
+            if roof:
+                draw.polygon([((x0 + x1) / 2, y0 - 6), (x1, y0), (x0, y0)], fill=(0, 255, 0))
+            else:
+                draw.rectangle((x1 - notch + 1, y0, x1, y0 + notch - 1), fill=(0, 0, 0))
+            malformed.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # (3, S, S)
+    score = data.score_shapes(torch.stack(malformed), [f"a {size} green square at the center"
+                                                       for size in ("small", "small", "large", "large")])
+    assert score["shape"] == score["clean"] == score["all"] == 0.0 and score["colour"] == 1.0
+
+
 def test_data_cli_shapes_and_score(tmp_path):
     result = run(ROOT / "data.py", "shapes", tmp_path, "--n", 20, "--size", 32, "--split", "test", "--seed", 4)
     assert result.returncode == 0, result.stderr
@@ -1569,7 +1594,7 @@ def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, 
     assert "first 48 bytes" in sampled.stderr  # a caption longer than --text-len is cut, and said so
     pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
     assert len(pairs) == 6 and Image.open(pairs[0]).size == (16, 16)
-    assert (tmp_path / "s" / "samples" / "001_000.txt").read_text() == captions[1] + "\n"
+    assert (tmp_path / "s" / "samples" / "0002.txt").read_text() == captions[1]  # 2 per caption
     assert Image.open(tmp_path / "s" / "samples.png").size[0] == 2 * (96 + 2) + 2  # 2 per row, captioned
     scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
     assert scored.returncode == 0 and "overall   n=6" in scored.stdout, scored.stderr
@@ -1581,7 +1606,7 @@ def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, 
     assert trained.returncode == 0 and "clean shape" in trained.stdout, trained.stderr
     sampled = in_process(capsys, dcgan, "--sample", 5, "--ckpt", plain / "ckpt.pt")
     assert sampled.returncode == 0, sampled.stderr
-    assert len(list((plain / "samples").glob("*.png"))) == 5 and (plain / "samples" / "00004.txt").read_text() == "\n"
+    assert len(list((plain / "samples").glob("*.png"))) == 5 and (plain / "samples" / "0004.txt").read_text() == ""
     assert Image.open(plain / "samples.png").size == (3 * 18 + 2, 2 * 18 + 2)
     evaluated = in_process(capsys, dcgan, "--eval", "--out", plain)
     assert evaluated.returncode == 0 and "% of 100\n" in evaluated.stdout, evaluated.stderr
