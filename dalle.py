@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import vqvae2
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, barrier,
-                  batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
-                  load_checkpoint, load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli,
-                  run_config, save_checkpoint, save_grid, score_report, setup, step_generator, warn_if_cut)
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, autocast, barrier, batches, check,
+                  config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate, load_checkpoint,
+                  load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli, run_config,
+                  save_checkpoint, save_grid, score_report, setup, step_generator, warn_if_cut, write_pairs)
+
 
 @dataclasses.dataclass
 class Config:
@@ -76,6 +77,7 @@ class Config:
     benchmark: bool = False  # speed with random weights
     ckpt: str = ""  # checkpoint ('': OUT/ckpt.pt)
 
+
 def validate(config):
     for name in ("vqvae_steps", "text_len", "width", "layers", "heads", "steps", "batch_size", "log_every",
                  "save_every", "n", "lr", "temperature"):
@@ -89,10 +91,12 @@ def validate(config):
     check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
     check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
 
+
 # ----------------------------------------------------------------------------------------------------
 # The model and its loss (paper sec. 2.2): y = caption bytes, z = image codes, a sequence s = [y ; z_top ; z_bottom]
 # Shapes: B batch, T = text_len caption bytes, Nt = Ht*Wt top codes, Nb = Hb*Wb bottom codes,
 # L = T + Nt + Nb tokens in a sequence, C width, H heads, K codes in a level's codebook.
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head attention of position i to positions <= i; a key/value cache computes each position once."""
@@ -121,6 +125,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, C/H)
         return dropout(self.proj(y.transpose(1, 2).reshape(B, L, C)), self.dropout, self.training)  # (B, L, C)
 
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
 
@@ -133,6 +138,7 @@ class Block(nn.Module):
     def forward(self, x, cache=None, start=0):
         x = x + self.attention(self.norm1(x), cache, start)  # (B, L, C)
         return x + dropout(self.mlp(self.norm2(x)), self.dropout, self.training)  # (B, L, C)
+
 
 class DALLE(nn.Module):
     """p(s) = prod_i p(s_i | s_<i) over s = [y_1 .. y_T ; z_1 .. z_Nt ; z_Nt+1 .. z_Nt+Nb]: caption bytes, then the top
@@ -191,6 +197,7 @@ class DALLE(nn.Module):
         return [(torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype),
                  torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype)) for _ in self.blocks]
 
+
 def losses(model, tokens):
     """tokens (B, L) -> (CE_text, scalar; -log p(z_i | y, z_<i) of every image token, (B, Nt + Nb)), in nats.
     Training averages the latter over the batch's B (Nt + Nb) image tokens; caption_gain sums it."""
@@ -203,8 +210,10 @@ def losses(model, tokens):
                        for logits, targets in zip(image_logits, z)], 1)  # (B, Nt + Nb): log p(z_i | y, z_<i)
     return text, -log_p
 
+
 # ----------------------------------------------------------------------------------------------------
 # Sampling: one code at a time, with classifier-free guidance
+
 
 def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     """One token per row from logits (B, K): temperature, then top-k, then top-p (nucleus) filtering."""
@@ -218,6 +227,7 @@ def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
         remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, -math.inf))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+
 
 @torch.no_grad()
 def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, cache=True):
@@ -241,9 +251,11 @@ def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0,
             hidden = new[:, -1]  # (R, C)
     return sequence[:len(text), T:]  # (B, Nt + Nb)
 
+
 def to_images(tokenizer, codes):
     """codes (B, Nt + Nb) -> images (B, 3, S, S) in [0, 1] through the VQ-VAE-2 decoder, 256 at a time."""
     return torch.cat([tokenizer.decode(*vqvae2.split_codes(chunk, tokenizer)) for chunk in codes.split(256)])
+
 
 @torch.no_grad()
 def generate(model, tokenizer, captions, config, device):
@@ -259,6 +271,7 @@ def generate(model, tokenizer, captions, config, device):
         codes = codes[best.flatten()]  # (B M, Nt + Nb)
     return to_images(tokenizer, codes), [c for c in captions for _ in range(config.keep or config.n)], codes
 
+
 # ====================================================================================================
 # Beyond the paper: each addition with a NOTE (what the paper does, what we do, why); README: dalle.py
 # NOTE: the paper states no regulariser; we use residual dropout and DropKey (Li et al. 2023, arXiv:2208.02646),
@@ -266,6 +279,7 @@ def generate(model, tokenizer, captions, config, device):
 # a query with probability p; its paper also drops the diagonal and lowers p with depth, we do neither.
 # NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
 # 1.5) are the best measured on shapes, not on real images (README: --guidance 3 --temperature 1 there).
+
 
 def keep_mask(shape, p, device):
     """A boolean tensor of `shape`, True with probability 1 - p. NOTE: torch.rand draws one number per element
@@ -276,9 +290,11 @@ def keep_mask(shape, p, device):
     bits = torch.randint(-2**63, 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)  # (ceil(count/4),)
     return bits.view(torch.int16)[:count].view(shape) >= round(p * 2**16) - 2**15  # int16 uniform on [-2^15, 2^15)
 
+
 def dropout(x, p, training):
     """Dropout (Srivastava et al. 2014): zero each entry with probability p, scale the rest by 1 / (1 - p)."""
     return x * keep_mask(x.shape, p, x.device) / (1 - p) if training and p > 0 else x
+
 
 def add_code_descriptions(model, config, top_codebook_size, bottom_codebook_size):
     """NOTE: the paper's codes have learned vectors E_k only, which do not say what a code looks like, so a colour never
@@ -297,6 +313,7 @@ def add_code_descriptions(model, config, top_codebook_size, bottom_codebook_size
         model.top_silhouette = nn.Sequential(nn.Linear(top_patch // 3, C), nn.GELU(), nn.Linear(C, C))
         model.bottom_silhouette = nn.Sequential(nn.Linear(bottom_patch // 3, C), nn.GELU(), nn.Linear(C, C))
 
+
 def code_vectors(model, level):
     """A level's input and output code vectors (K, C): E_k + d_k and E'_k + d_k, d_k = describe(a_k) + silhouette(m_k).
     In training E_k and E'_k sit out together with probability code_drop. NOTE: embedding dropout (Gal & Ghahramani
@@ -313,11 +330,13 @@ def code_vectors(model, level):
         description = description + getattr(model, f"{level}_silhouette")(brightness(appearance))  # (K, C)
     return E_in + description, E_out + description
 
+
 def brightness(appearance):
     """m_k: a patch's brightness (the largest of R, G and B) over its brightest pixel's, (K, 3 p p) in [-1, 1]
     -> (K, p p) in [0, 1]; on a black background, the silhouette of what it shows, the same in every colour."""
     value = ((appearance + 1) / 2).unflatten(1, (3, -1)).amax(1)  # (K, 3, p p) -> (K, p p), in [0, 1]
     return value / value.amax(1, keepdim=True).clamp(min=0.05)  # (K, p p); a black patch stays black
+
 
 @torch.no_grad()
 def code_appearance(model, tokenizer, codes, chunk=256):
@@ -336,6 +355,7 @@ def code_appearance(model, tokenizer, codes, chunk=256):
     for (appearance, _), total, count in zip(levels, sums, counts):
         appearance.copy_(total / count.clamp(min=1)[:, None])  # a code never used: zeros, a mid-grey patch
 
+
 def shift_captions(text, generator):
     """Move each caption (B, T) right by s pad bytes, s uniform over 0 .. its padding. NOTE: the paper's captions start
     at position 0; with learned positions a shift shows each word at many. Off by default: it costs on Fashion-MNIST."""
@@ -345,6 +365,7 @@ def shift_captions(text, generator):
     index = (torch.arange(T, device=text.device) - s[:, None]) % T  # (B, T): output j reads input j - s
     return text.gather(1, index)  # (B, T), the first s bytes wrapped around from the padding
 
+
 @torch.no_grad()
 def caption_gain(model, text, codes):
     """sum over the Nt + Nb image tokens of log p(z_i | y, z_<i) - log p(z_i | no caption, z_<i): (B,).
@@ -353,11 +374,10 @@ def caption_gain(model, text, codes):
     conditional, unconditional = losses(model, both)[1].sum(1).chunk(2)  # NLL summed over image tokens: (B,) each
     return unconditional - conditional
 
-# End of "Beyond the paper"
-# ====================================================================================================
 
 # ----------------------------------------------------------------------------------------------------
 # Training: stages 1 and 2 (tokenizer and codes) when needed, then stage 3, the transformer
+
 
 def prepare_codes(config, runtime):
     """Stages 1 and 2, each resumable: the tokenizer in OUT/vqvae2 (or --vqvae), the codes in OUT/codes.pt
@@ -396,10 +416,12 @@ def prepare_codes(config, runtime):
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], runtime.device, codes_path)
     return tokenizer, vqvae2.CodesDataset(codes["train"]), vqvae2.CodesDataset(codes["test"])
 
+
 def parameter_groups(model, weight_decay):
     """AdamW groups as in nanoGPT: matrices and embeddings decay, biases and LayerNorm gains do not."""
     return [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
             dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
+
 
 def train(config, runtime, checkpoint=None):
     out, device = Path(config.out), runtime.device
@@ -466,6 +488,7 @@ def train(config, runtime, checkpoint=None):
               "evaluation)")
         report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
 
+
 @torch.no_grad()
 def evaluate(model, tokenizer, test_set, config, device, logger, step):
     """Held-out text and image loss, the image loss a dropped caption adds (the caption gap), a grid."""
@@ -478,8 +501,10 @@ def evaluate(model, tokenizer, test_set, config, device, logger, step):
           f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
     write_samples(model, tokenizer, test_set.captions, config, device, Path(config.out) / f"samples_{step:06d}.png")
 
+
 # ----------------------------------------------------------------------------------------------------
 # Sampling and scoring from the command line, and the speed benchmark
+
 
 def write_samples(model, tokenizer, captions, config, device, path, count=16):
     """A grid of one sample each for up to `count` captions, twice, spread over a split (a folder sorts by class)."""
@@ -487,6 +512,7 @@ def write_samples(model, tokenizer, captions, config, device, path, count=16):
     captions = [caption for caption in list(picks)[:count] for _ in range(2)]
     images, captions, _ = generate(model, tokenizer, captions, dataclasses.replace(config, n=1, keep=0), device)
     save_grid(images, path, nrow=8, captions=captions)
+
 
 def report(model, tokenizer, captions, config, device, out, logger=None, step=None):
     """On shapes: the scorer on a sample per caption (--keep M: the M best of n) at guidance 1 and --guidance."""
@@ -508,7 +534,9 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
                      if name in result]
             print(f"faithfulness (guidance {guidance:g}): {', '.join(parts)}; sample grid: {out / 'samples.png'}")
 
+
 LEGACY = dict(drop_key=0.0, appearance=False, text_shift=False, silhouette=False, code_drop=0.0)  # for absent fields
+
 
 def sample_or_score(config, given, runtime):
     """--sample and --prompts (a file, one caption a line; '-': standard input): a grid, and a PNG + TXT pair per
@@ -537,10 +565,7 @@ def sample_or_score(config, given, runtime):
         check(len(captions) > len(config.sample), f"--prompts {config.prompts}: no captions in it")
     warn_if_cut(captions, model.text_len)
     images, captions, codes = generate(model, tokenizer, captions, config, device)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        save_grid(image[None], out / "samples" / f"{i:04d}.png", nrow=1, padding=0)
-        atomic_write(out / "samples" / f"{i:04d}.txt", lambda f, c=caption: f.write(c.encode(errors="replace")))
+    write_pairs(out / "samples", images, captions)
     per_row, labels = config.keep or config.n, captions
     if config.nearest:  # beside each sample the training code grid nearest in Hamming distance: does it copy?
         places = [Path(saved.codes)] if saved.codes else [path.parent / "codes.pt", path.parent / "codes"]
@@ -555,6 +580,7 @@ def sample_or_score(config, given, runtime):
         per_row = 2 * min(per_row, 4)
     save_grid(images, out / "samples.png", nrow=min(per_row, 8), captions=labels)
     print(f"wrote {out / 'samples.png'} and {len(captions)} PNG + TXT pairs in {out / 'samples'}")
+
 
 def benchmark(config, runtime):
     """Tokens/s of training (5 steps after a warm-up one) and of sampling, with and without the cache."""
@@ -583,6 +609,7 @@ def benchmark(config, runtime):
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({key: round(value, 1) for key, value in results.items()}))
 
+
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     sampling = config.sample or config.prompts
@@ -595,6 +622,7 @@ def main(argv=None):
         sample_or_score(config, given, runtime)
     else:
         train(config, runtime, checkpoint)
+
 
 if __name__ == "__main__":
     run_cli(main)
