@@ -29,6 +29,11 @@ import dcgan
 import vae
 import vqvae2
 
+
+# ----------------------------------------------------------------------------------------------------
+# Shared helpers: command lines, tiny datasets and shards, torchrun, kills, the judge's fixtures
+
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -85,6 +90,137 @@ def tiny_shapes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     assert run(ROOT / "data.py", "shapes", folder, "--n", 48, "--size", 16).returncode == 0
     return folder
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCHER_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "RendezvousClosedError",
+                   "DistNetworkError", "address already in use")
+
+
+def torchrun(script, *args, out, nodes=1, timeout=300):
+    """Two processes under torchrun on this machine, writing to `out`: one launcher running both
+    (--standalone: torchrun binds a free port itself, so no other program can take it first), or with
+    nodes=2 two launchers of one process each, meeting at a c10d rendezvous. Returns (exit status,
+    stdout, stderr) of each launcher.
+    NOTE: torchrun's own agents can fail around our processes: an agent whose worker still runs can ask
+    the c10d store about waiting nodes after the agent hosting it has left (RendezvousConnectionError in
+    torch.distributed.elastic), and the rendezvous port of two nodes can be taken between free_port()
+    and its bind. A launch that fails with one of LAUNCHER_ERRORS runs once more, from an empty `out`;
+    any other failure, or a launcher error twice, is returned as it is."""
+    for attempt in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        if nodes == 1:
+            launch = ["--standalone", "--nproc_per_node", "2"]
+        else:
+            launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+        command = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *map(str, args),
+                   "--out", str(out)]
+        launchers = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(nodes)]
+        deadline = time.monotonic() + timeout
+        try:
+            outputs = [launcher.communicate(timeout=max(deadline - time.monotonic(), 1)) for launcher in launchers]
+        except subprocess.TimeoutExpired:  # a hang: stop both, and show what each printed
+            for launcher in launchers:
+                launcher.terminate()  # torchrun passes it on to its workers
+            outputs = []
+            for launcher in launchers:
+                try:
+                    outputs.append(launcher.communicate(timeout=30))
+                except subprocess.TimeoutExpired:
+                    launcher.kill()
+                    outputs.append(launcher.communicate())
+            return [(f"timed out after {timeout} s", *output) for output in outputs]
+        results = [(launcher.returncode, *output) for launcher, output in zip(launchers, outputs)]
+        launcher_error = any(status != 0 and any(error in stderr for error in LAUNCHER_ERRORS)
+                             for status, _, stderr in results)
+        if not launcher_error or attempt == 1:
+            return results
+
+
+def succeeded(results):
+    """The stdout of torchrun's launchers, joined, after checking that each exited with status 0."""
+    assert all(status == 0 for status, _, _ in results), "\n".join(
+        f"launcher {i}: exit status {status}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        for i, (status, stdout, stderr) in enumerate(results))
+    return "".join(stdout for _, stdout, _ in results)
+
+
+class Killed(BaseException):
+    """A SIGKILL, in a test: nothing catches it, so nothing is saved on the way out."""
+
+
+def die(*arguments, **keywords):
+    raise Killed
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tiny_shapes, tmp_path_factory):
+    """The 48 tiny shapes images in 4 shards of 12: OUT/000000.tar ... OUT/000003.tar."""
+    folder = tmp_path_factory.mktemp("shards")
+    assert data.write_shards(tiny_shapes, folder, 12) == 4
+    return folder
+
+
+def write_tar(path, members):
+    """A tar of `members`: (name, bytes) pairs become regular files; a TarInfo is added as it is."""
+    with tarfile.open(path, "w") as archive:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                archive.addfile(member)
+            else:
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                archive.addfile(info, io.BytesIO(member[1]))
+
+
+def png_bytes(colour, size=16):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_labelled(folder, n, seed, colours=("red", "green", "blue", "yellow")):
+    """Shapes images of the given colours as FOLDER/<colour>/NNNN.png + NNNN.txt (the shapes caption)."""
+    images, captions, _ = data.make_shapes(n, 16, seed=seed)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        colour = data.parse_caption(caption)["colour"]
+        if colour in colours:
+            (folder / colour).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / colour / f"{i:04d}.png")
+            (folder / colour / f"{i:04d}.txt").write_text(caption + "\n")
+    return folder
+
+
+def write_samples(folder, images, captions):
+    """What a model's --sample writes: NNNN.png + NNNN.txt pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """A four-class folder (colours), its test folder and a judge trained on it."""
+    root = tmp_path_factory.mktemp("judge")
+    train, test = write_labelled(root / "train", 300, 0), write_labelled(root / "test", 400, 1)
+    data.main(["judge", "train", str(train), "--test", str(test), "--out", str(root / "judge.pt"),
+               "--image-size", "16", "--steps", "60", "--batch-size", "32"])
+    return train, test, root / "judge.pt"
+
+
+def judge_score(capsys, *args):
+    result = in_process(capsys, data, "judge", "score", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,6 +315,136 @@ def test_folder_errors(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(data.UsageError, match="no usable image"):
         data.ImageTextFolder(tmp_path, 16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py: tar shards
+
+
+def test_shards_round_trip_to_the_folder_dataset(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    (folder / "red_apple").mkdir(parents=True)
+    images, captions, _ = data.make_shapes(12, 16, seed=5)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
+    Image.new("RGB", (20, 16), (200, 0, 0)).save(folder / "red_apple" / "apple.jpg")  # captioned by its folder
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(folder / "uncaptioned.png")
+    Image.new("RGB", (16, 16), (0, 0, 90)).save(folder / "two.png")
+    (folder / "two.txt").write_bytes(b"first line\n\n  second line \n")
+    (folder / "empty.png").write_bytes(b"")  # skipped with a warning when sharding, as when training
+
+    result = run(ROOT / "data.py", "shard", folder, tmp_path / "shards", "--per-shard", 4)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 shard(s)" in result.stdout and "{000000..000003}.tar" in result.stdout
+    assert "empty.png" in result.stderr
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [f"00000{i}.tar" for i in range(4)]
+
+    def pairs(dataset):  # (pixels, every caption drawn in 30 accesses) for each image, in a fixed order
+        return sorted((dataset[i][0].numpy().tobytes(), frozenset(dataset[i][1] for _ in range(30)))
+                      for i in range(len(dataset)))
+    expected = pairs(data.ImageTextFolder(folder, 16))
+    assert len(expected) == 15 and frozenset({"first line", "second line"}) in [c for _, c in expected]
+    assert frozenset({"red apple"}) in [c for _, c in expected] and frozenset({""}) in [c for _, c in expected]
+    for name in (tmp_path / "shards", tmp_path / "shards" / "{000000..000003}.tar"):
+        dataset = data.load_dataset(str(name), 16)
+        assert isinstance(dataset, data.ShardDataset) and pairs(dataset) == expected
+    # the same folder and seed give the same bytes; an output folder that holds shards is refused
+    assert data.write_shards(folder, tmp_path / "again", 4) == 4
+    assert all((tmp_path / "again" / name).read_bytes() == (tmp_path / "shards" / name).read_bytes()
+               for name in ("000000.tar", "000003.tar"))
+    assert_clean_error(run(ROOT / "data.py", "shard", folder, tmp_path / "shards"), "already holds")
+    assert_clean_error(run(ROOT / "data.py", "shard", folder, tmp_path / "x", "--per-shard", 0), "--per-shard")
+
+
+def test_shard_names_brace_ranges_files_and_folders(tmp_path):
+    twelve = data.expand_braces("s/{000..011}.tar")
+    assert len(twelve) == 12 and twelve[:2] == ["s/000.tar", "s/001.tar"] and twelve[-1] == "s/011.tar"
+    assert data.expand_braces("{8..10}.tar") == ["8.tar", "9.tar", "10.tar"]  # no leading zero: no padding
+    assert data.expand_braces("{1..03}") == ["01", "02", "03"]  # as in bash: the zero-padded end sets the width
+    assert data.expand_braces("n{0..1}/{00..01}.tar") == ["n0/00.tar", "n0/01.tar", "n1/00.tar", "n1/01.tar"]
+    assert data.expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(data.UsageError, match="backwards"):
+        data.expand_braces("{3..1}.tar")
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        write_tar(tmp_path / "s" / f"{i:02d}.tar", [(f"{i}.png", png_bytes((255, 0, 0)))])
+    paths = [tmp_path / "s" / f"{i:02d}.tar" for i in range(3)]
+    assert data.shard_paths(str(tmp_path / "s" / "{00..02}.tar")) == paths
+    assert data.shard_paths(str(tmp_path / "s" / "01.tar")) == paths[1:2]
+    assert data.shard_paths(str(tmp_path / "s")) == paths  # a folder of .tar files only
+    with pytest.raises(data.UsageError, match=r"03.tar: no such shard \(2 of 5 missing\)"):
+        data.shard_paths(str(tmp_path / "s" / "{00..04}.tar"))
+    (tmp_path / "gz").mkdir()
+    for name in ("00.tar", "01.tar.gz", "02.tgz"):  # compressed: refused, with the way out
+        (tmp_path / "gz" / name).write_bytes(gzip.compress((tmp_path / "s" / "00.tar").read_bytes()))
+    for name in ("gz", "gz/01.tar.gz", "gz/{01..02}.tar.gz", "gz/02.tgz"):
+        with pytest.raises(data.UsageError, match=r"compressed shards are not read .*\(gunzip X.tar.gz leaves X.tar\)"):
+            data.shard_paths(str(tmp_path / name))
+    Image.new("RGB", (8, 8)).save(tmp_path / "s" / "x.png")
+    assert data.shard_paths(str(tmp_path / "s")) is None  # images beside them: an image folder
+    (tmp_path / "s" / "archive.tar.gz").write_bytes(b"")
+    assert data.shard_paths(str(tmp_path / "s")) is None  # ... even with an archive among them
+    assert data.shard_paths("shapes") is None and data.shard_paths(str(tmp_path)) is None
+
+
+def test_malicious_shard_members_touch_nothing_on_disk(tmp_path, capsys):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes((0, 0, 255)))
+    symlink = tarfile.TarInfo("link.png")
+    symlink.type, symlink.linkname = tarfile.SYMTYPE, str(outside)
+    hardlink = tarfile.TarInfo("hard.png")
+    hardlink.type, hardlink.linkname = tarfile.LNKTYPE, "good.png"
+    device = tarfile.TarInfo("device.png")
+    device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
+    folder = tarfile.TarInfo("folder.png")
+    folder.type = tarfile.DIRTYPE
+    absolute = str(tmp_path / "absolute")  # an absolute member name: where an extracting reader would write
+    write_tar(tmp_path / "evil.tar", [("good.png", png_bytes((255, 0, 0))), ("good.txt", b"a good one"),
+                                      ("../../evil.png", png_bytes((0, 255, 0))), ("../../evil.txt", b"climbing"),
+                                      (absolute + ".png", png_bytes((255, 255, 255))), symlink, hardlink,
+                                      ("link.txt", b"the link's caption"), device, folder])
+    before = sorted(tmp_path.rglob("*"))
+    dataset = data.load_dataset(str(tmp_path / "evil.tar"), 8)
+    items = {key: dataset[i] for i, (_, key, *_) in enumerate(dataset.samples)}
+    assert sorted(items) == sorted(["good", "../../evil", absolute])  # names are keys, nothing more
+    assert items["good"][1] == "a good one" and items["../../evil"][1] == "climbing"
+    assert items["../../evil"][0][1].min() == 1.0 and items[absolute][0].min() == 1.0  # green; white
+    warnings = capsys.readouterr().err
+    for name in ("link.png", "hard.png", "device.png"):
+        assert f"'{name}' is not a regular file" in warnings, warnings
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, extracted or followed
+    assert not (ROOT.parent.parent / "evil.png").exists() and not Path(absolute + ".png").exists()
+
+
+def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys):
+    good = png_bytes((255, 0, 0))
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    write_tar(tmp_path / "000.tar", [("a.png", good), ("a.txt", "café".encode("latin-1")), ("b.png", b"not an image"),
+                                     ("c.png", noise.getvalue()[:300]), ("d.jpg", b""),  # truncated; empty
+                                     ("e.png", png_bytes((0, 255, 0)))])
+    write_tar(tmp_path / "001.tar", [("f.png", good), ("g.png", noise.getvalue())])
+    with tarfile.open(tmp_path / "001.tar") as archive:
+        cut = archive.getmember("g.png").offset_data + 100
+    (tmp_path / "001.tar").write_bytes((tmp_path / "001.tar").read_bytes()[:cut])  # ends inside g.png
+    (tmp_path / "002.tar").write_bytes(b"not a tar at all " * 64)
+    (tmp_path / "003.tar").write_bytes(gzip.compress((tmp_path / "000.tar").read_bytes()))  # compressed: refused
+    dataset = data.load_dataset(str(tmp_path / "{000..003}.tar"), 8)
+    warnings = capsys.readouterr().err
+    for name in ("001.tar: ", "002.tar: ", "003.tar: "):
+        assert f"skipping the rest of {tmp_path / name}" in warnings, warnings
+    assert [key for _, key, *_ in dataset.samples] == ["a", "b", "c", "d", "e", "f", "g"]
+    items = [dataset[i] for i in range(len(dataset))]
+    warnings = capsys.readouterr().err
+    assert "000.tar: 'b': not an image" in warnings and "000.tar: 'd': not an image" in warnings, warnings
+    assert "000.tar: 'c': " in warnings  # truncated
+    assert "001.tar: 'g': the tar ends" in warnings
+    assert items[0][1] == "caf\ufffd" and items[0][0][0].min() == 1.0  # caption bytes not UTF-8: replaced
+    assert all(torch.equal(items[i][0], items[4][0]) for i in (1, 2, 3))  # a bad image gives the next good one
+    assert torch.equal(items[6][0], items[0][0])  # ... wrapping around at the end
+    with pytest.raises(data.UsageError, match="no image in 1 shard"):
+        data.load_dataset(str(tmp_path / "002.tar"), 8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,43 +551,6 @@ def test_data_cli_shapes_and_score(tmp_path):
 # data.py: the judge, an in-domain classifier for class accuracy and Fréchet distance
 
 
-def write_labelled(folder, n, seed, colours=("red", "green", "blue", "yellow")):
-    """Shapes images of the given colours as FOLDER/<colour>/NNNN.png + NNNN.txt (the shapes caption)."""
-    images, captions, _ = data.make_shapes(n, 16, seed=seed)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        colour = data.parse_caption(caption)["colour"]
-        if colour in colours:
-            (folder / colour).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / colour / f"{i:04d}.png")
-            (folder / colour / f"{i:04d}.txt").write_text(caption + "\n")
-    return folder
-
-
-def write_samples(folder, images, captions):
-    """What a model's --sample writes: NNNN.png + NNNN.txt pairs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
-        (folder / f"{i:04d}.txt").write_text(caption)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def judged(tmp_path_factory):
-    """A four-class folder (colours), its test folder and a judge trained on it."""
-    root = tmp_path_factory.mktemp("judge")
-    train, test = write_labelled(root / "train", 300, 0), write_labelled(root / "test", 400, 1)
-    data.main(["judge", "train", str(train), "--test", str(test), "--out", str(root / "judge.pt"),
-               "--image-size", "16", "--steps", "60", "--batch-size", "32"])
-    return train, test, root / "judge.pt"
-
-
-def judge_score(capsys, *args):
-    result = in_process(capsys, data, "judge", "score", *args, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
-
-
 def test_judge_separates_two_easy_classes_deterministically(tmp_path, capsys):
     folder = write_labelled(tmp_path / "two", 250, 2, colours=("red", "blue"))  # about 60 images
     accuracies, weights = [], []
@@ -404,7 +633,7 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
-# data.py: text, IDX, grids
+# data.py: text, IDX, Twemoji, grids
 
 
 def test_byte_text_encoding():
@@ -578,10 +807,72 @@ def test_infinite_sampler_shards_and_resumes():
     assert sorted(full[:7]) == list(range(7)) and full[:7] != full[7:14]  # reshuffled every epoch
 
 
+def test_shard_sampler_deals_disjoint_shards_and_resumes_exactly(capsys):
+    shard_of = [0] * 6 + [1] * 6 + [2] * 4 + [3] * 6 + [4] * 6 + [5] * 6  # the short one is dealt to the poorer rank
+    samplers = [data.ShardSampler(shard_of, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    dealt_shards = []
+    for epoch in range(6):
+        dealt = [sampler.epoch(epoch) for sampler in samplers]
+        assert len(dealt[0]) == len(dealt[1]) == 16  # the ranks stay in the same epoch
+        shards = [{shard_of[i] for i in indices} for indices in dealt]
+        assert not shards[0] & shards[1]  # no shard is read by both ranks
+        assert all(len(set(indices)) == len(indices) for indices in dealt)
+        dealt_shards.append(shards[0])
+    assert len({frozenset(shards) for shards in dealt_shards}) > 1  # dealt again every epoch
+    single = data.ShardSampler(shard_of, seed=3).epoch(0)
+    assert sorted(single) == list(range(len(shard_of))) and single != sorted(single)  # one process: all, shuffled
+    full = list(itertools.islice(data.ShardSampler(shard_of, 3, 1, 2), 80))
+    for start in (1, len(samplers[1].epoch(0)), 41):
+        assert list(itertools.islice(data.ShardSampler(shard_of, 3, 1, 2, start=start), 80 - start)) == full[start:]
+    assert full != list(itertools.islice(data.ShardSampler(shard_of, 4, 1, 2), 80))  # the seed matters
+    with pytest.raises(data.UsageError, match="2 training shard"):
+        data.ShardSampler([0, 0, 1], world_size=3)
+    assert capsys.readouterr().err == ""
+    data.ShardSampler([0] * 10 + [1], world_size=2)  # each epoch, one rank holds 1 sample: the other uses 1 of 10
+    assert "the shards differ in size: an epoch of 2 processes uses 18% of the samples" in capsys.readouterr().err
+
+
 def test_learning_rate_schedule():
     rates = [data.learning_rate(step, 100, 1.0, 10) for step in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_codes_parts_cut_datasets_in_order_and_keep_shards_whole(tiny_shards):
+    folder = data.Subset(list(range(10)), list(range(10)))
+    shards = data.load_dataset(str(tiny_shards), 16)  # 4 shards of 12
+    for dataset in (folder, shards):
+        for count in (1, 2, 3, 5):
+            parts = [data.part_indices(dataset, part, count) for part in range(count)]
+            assert [i for part in parts for i in part] == list(range(len(dataset)))  # in order, each index once
+    parts = [data.part_indices(shards, part, 3) for part in range(3)]
+    shard_sets = [{shards.samples[i][0] for i in part} for part in parts]
+    assert shard_sets == [{0, 1}, {2}, {3}]  # whole shards: no shard is read by two parts
+    assert [len(data.part_indices(folder, part, 3)) for part in range(3)] == [4, 3, 3]
+
+
+def test_teardown_frees_the_ddp_reducer_before_the_process_exits(tmp_path):
+    """The first DDP model a process trains outlives its function in a reference cycle (in a fresh
+    process: later ones in the same process need not); if teardown() left it to the interpreter's exit,
+    its reducer would race gloo's threads there (the SIGABRT of the torchrun tests, one run in a few)."""
+    script = f"""
+import gc, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import data
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+def train():
+    model = DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.randn(2, 4)).sum().backward()
+gc.disable()  # so that only teardown() collects
+train()
+alive = lambda: sum(type(o) is DistributedDataParallel for o in gc.get_objects())
+before = alive()
+data.teardown()
+print(before, alive(), dist.is_initialized())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "0", "False"]  # in a cycle after train(), freed by teardown()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -715,90 +1006,6 @@ def test_vae_cli_bad_inputs(tmp_path, tiny_shapes):
     assert_clean_error(run(ROOT / "vae.py", "--resume", "--out", tmp_path / "norun"), "no such checkpoint")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-LAUNCHER_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "RendezvousClosedError",
-                   "DistNetworkError", "address already in use")
-
-
-def torchrun(script, *args, out, nodes=1, timeout=300):
-    """Two processes under torchrun on this machine, writing to `out`: one launcher running both
-    (--standalone: torchrun binds a free port itself, so no other program can take it first), or with
-    nodes=2 two launchers of one process each, meeting at a c10d rendezvous. Returns (exit status,
-    stdout, stderr) of each launcher.
-    NOTE: torchrun's own agents can fail around our processes: an agent whose worker still runs can ask
-    the c10d store about waiting nodes after the agent hosting it has left (RendezvousConnectionError in
-    torch.distributed.elastic), and the rendezvous port of two nodes can be taken between free_port()
-    and its bind. A launch that fails with one of LAUNCHER_ERRORS runs once more, from an empty `out`;
-    any other failure, or a launcher error twice, is returned as it is."""
-    for attempt in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        if nodes == 1:
-            launch = ["--standalone", "--nproc_per_node", "2"]
-        else:
-            launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-        command = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *map(str, args),
-                   "--out", str(out)]
-        launchers = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(nodes)]
-        deadline = time.monotonic() + timeout
-        try:
-            outputs = [launcher.communicate(timeout=max(deadline - time.monotonic(), 1)) for launcher in launchers]
-        except subprocess.TimeoutExpired:  # a hang: stop both, and show what each printed
-            for launcher in launchers:
-                launcher.terminate()  # torchrun passes it on to its workers
-            outputs = []
-            for launcher in launchers:
-                try:
-                    outputs.append(launcher.communicate(timeout=30))
-                except subprocess.TimeoutExpired:
-                    launcher.kill()
-                    outputs.append(launcher.communicate())
-            return [(f"timed out after {timeout} s", *output) for output in outputs]
-        results = [(launcher.returncode, *output) for launcher, output in zip(launchers, outputs)]
-        launcher_error = any(status != 0 and any(error in stderr for error in LAUNCHER_ERRORS)
-                             for status, _, stderr in results)
-        if not launcher_error or attempt == 1:
-            return results
-
-
-def succeeded(results):
-    """The stdout of torchrun's launchers, joined, after checking that each exited with status 0."""
-    assert all(status == 0 for status, _, _ in results), "\n".join(
-        f"launcher {i}: exit status {status}\n{stdout[-2000:]}\n{stderr[-4000:]}"
-        for i, (status, stdout, stderr) in enumerate(results))
-    return "".join(stdout for _, stdout, _ in results)
-
-
-def test_teardown_frees_the_ddp_reducer_before_the_process_exits(tmp_path):
-    """The first DDP model a process trains outlives its function in a reference cycle (in a fresh
-    process: later ones in the same process need not); if teardown() left it to the interpreter's exit,
-    its reducer would race gloo's threads there (the SIGABRT of the torchrun tests, one run in a few)."""
-    script = f"""
-import gc, torch, torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-import data
-dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
-def train():
-    model = DistributedDataParallel(torch.nn.Linear(4, 4))
-    model(torch.randn(2, 4)).sum().backward()
-gc.disable()  # so that only teardown() collects
-train()
-alive = lambda: sum(type(o) is DistributedDataParallel for o in gc.get_objects())
-before = alive()
-data.teardown()
-print(before, alive(), dist.is_initialized())
-"""
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["1", "0", "False"]  # in a cycle after train(), freed by teardown()
-
-
 def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
     stdout = succeeded(torchrun("vae.py", "--train", tiny_shapes, "--image-size", 16, "--steps", 4, "--batch-size", 4,
                                 "--width", 8, "--iw", 2, "--log-every", 2, "--device", "cpu", out=tmp_path))
@@ -809,11 +1016,33 @@ def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
+    spec = str(tiny_shards / "{000000..000003}.tar")
+    trained = run(ROOT / "vae.py", "--train", spec, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
+                  "--steps", 2, "--out", tmp_path / "cli", "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert "46 training images, 2 held out" in trained.stdout  # the last 2 samples of the last shard
+    evaluated = run(ROOT / "vae.py", "--eval", "--ckpt", tmp_path / "cli" / "ckpt.pt")
+    assert evaluated.returncode == 0 and "held-out (2 images)" in evaluated.stdout, evaluated.stderr
+    assert_clean_error(run(ROOT / "vae.py", "--train", tiny_shards / "{000000..000009}.tar"),
+                       "000004.tar: no such shard")
+
+    # stopped at step 4 of 7 (8 images a step: the run crosses an epoch of 46), then resumed: the same run
+    args = ["--train", spec, "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2", "--log-every",
+            "1", "--save-every", "100", "--steps", "7", "--warmup", "1", "--device", "cpu"]
+    vae.main(args + ["--out", str(tmp_path / "straight")])
+    ctrl_c_then_resume(monkeypatch, vae, args, tmp_path / "stopped", batch=3)
+
+    def losses(folder):
+        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # vqvae2.py
-
-TINY_VQVAE2 = ["--image-size", 16, "--hidden", 16, "--patch-hidden", 32, "--residual-hidden", 8,
-               "--residual-blocks", 1, "--codebook-size", 32, "--code-dim", 8, "--device", "cpu"]
 
 
 def tiny_vqvae2(image_size=16):
@@ -1046,11 +1275,115 @@ def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
     assert logged[-1]["top_restarts_total"] > 0 and logged[-1]["bottom_restarts_total"] > 0  # restarts included
 
 
+def test_vqvae2_prior_resume_after_a_kill_before_its_first_checkpoint(tiny_shapes, tmp_path, monkeypatch):
+    vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--steps", "2",
+                 "--out", str(tmp_path / "a")])
+    vqvae2.main(["--encode", str(tiny_shapes), "--ckpt", str(tmp_path / "a" / "ckpt.pt")])
+    prior = ["--train-prior", str(tmp_path / "a" / "codes.pt"), "--prior-width", "8", "--prior-layers", "2",
+             "--batch-size", "8", "--steps", "3", "--save-every", "2", "--lr", "0.001", "--device", "cpu"]
+    vqvae2.main(prior + ["--out", str(tmp_path / "straight")])
+    with monkeypatch.context() as patch:
+        patch.setattr(vqvae2, "batches", die)
+        with pytest.raises(Killed):
+            vqvae2.main(prior + ["--out", str(tmp_path / "killed")])
+    vqvae2.main(["--resume", "--out", str(tmp_path / "killed")])  # the priors' flags, not the autoencoder's
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "killed"))
+    assert b["kind"] == "vqvae2-prior" and (b["step"], b["config"]["prior_width"], b["config"]["lr"]) == (3, 8, 0.001)
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
+    stdout = succeeded(torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
+                                "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, out=tmp_path, nodes=2))
+    assert stdout.count("2 process(es)") == 1 and stdout.count("held-out (2 images)") == 1  # global rank 0 only
+    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert all(r["codebook_spread"] == 0.0 for r in logged)  # the two nodes hold the same codebooks
+
+
+def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_shards, tmp_path, capsys):
+    tokenizer = tiny_vqvae2()
+    images = data.load_dataset(str(tiny_shapes), 16)
+    tokenizer.train()(torch.stack([images[i][0] for i in range(len(images))]))  # codebooks from the data
+    data.save_checkpoint(tmp_path / "tokenizer.pt", "vqvae2", tokenizer.config, 1, model=tokenizer.state_dict())
+    encode = ["--encode", tiny_shards, "--ckpt", tmp_path / "tokenizer.pt", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun ranks below: the same sums, so the same nearest codes, bit for bit
+    try:
+        assert in_process(capsys, vqvae2, *encode, "--out", tmp_path / "one.pt").returncode == 0
+    finally:
+        torch.set_num_threads(threads)
+    stdout = succeeded(torchrun("vqvae2.py", *encode, out=tmp_path / "parts"))
+    assert "codes: 46 train, 2 held out, in 2 parts" in stdout
+    names = ["part-00000-of-00002.pt", "part-00001-of-00002.pt"]
+    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names
+    one, parts = torch.load(tmp_path / "one.pt", weights_only=True), vqvae2.load_codes(tmp_path / "parts")
+    for split in ("train", "test"):  # the parts, in order, are the one-process codes, in the same order
+        assert torch.equal(one[split]["top"], parts[split]["top"]) and torch.equal(one[split]["bottom"], parts[split]["bottom"])
+        assert one[split]["captions"] == parts[split]["captions"]
+    assert one["train"]["bottom"].unique().numel() > 8  # codes worth comparing
+    assert data.same_state(one["tokenizer"], parts["tokenizer"])
+    halves = [torch.load(tmp_path / "parts" / name, weights_only=True) for name in names]
+    assert [len(half["train"]["captions"]) for half in halves] == [24, 22]  # shards 0-1 and 2-3, 12 images each
+    assert [(half["kind"], half["part"], half["parts"]) for half in halves] == [("vqvae2-codes", 0, 2), ("vqvae2-codes", 1, 2)]
+
+    # a stopped encoding: one process writes the missing part only, and what it writes is the same
+    first = (tmp_path / "parts" / names[0]).stat().st_mtime_ns
+    (tmp_path / "parts" / names[1]).unlink()
+    (tmp_path / "parts" / f".{names[1]}.tmp999999999").write_bytes(b"half")  # left by a SIGKILL
+    resumed = in_process(capsys, vqvae2, *encode, "--out", tmp_path / "parts")
+    assert resumed.returncode == 0 and resumed.stdout.count("rank 0: encoded") == 1, resumed.stderr
+    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names  # the temporary is gone
+    assert (tmp_path / "parts" / names[0]).stat().st_mtime_ns == first
+    again = torch.load(tmp_path / "parts" / names[1], weights_only=True)
+    assert torch.equal(again["train"]["bottom"], halves[1]["train"]["bottom"])
+
+    # refused: an incomplete folder, a part of another tokenizer, a part alone
+    (tmp_path / "incomplete").mkdir()
+    (tmp_path / "incomplete" / names[0]).write_bytes((tmp_path / "parts" / names[0]).read_bytes())
+    other = tiny_vqvae2()
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / names[0]).write_bytes((tmp_path / "parts" / names[0]).read_bytes())
+    torch.save(halves[1] | {"tokenizer": other.state()}, tmp_path / "mixed" / names[1])
+    for codes, message in ((tmp_path / "incomplete", "incomplete, 1 of 2 parts (missing: 1)"),
+                           (tmp_path / "mixed", f"{names[1]}: made by another tokenizer than {names[0]}"),
+                           (tmp_path / "parts" / names[1], "one part of 2; pass the folder"),
+                           (tmp_path, "no codes in it")):
+        assert_clean_error(in_process(capsys, vqvae2, "--train-prior", codes, "--out", tmp_path / "prior"), message)
+        assert_clean_error(in_process(capsys, dalle, "--codes", codes, "--out", tmp_path / "refused"), message)
+    assert_clean_error(in_process(capsys, vqvae2, *encode, "--out", tmp_path / "mixed"), "made by another tokenizer")
+    data.save_checkpoint(tmp_path / "retrained.pt", "vqvae2", other.config, 1, model=other.state_dict())
+    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
+                                  "--out", tmp_path / "parts"), "parts were made by another tokenizer")
+    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
+                                  "--out", tmp_path / "incomplete"), "parts were made by another tokenizer")
+    assert [path.name for path in (tmp_path / "incomplete").iterdir()] == [names[0]]  # refused before encoding
+
+    # the priors and the transformer train on a folder of parts; --nearest finds the run's codes through --codes
+    prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,
+                       "--batch-size", 8, "--steps", 1, "--device", "cpu")
+    assert prior.returncode == 0 and "46 training code grids, 2 held out" in prior.stdout, prior.stderr
+    trained = in_process(capsys, dalle, "--codes", tmp_path / "parts", "--width", 32, "--layers", 1, "--heads", 2,
+                         "--text-len", 40, "--batch-size", 8, "--steps", 2, "--device", "cpu", "--out", tmp_path / "dalle")
+    assert trained.returncode == 0 and "46 training, 2 held out" in trained.stdout, trained.stderr
+    assert "stage 1/3" not in trained.stdout and "stage 2/3" not in trained.stdout
+    scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "dalle" / "ckpt.pt")  # the codes' held-out captions
+    assert scored.returncode == 0 and "shapes scorer on 2 test captions" in scored.stdout, scored.stderr
+    sampled = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--nearest", "--ckpt",
+                         tmp_path / "dalle" / "ckpt.pt", "--out", tmp_path / "nearest")
+    assert sampled.returncode == 0 and (tmp_path / "nearest" / "samples.png").is_file(), sampled.stderr
+    assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "parts", "--vqvae", tmp_path / "tokenizer.pt"),
+                       "leave out --vqvae")
+
+
 # ----------------------------------------------------------------------------------------------------
 # dalle.py
 
+
 TINY_TOKENIZER = "--vqvae-flags=--hidden 16 --patch-hidden 32 --residual-hidden 8 --residual-blocks 1 " \
                  "--codebook-size 32 --code-dim 8 --batch-size 8 --window 2 --log-every 5"
+
+
 TINY_DALLE = ["--image-size", 16, "--vqvae-steps", 6, TINY_TOKENIZER, "--width", 32, "--layers", 1, "--heads", 2,
               "--text-len", 40, "--batch-size", 8, "--device", "cpu"]
 
@@ -1221,14 +1554,6 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-class Killed(BaseException):
-    """A SIGKILL, in a test: nothing catches it, so nothing is saved on the way out."""
-
-
-def die(*arguments, **keywords):
-    raise Killed
-
-
 def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_with(tiny_shapes, tmp_path, monkeypatch,
                                                                                    capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
@@ -1251,52 +1576,6 @@ def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_wi
         assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
         record = json.loads((out / "config.json").read_text())  # written once, at the start, and kept
         assert record["config"] == {**straight["config"], "out": str(out)} and record["resumed"] == []
-
-
-def test_vqvae2_prior_resume_after_a_kill_before_its_first_checkpoint(tiny_shapes, tmp_path, monkeypatch):
-    vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--steps", "2",
-                 "--out", str(tmp_path / "a")])
-    vqvae2.main(["--encode", str(tiny_shapes), "--ckpt", str(tmp_path / "a" / "ckpt.pt")])
-    prior = ["--train-prior", str(tmp_path / "a" / "codes.pt"), "--prior-width", "8", "--prior-layers", "2",
-             "--batch-size", "8", "--steps", "3", "--save-every", "2", "--lr", "0.001", "--device", "cpu"]
-    vqvae2.main(prior + ["--out", str(tmp_path / "straight")])
-    with monkeypatch.context() as patch:
-        patch.setattr(vqvae2, "batches", die)
-        with pytest.raises(Killed):
-            vqvae2.main(prior + ["--out", str(tmp_path / "killed")])
-    vqvae2.main(["--resume", "--out", str(tmp_path / "killed")])  # the priors' flags, not the autoencoder's
-    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "killed"))
-    assert b["kind"] == "vqvae2-prior" and (b["step"], b["config"]["prior_width"], b["config"]["lr"]) == (3, 8, 0.001)
-    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
-
-
-def test_resume_records_what_it_overrides_and_refuses_what_it_cannot_continue(tiny_shapes, tmp_path, monkeypatch,
-                                                                              capsys):
-    args = ["--train", str(tiny_shapes), "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2",
-            "--latent-dim", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "vae")]
-    with monkeypatch.context() as patch:
-        patch.setattr(vae, "batches", die)
-        with pytest.raises(Killed):
-            vae.main(args)
-    capsys.readouterr()
-    resumed = in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "from step 0 with the flags it was started with, except --steps 4 (was 3)\n" in resumed.stdout
-    record = json.loads((tmp_path / "vae" / "config.json").read_text())
-    assert record["config"]["steps"] == 3 and record["resumed"] == [dict(step=0, changed=dict(steps=4))]
-    saved = torch.load(tmp_path / "vae" / "ckpt.pt", weights_only=True)
-    assert (saved["step"], saved["config"]["latent_dim"], saved["config"]["width"]) == (4, 4, 8)
-    again = in_process(capsys, vae, "--resume", "--steps", 6, "--out", tmp_path / "vae")  # a second change
-    assert again.returncode == 0 and "from step 4" in again.stdout, again.stderr
-    changes = json.loads((tmp_path / "vae" / "config.json").read_text())["resumed"]
-    assert changes == [dict(step=0, changed=dict(steps=4)), dict(step=4, changed=dict(steps=6))]
-
-    assert_clean_error(in_process(capsys, dalle, "--resume", "--out", tmp_path / "vae"), "is a vae.py run")
-    (tmp_path / "refused").mkdir()
-    (tmp_path / "refused" / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "width": 0}}))
-    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "refused"), "refused", "--width")
-    (tmp_path / "empty").mkdir()
-    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "empty"), "no such checkpoint")
 
 
 def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
@@ -1456,8 +1735,18 @@ def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
         "part-00000-of-00002.pt", "part-00001-of-00002.pt"] and not (tmp_path / "codes.pt").exists()
 
 
+def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
+    stdout = succeeded(torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
+                                "--log-every", 2, out=tmp_path, nodes=2))
+    assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
+    assert "codes: 46 train, 2 held out, in 2 parts" in stdout  # the codes of the shards, a part from each node
+    assert "rank 0: encoded 24 train" in stdout and "rank 1: encoded 22 train" in stdout  # two shards each
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
 # ----------------------------------------------------------------------------------------------------
 # dcgan.py
+
 
 TINY_DCGAN = ["--image-size", "16", "--width", "8", "--latent-dim", "8", "--text-dim", "8", "--text-len", "48",
               "--batch-size", "8", "--device", "cpu"]
@@ -1639,6 +1928,7 @@ def test_dcgan_torchrun_two_processes(tiny_shapes, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # cvae.py
+
 
 TINY_CVAE = ["--image-size", 16, "--width", 8, "--latent-dim", 4, "--text-dim", 16, "--text-len", 32,
              "--batch-size", 8, "--device", "cpu"]
@@ -1826,7 +2116,41 @@ def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Nothing lost: kills at any moment, untrusted checkpoints, non-finite losses, determinism
+# Every model file: runs that are stopped or killed, untrusted checkpoints, non-finite losses, determinism
+
+
+TINY_VQVAE2 = ["--image-size", 16, "--hidden", 16, "--patch-hidden", 32, "--residual-hidden", 8,
+               "--residual-blocks", 1, "--codebook-size", 32, "--code-dim", 8, "--device", "cpu"]
+
+
+def test_resume_records_what_it_overrides_and_refuses_what_it_cannot_continue(tiny_shapes, tmp_path, monkeypatch,
+                                                                              capsys):
+    args = ["--train", str(tiny_shapes), "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2",
+            "--latent-dim", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "vae")]
+    with monkeypatch.context() as patch:
+        patch.setattr(vae, "batches", die)
+        with pytest.raises(Killed):
+            vae.main(args)
+    capsys.readouterr()
+    resumed = in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 0 with the flags it was started with, except --steps 4 (was 3)\n" in resumed.stdout
+    record = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert record["config"]["steps"] == 3 and record["resumed"] == [dict(step=0, changed=dict(steps=4))]
+    saved = torch.load(tmp_path / "vae" / "ckpt.pt", weights_only=True)
+    assert (saved["step"], saved["config"]["latent_dim"], saved["config"]["width"]) == (4, 4, 8)
+    again = in_process(capsys, vae, "--resume", "--steps", 6, "--out", tmp_path / "vae")  # a second change
+    assert again.returncode == 0 and "from step 4" in again.stdout, again.stderr
+    changes = json.loads((tmp_path / "vae" / "config.json").read_text())["resumed"]
+    assert changes == [dict(step=0, changed=dict(steps=4)), dict(step=4, changed=dict(steps=6))]
+
+    assert_clean_error(in_process(capsys, dalle, "--resume", "--out", tmp_path / "vae"), "is a vae.py run")
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "width": 0}}))
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "refused"), "refused", "--width")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "empty"), "no such checkpoint")
+
 
 KILLED_MID_SAVE = """
 import io, os, signal, sys
@@ -2071,319 +2395,3 @@ def test_same_seed_same_losses_and_samples(name, tiny_shapes, tmp_path, capsys, 
             assert all(torch.equal(a[path][key], b[path][key]) for key in a[path]), path
         else:
             assert a[path] == b[path], path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sharded data (tar files in the WebDataset layout) and several machines
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tiny_shapes, tmp_path_factory):
-    """The 48 tiny shapes images in 4 shards of 12: OUT/000000.tar ... OUT/000003.tar."""
-    folder = tmp_path_factory.mktemp("shards")
-    assert data.write_shards(tiny_shapes, folder, 12) == 4
-    return folder
-
-
-def write_tar(path, members):
-    """A tar of `members`: (name, bytes) pairs become regular files; a TarInfo is added as it is."""
-    with tarfile.open(path, "w") as archive:
-        for member in members:
-            if isinstance(member, tarfile.TarInfo):
-                archive.addfile(member)
-            else:
-                info = tarfile.TarInfo(member[0])
-                info.size = len(member[1])
-                archive.addfile(info, io.BytesIO(member[1]))
-
-
-def png_bytes(colour, size=16):
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_shards_round_trip_to_the_folder_dataset(tmp_path, capsys):
-    folder = tmp_path / "folder"
-    (folder / "red_apple").mkdir(parents=True)
-    images, captions, _ = data.make_shapes(12, 16, seed=5)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(caption + "\n")
-    Image.new("RGB", (20, 16), (200, 0, 0)).save(folder / "red_apple" / "apple.jpg")  # captioned by its folder
-    Image.new("RGB", (16, 16), (9, 9, 9)).save(folder / "uncaptioned.png")
-    Image.new("RGB", (16, 16), (0, 0, 90)).save(folder / "two.png")
-    (folder / "two.txt").write_bytes(b"first line\n\n  second line \n")
-    (folder / "empty.png").write_bytes(b"")  # skipped with a warning when sharding, as when training
-
-    result = run(ROOT / "data.py", "shard", folder, tmp_path / "shards", "--per-shard", 4)
-    assert result.returncode == 0, result.stderr
-    assert "wrote 4 shard(s)" in result.stdout and "{000000..000003}.tar" in result.stdout
-    assert "empty.png" in result.stderr
-    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [f"00000{i}.tar" for i in range(4)]
-
-    def pairs(dataset):  # (pixels, every caption drawn in 30 accesses) for each image, in a fixed order
-        return sorted((dataset[i][0].numpy().tobytes(), frozenset(dataset[i][1] for _ in range(30)))
-                      for i in range(len(dataset)))
-    expected = pairs(data.ImageTextFolder(folder, 16))
-    assert len(expected) == 15 and frozenset({"first line", "second line"}) in [c for _, c in expected]
-    assert frozenset({"red apple"}) in [c for _, c in expected] and frozenset({""}) in [c for _, c in expected]
-    for name in (tmp_path / "shards", tmp_path / "shards" / "{000000..000003}.tar"):
-        dataset = data.load_dataset(str(name), 16)
-        assert isinstance(dataset, data.ShardDataset) and pairs(dataset) == expected
-    # the same folder and seed give the same bytes; an output folder that holds shards is refused
-    assert data.write_shards(folder, tmp_path / "again", 4) == 4
-    assert all((tmp_path / "again" / name).read_bytes() == (tmp_path / "shards" / name).read_bytes()
-               for name in ("000000.tar", "000003.tar"))
-    assert_clean_error(run(ROOT / "data.py", "shard", folder, tmp_path / "shards"), "already holds")
-    assert_clean_error(run(ROOT / "data.py", "shard", folder, tmp_path / "x", "--per-shard", 0), "--per-shard")
-
-
-def test_shard_names_brace_ranges_files_and_folders(tmp_path):
-    twelve = data.expand_braces("s/{000..011}.tar")
-    assert len(twelve) == 12 and twelve[:2] == ["s/000.tar", "s/001.tar"] and twelve[-1] == "s/011.tar"
-    assert data.expand_braces("{8..10}.tar") == ["8.tar", "9.tar", "10.tar"]  # no leading zero: no padding
-    assert data.expand_braces("{1..03}") == ["01", "02", "03"]  # as in bash: the zero-padded end sets the width
-    assert data.expand_braces("n{0..1}/{00..01}.tar") == ["n0/00.tar", "n0/01.tar", "n1/00.tar", "n1/01.tar"]
-    assert data.expand_braces("plain.tar") == ["plain.tar"]
-    with pytest.raises(data.UsageError, match="backwards"):
-        data.expand_braces("{3..1}.tar")
-    (tmp_path / "s").mkdir()
-    for i in range(3):
-        write_tar(tmp_path / "s" / f"{i:02d}.tar", [(f"{i}.png", png_bytes((255, 0, 0)))])
-    paths = [tmp_path / "s" / f"{i:02d}.tar" for i in range(3)]
-    assert data.shard_paths(str(tmp_path / "s" / "{00..02}.tar")) == paths
-    assert data.shard_paths(str(tmp_path / "s" / "01.tar")) == paths[1:2]
-    assert data.shard_paths(str(tmp_path / "s")) == paths  # a folder of .tar files only
-    with pytest.raises(data.UsageError, match=r"03.tar: no such shard \(2 of 5 missing\)"):
-        data.shard_paths(str(tmp_path / "s" / "{00..04}.tar"))
-    (tmp_path / "gz").mkdir()
-    for name in ("00.tar", "01.tar.gz", "02.tgz"):  # compressed: refused, with the way out
-        (tmp_path / "gz" / name).write_bytes(gzip.compress((tmp_path / "s" / "00.tar").read_bytes()))
-    for name in ("gz", "gz/01.tar.gz", "gz/{01..02}.tar.gz", "gz/02.tgz"):
-        with pytest.raises(data.UsageError, match=r"compressed shards are not read .*\(gunzip X.tar.gz leaves X.tar\)"):
-            data.shard_paths(str(tmp_path / name))
-    Image.new("RGB", (8, 8)).save(tmp_path / "s" / "x.png")
-    assert data.shard_paths(str(tmp_path / "s")) is None  # images beside them: an image folder
-    (tmp_path / "s" / "archive.tar.gz").write_bytes(b"")
-    assert data.shard_paths(str(tmp_path / "s")) is None  # ... even with an archive among them
-    assert data.shard_paths("shapes") is None and data.shard_paths(str(tmp_path)) is None
-
-
-def test_malicious_shard_members_touch_nothing_on_disk(tmp_path, capsys):
-    outside = tmp_path / "outside.png"
-    outside.write_bytes(png_bytes((0, 0, 255)))
-    symlink = tarfile.TarInfo("link.png")
-    symlink.type, symlink.linkname = tarfile.SYMTYPE, str(outside)
-    hardlink = tarfile.TarInfo("hard.png")
-    hardlink.type, hardlink.linkname = tarfile.LNKTYPE, "good.png"
-    device = tarfile.TarInfo("device.png")
-    device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
-    folder = tarfile.TarInfo("folder.png")
-    folder.type = tarfile.DIRTYPE
-    absolute = str(tmp_path / "absolute")  # an absolute member name: where an extracting reader would write
-    write_tar(tmp_path / "evil.tar", [("good.png", png_bytes((255, 0, 0))), ("good.txt", b"a good one"),
-                                      ("../../evil.png", png_bytes((0, 255, 0))), ("../../evil.txt", b"climbing"),
-                                      (absolute + ".png", png_bytes((255, 255, 255))), symlink, hardlink,
-                                      ("link.txt", b"the link's caption"), device, folder])
-    before = sorted(tmp_path.rglob("*"))
-    dataset = data.load_dataset(str(tmp_path / "evil.tar"), 8)
-    items = {key: dataset[i] for i, (_, key, *_) in enumerate(dataset.samples)}
-    assert sorted(items) == sorted(["good", "../../evil", absolute])  # names are keys, nothing more
-    assert items["good"][1] == "a good one" and items["../../evil"][1] == "climbing"
-    assert items["../../evil"][0][1].min() == 1.0 and items[absolute][0].min() == 1.0  # green; white
-    warnings = capsys.readouterr().err
-    for name in ("link.png", "hard.png", "device.png"):
-        assert f"'{name}' is not a regular file" in warnings, warnings
-    assert sorted(tmp_path.rglob("*")) == before  # nothing written, extracted or followed
-    assert not (ROOT.parent.parent / "evil.png").exists() and not Path(absolute + ".png").exists()
-
-
-def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys):
-    good = png_bytes((255, 0, 0))
-    noise = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
-    write_tar(tmp_path / "000.tar", [("a.png", good), ("a.txt", "café".encode("latin-1")), ("b.png", b"not an image"),
-                                     ("c.png", noise.getvalue()[:300]), ("d.jpg", b""),  # truncated; empty
-                                     ("e.png", png_bytes((0, 255, 0)))])
-    write_tar(tmp_path / "001.tar", [("f.png", good), ("g.png", noise.getvalue())])
-    with tarfile.open(tmp_path / "001.tar") as archive:
-        cut = archive.getmember("g.png").offset_data + 100
-    (tmp_path / "001.tar").write_bytes((tmp_path / "001.tar").read_bytes()[:cut])  # ends inside g.png
-    (tmp_path / "002.tar").write_bytes(b"not a tar at all " * 64)
-    (tmp_path / "003.tar").write_bytes(gzip.compress((tmp_path / "000.tar").read_bytes()))  # compressed: refused
-    dataset = data.load_dataset(str(tmp_path / "{000..003}.tar"), 8)
-    warnings = capsys.readouterr().err
-    for name in ("001.tar: ", "002.tar: ", "003.tar: "):
-        assert f"skipping the rest of {tmp_path / name}" in warnings, warnings
-    assert [key for _, key, *_ in dataset.samples] == ["a", "b", "c", "d", "e", "f", "g"]
-    items = [dataset[i] for i in range(len(dataset))]
-    warnings = capsys.readouterr().err
-    assert "000.tar: 'b': not an image" in warnings and "000.tar: 'd': not an image" in warnings, warnings
-    assert "000.tar: 'c': " in warnings  # truncated
-    assert "001.tar: 'g': the tar ends" in warnings
-    assert items[0][1] == "caf\ufffd" and items[0][0][0].min() == 1.0  # caption bytes not UTF-8: replaced
-    assert all(torch.equal(items[i][0], items[4][0]) for i in (1, 2, 3))  # a bad image gives the next good one
-    assert torch.equal(items[6][0], items[0][0])  # ... wrapping around at the end
-    with pytest.raises(data.UsageError, match="no image in 1 shard"):
-        data.load_dataset(str(tmp_path / "002.tar"), 8)
-
-
-def test_shard_sampler_deals_disjoint_shards_and_resumes_exactly(capsys):
-    shard_of = [0] * 6 + [1] * 6 + [2] * 4 + [3] * 6 + [4] * 6 + [5] * 6  # the short one is dealt to the poorer rank
-    samplers = [data.ShardSampler(shard_of, seed=3, rank=rank, world_size=2) for rank in range(2)]
-    dealt_shards = []
-    for epoch in range(6):
-        dealt = [sampler.epoch(epoch) for sampler in samplers]
-        assert len(dealt[0]) == len(dealt[1]) == 16  # the ranks stay in the same epoch
-        shards = [{shard_of[i] for i in indices} for indices in dealt]
-        assert not shards[0] & shards[1]  # no shard is read by both ranks
-        assert all(len(set(indices)) == len(indices) for indices in dealt)
-        dealt_shards.append(shards[0])
-    assert len({frozenset(shards) for shards in dealt_shards}) > 1  # dealt again every epoch
-    single = data.ShardSampler(shard_of, seed=3).epoch(0)
-    assert sorted(single) == list(range(len(shard_of))) and single != sorted(single)  # one process: all, shuffled
-    full = list(itertools.islice(data.ShardSampler(shard_of, 3, 1, 2), 80))
-    for start in (1, len(samplers[1].epoch(0)), 41):
-        assert list(itertools.islice(data.ShardSampler(shard_of, 3, 1, 2, start=start), 80 - start)) == full[start:]
-    assert full != list(itertools.islice(data.ShardSampler(shard_of, 4, 1, 2), 80))  # the seed matters
-    with pytest.raises(data.UsageError, match="2 training shard"):
-        data.ShardSampler([0, 0, 1], world_size=3)
-    assert capsys.readouterr().err == ""
-    data.ShardSampler([0] * 10 + [1], world_size=2)  # each epoch, one rank holds 1 sample: the other uses 1 of 10
-    assert "the shards differ in size: an epoch of 2 processes uses 18% of the samples" in capsys.readouterr().err
-
-
-def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
-    spec = str(tiny_shards / "{000000..000003}.tar")
-    trained = run(ROOT / "vae.py", "--train", spec, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
-                  "--steps", 2, "--out", tmp_path / "cli", "--device", "cpu")
-    assert trained.returncode == 0, trained.stderr
-    assert "46 training images, 2 held out" in trained.stdout  # the last 2 samples of the last shard
-    evaluated = run(ROOT / "vae.py", "--eval", "--ckpt", tmp_path / "cli" / "ckpt.pt")
-    assert evaluated.returncode == 0 and "held-out (2 images)" in evaluated.stdout, evaluated.stderr
-    assert_clean_error(run(ROOT / "vae.py", "--train", tiny_shards / "{000000..000009}.tar"),
-                       "000004.tar: no such shard")
-
-    # stopped at step 4 of 7 (8 images a step: the run crosses an epoch of 46), then resumed: the same run
-    args = ["--train", spec, "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2", "--log-every",
-            "1", "--save-every", "100", "--steps", "7", "--warmup", "1", "--device", "cpu"]
-    vae.main(args + ["--out", str(tmp_path / "straight")])
-    ctrl_c_then_resume(monkeypatch, vae, args, tmp_path / "stopped", batch=3)
-
-    def losses(folder):
-        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-        return [(r["step"], r["loss"]) for r in records if "loss" in r]
-    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
-    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
-    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
-
-
-def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
-    stdout = succeeded(torchrun("vqvae2.py", "--train", tiny_shards / "{000000..000003}.tar", *TINY_VQVAE2,
-                                "--steps", 6, "--batch-size", 4, "--window", 2, "--log-every", 2, out=tmp_path, nodes=2))
-    assert stdout.count("2 process(es)") == 1 and stdout.count("held-out (2 images)") == 1  # global rank 0 only
-    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert [r["step"] for r in logged] == [2, 4, 6]
-    assert all(r["codebook_spread"] == 0.0 for r in logged)  # the two nodes hold the same codebooks
-
-
-def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
-    stdout = succeeded(torchrun("dalle.py", "--train", tiny_shards, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
-                                "--log-every", 2, out=tmp_path, nodes=2))
-    assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
-    assert "codes: 46 train, 2 held out, in 2 parts" in stdout  # the codes of the shards, a part from each node
-    assert "rank 0: encoded 24 train" in stdout and "rank 1: encoded 22 train" in stdout  # two shards each
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pre-encoded codes in parts: each torchrun rank encodes its own part of a large dataset
-
-
-def test_codes_parts_cut_datasets_in_order_and_keep_shards_whole(tiny_shards):
-    folder = data.Subset(list(range(10)), list(range(10)))
-    shards = data.load_dataset(str(tiny_shards), 16)  # 4 shards of 12
-    for dataset in (folder, shards):
-        for count in (1, 2, 3, 5):
-            parts = [data.part_indices(dataset, part, count) for part in range(count)]
-            assert [i for part in parts for i in part] == list(range(len(dataset)))  # in order, each index once
-    parts = [data.part_indices(shards, part, 3) for part in range(3)]
-    shard_sets = [{shards.samples[i][0] for i in part} for part in parts]
-    assert shard_sets == [{0, 1}, {2}, {3}]  # whole shards: no shard is read by two parts
-    assert [len(data.part_indices(folder, part, 3)) for part in range(3)] == [4, 3, 3]
-
-
-def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_shards, tmp_path, capsys):
-    tokenizer = tiny_vqvae2()
-    images = data.load_dataset(str(tiny_shapes), 16)
-    tokenizer.train()(torch.stack([images[i][0] for i in range(len(images))]))  # codebooks from the data
-    data.save_checkpoint(tmp_path / "tokenizer.pt", "vqvae2", tokenizer.config, 1, model=tokenizer.state_dict())
-    encode = ["--encode", tiny_shards, "--ckpt", tmp_path / "tokenizer.pt", "--device", "cpu"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the torchrun ranks below: the same sums, so the same nearest codes, bit for bit
-    try:
-        assert in_process(capsys, vqvae2, *encode, "--out", tmp_path / "one.pt").returncode == 0
-    finally:
-        torch.set_num_threads(threads)
-    stdout = succeeded(torchrun("vqvae2.py", *encode, out=tmp_path / "parts"))
-    assert "codes: 46 train, 2 held out, in 2 parts" in stdout
-    names = ["part-00000-of-00002.pt", "part-00001-of-00002.pt"]
-    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names
-    one, parts = torch.load(tmp_path / "one.pt", weights_only=True), vqvae2.load_codes(tmp_path / "parts")
-    for split in ("train", "test"):  # the parts, in order, are the one-process codes, in the same order
-        assert torch.equal(one[split]["top"], parts[split]["top"]) and torch.equal(one[split]["bottom"], parts[split]["bottom"])
-        assert one[split]["captions"] == parts[split]["captions"]
-    assert one["train"]["bottom"].unique().numel() > 8  # codes worth comparing
-    assert data.same_state(one["tokenizer"], parts["tokenizer"])
-    halves = [torch.load(tmp_path / "parts" / name, weights_only=True) for name in names]
-    assert [len(half["train"]["captions"]) for half in halves] == [24, 22]  # shards 0-1 and 2-3, 12 images each
-    assert [(half["kind"], half["part"], half["parts"]) for half in halves] == [("vqvae2-codes", 0, 2), ("vqvae2-codes", 1, 2)]
-
-    # a stopped encoding: one process writes the missing part only, and what it writes is the same
-    first = (tmp_path / "parts" / names[0]).stat().st_mtime_ns
-    (tmp_path / "parts" / names[1]).unlink()
-    (tmp_path / "parts" / f".{names[1]}.tmp999999999").write_bytes(b"half")  # left by a SIGKILL
-    resumed = in_process(capsys, vqvae2, *encode, "--out", tmp_path / "parts")
-    assert resumed.returncode == 0 and resumed.stdout.count("rank 0: encoded") == 1, resumed.stderr
-    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names  # the temporary is gone
-    assert (tmp_path / "parts" / names[0]).stat().st_mtime_ns == first
-    again = torch.load(tmp_path / "parts" / names[1], weights_only=True)
-    assert torch.equal(again["train"]["bottom"], halves[1]["train"]["bottom"])
-
-    # refused: an incomplete folder, a part of another tokenizer, a part alone
-    (tmp_path / "incomplete").mkdir()
-    (tmp_path / "incomplete" / names[0]).write_bytes((tmp_path / "parts" / names[0]).read_bytes())
-    other = tiny_vqvae2()
-    (tmp_path / "mixed").mkdir()
-    (tmp_path / "mixed" / names[0]).write_bytes((tmp_path / "parts" / names[0]).read_bytes())
-    torch.save(halves[1] | {"tokenizer": other.state()}, tmp_path / "mixed" / names[1])
-    for codes, message in ((tmp_path / "incomplete", "incomplete, 1 of 2 parts (missing: 1)"),
-                           (tmp_path / "mixed", f"{names[1]}: made by another tokenizer than {names[0]}"),
-                           (tmp_path / "parts" / names[1], "one part of 2; pass the folder"),
-                           (tmp_path, "no codes in it")):
-        assert_clean_error(in_process(capsys, vqvae2, "--train-prior", codes, "--out", tmp_path / "prior"), message)
-        assert_clean_error(in_process(capsys, dalle, "--codes", codes, "--out", tmp_path / "refused"), message)
-    assert_clean_error(in_process(capsys, vqvae2, *encode, "--out", tmp_path / "mixed"), "made by another tokenizer")
-    data.save_checkpoint(tmp_path / "retrained.pt", "vqvae2", other.config, 1, model=other.state_dict())
-    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
-                                  "--out", tmp_path / "parts"), "parts were made by another tokenizer")
-    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
-                                  "--out", tmp_path / "incomplete"), "parts were made by another tokenizer")
-    assert [path.name for path in (tmp_path / "incomplete").iterdir()] == [names[0]]  # refused before encoding
-
-    # the priors and the transformer train on a folder of parts; --nearest finds the run's codes through --codes
-    prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,
-                       "--batch-size", 8, "--steps", 1, "--device", "cpu")
-    assert prior.returncode == 0 and "46 training code grids, 2 held out" in prior.stdout, prior.stderr
-    trained = in_process(capsys, dalle, "--codes", tmp_path / "parts", "--width", 32, "--layers", 1, "--heads", 2,
-                         "--text-len", 40, "--batch-size", 8, "--steps", 2, "--device", "cpu", "--out", tmp_path / "dalle")
-    assert trained.returncode == 0 and "46 training, 2 held out" in trained.stdout, trained.stderr
-    assert "stage 1/3" not in trained.stdout and "stage 2/3" not in trained.stdout
-    scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "dalle" / "ckpt.pt")  # the codes' held-out captions
-    assert scored.returncode == 0 and "shapes scorer on 2 test captions" in scored.stdout, scored.stderr
-    sampled = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--nearest", "--ckpt",
-                         tmp_path / "dalle" / "ckpt.pt", "--out", tmp_path / "nearest")
-    assert sampled.returncode == 0 and (tmp_path / "nearest" / "samples.png").is_file(), sampled.stderr
-    assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "parts", "--vqvae", tmp_path / "tokenizer.pt"),
-                       "leave out --vqvae")
