@@ -64,6 +64,12 @@ def assert_clean_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def logged(folder, *keys):
+    """(step, loss, and each of `keys`) of every training record in a run's metrics.jsonl."""
+    records = map(json.loads, (Path(folder) / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"], *(r[key] for key in keys)) for r in records if "loss" in r]
+
+
 def ctrl_c_then_resume(monkeypatch, module, args, out, batch, saved_step=None):
     """module.main(args) into `out`, with a Ctrl-C while batch number `batch` (from 0) trains; the run must
     stop with its checkpoint at `saved_step`; then `--resume` runs it to its end."""
@@ -974,10 +980,7 @@ def test_vae_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_pat
     # a Ctrl-C while step 4 runs: the step finishes, is saved, and the run stops
     ctrl_c_then_resume(monkeypatch, vae, args, tmp_path / "stopped", batch=3, saved_step=4)
 
-    def losses(folder):
-        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-        return [(r["step"], r["loss"]) for r in records if "loss" in r]
-    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
+    assert logged(tmp_path / "straight") == logged(tmp_path / "stopped") and len(logged(tmp_path / "stopped")) == 7
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 7
@@ -1033,10 +1036,7 @@ def test_vae_on_shards_cli_and_exact_resume(tiny_shards, tmp_path, monkeypatch):
     vae.main(args + ["--out", str(tmp_path / "straight")])
     ctrl_c_then_resume(monkeypatch, vae, args, tmp_path / "stopped", batch=3)
 
-    def losses(folder):
-        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-        return [(r["step"], r["loss"]) for r in records if "loss" in r]
-    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 7
+    assert logged(tmp_path / "straight") == logged(tmp_path / "stopped") and len(logged(tmp_path / "stopped")) == 7
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
 
@@ -2071,10 +2071,8 @@ def test_cvae_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_pa
     # a Ctrl-C while step 3 runs: the step finishes, is saved, and the run stops
     ctrl_c_then_resume(monkeypatch, cvae, args, tmp_path / "stopped", batch=2, saved_step=3)
 
-    def losses(folder):
-        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-        return [(r["step"], r["loss"], r["kl"]) for r in records if "loss" in r]
-    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "stopped")) == 6
+    assert (logged(tmp_path / "straight", "kl") == logged(tmp_path / "stopped", "kl")
+            and len(logged(tmp_path / "stopped")) == 6)
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 6
