@@ -186,8 +186,8 @@ def sample(G_ema, saved, config, out, device):
               f"{config.ckpt or 'the checkpoint'} is unconditional: --sample takes a count N >= 1, not captions")
         captions, per_row = [""] * int(config.sample[0]), math.ceil(math.sqrt(int(config.sample[0])))
     images = generate(G_ema, saved, device, len(captions), captions if saved.cond else None, config.seed)
-    save_grid(images, out / "samples.png", nrow=per_row, captions=captions if saved.cond else None)  # (N, 3, S, S)
-    write_pairs(out / "samples", images, captions)  # 0000.png + 0000.txt, ...
+    save_grid(images, out / "samples.png", nrow=per_row, captions=captions if saved.cond else None)
+    write_pairs(out / "samples", images, captions)  # images (N, 3, S, S): 0000.png + 0000.txt, ...
     print(f"wrote {out / 'samples.png'} and {len(images)} PNG + TXT pairs in {out / 'samples'}")
 
 
