@@ -275,44 +275,21 @@ class ImageTextFolder(Dataset):
 # Shards: uncompressed tar files in the WebDataset layout (KEY.png or KEY.jpg ..., plus KEY.txt)
 
 
-def expand_braces(spec):
-    """'s/{000..099}.tar' -> ['s/000.tar', ..., 's/099.tar']. As in bash, an end written with a leading
-    zero pads every number to the wider end; several ranges multiply out, the leftmost slowest."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
-    if not match:
-        return [spec]
-    first, last = match.groups()
-    check(int(first) <= int(last), f"{spec}: the range {match.group()} runs backwards")
-    width = max(len(first), len(last)) if any(len(end) > 1 and end[0] == "0" for end in (first, last)) else 0
-    return [expanded for number in range(int(first), int(last) + 1)
-            for expanded in expand_braces(spec[:match.start()] + str(number).zfill(width) + spec[match.end():])]
-
-
 COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
 def shard_paths(name):
-    """The tar files that a --train or --test value names, or None when it names none: a brace range
-    ('shards/{000000..000099}.tar'), one .tar file, or a folder that holds only .tar files."""
+    """The tar files that a --train or --test value names, or None when it names none: one .tar file, or a
+    folder that holds only .tar files."""
     path = Path(name)
-    if path.is_dir():
-        files = [child for child in path.iterdir() if not child.name.startswith(".")]
-        shards = sorted(child for child in files if child.suffix == ".tar")
-        compressed = sorted(child for child in files if child.name.endswith(COMPRESSED_TAR))
-        if not compressed or len(shards) + len(compressed) < len(files):
-            return shards if shards and len(shards) == len(files) else None
-        name = str(compressed[0])
-    # NOTE: tarfile could stream a .tar.gz, but a sample could then only be reached by decompressing
-    # everything before it, which breaks random access (and so the held-out split and an exact --resume).
-    check(not name.endswith(COMPRESSED_TAR), f"{name}: compressed shards are not read (samples are read by seeking "
-                                             "into the tar); decompress them first (gunzip X.tar.gz leaves X.tar)")
-    if not name.endswith(".tar"):
+    tars = sorted(child for child in path.iterdir() if not child.name.startswith(".")) if path.is_dir() else [path]
+    if not tars or not all(tar.name.endswith((".tar", *COMPRESSED_TAR)) for tar in tars):
         return None
-    paths = [Path(expanded) for expanded in expand_braces(name)]
-    missing = [path for path in paths if not path.is_file()]
-    check(not missing, f"{missing[0] if missing else ''}: no such shard"
-                       + (f" ({len(missing)} of {len(paths)} missing)" if len(missing) > 1 else ""))
-    return paths
+    check(all(tar.suffix == ".tar" for tar in tars),  # compressed: no seeking, so no random access
+          f"{name}: compressed shards are not read (samples are read by seeking into the tar); decompress them "
+          "first (gunzip X.tar.gz leaves X.tar)")
+    check(all(tar.is_file() for tar in tars), f"{name}: no such shard")
+    return tars
 
 
 class ShardDataset(Dataset):
@@ -326,10 +303,9 @@ class ShardDataset(Dataset):
     paths (`../x.png` reaches nothing on disk); links, folders and devices are skipped.
     """
 
-    def __init__(self, paths, image_size, samples=None):
+    def __init__(self, paths, image_size):
         self.paths, self.image_size, self.broken = [str(path) for path in paths], image_size, set()
-        self.samples = samples if samples is not None else [  # (shard, key, image at, caption at or None)
-            sample for shard in range(len(self.paths)) for sample in self._scan(shard)]
+        self.samples = [sample for shard in range(len(self.paths)) for sample in self._scan(shard)]  # see _scan
         check(self.samples, f"{self.paths[0]}{' ...' if len(self.paths) > 1 else ''}: no image in "
                             f"{len(self.paths)} shard(s) (looked for KEY.png, KEY.jpg, ...)")
 
@@ -381,11 +357,6 @@ class ShardDataset(Dataset):
                 lines = []
             return image.float() / 255.0, random.choice(lines) if lines else ""
         raise UsageError(f"{self.paths[0]} ...: no usable image (every one failed to decode)")
-
-    def split(self, held):
-        """(training set, held-out set): the last `held` samples in shard order are held out."""
-        return (ShardDataset(self.paths, self.image_size, self.samples[:-held]),
-                ShardDataset(self.paths, self.image_size, self.samples[-held:]))
 
 
 def write_shards(folder, out, per_shard, seed=0):
@@ -837,9 +808,8 @@ def load_test(train, test, image_size, test_size=1000):
 
 def load_train_test(train, test, image_size, test_size=1000):
     """The training set and a held-out set: `test` if given; else the shapes test split (half of it
-    colour-shape pairs never seen in training); else a fixed 5% of the training folder or shards (at
-    most `test_size` images), kept out of training: random images of a folder, the last samples of
-    shards (`python data.py shard` wrote them in a random order)."""
+    colour-shape pairs never seen in training); else a fixed random 5% of the training folder or shards
+    (at most `test_size` images), kept out of training."""
     dataset = load_dataset(train, image_size, split="train")
     if test or shapes_size(train):
         return dataset, load_dataset(test or train, image_size, split="test")
@@ -848,8 +818,6 @@ def load_train_test(train, test, image_size, test_size=1000):
     if held == 0:
         warn(f"{train}: fewer than 20 images, so the held-out figures use the training images")
         return dataset, dataset
-    if isinstance(dataset, ShardDataset):
-        return dataset.split(held)
     return Subset(dataset, order[held:]), Subset(dataset, order[:held])
 
 
@@ -953,56 +921,9 @@ class InfiniteSampler(Sampler):
             offset, epoch = 0, epoch + 1
 
 
-class ShardSampler(Sampler):
-    """InfiniteSampler for shards: epoch e shuffles the list of shards by (seed, e) and deals them out,
-    largest first, each to the rank holding the fewest samples so far; a rank visits its shards'
-    samples in a random order. Every rank stops its epoch after as many samples as the poorest rank
-    was dealt (the rest come back in later epochs, when the shards are dealt again), so the ranks are
-    always in the same epoch, each reading shards no other rank reads. `start` counts the samples this
-    rank consumed, so a resumed run sees exactly the batches it would have seen. DataLoader workers
-    fetch the indices this sampler hands them, so they never read a sample twice.
-    """
-
-    def __init__(self, shard_of, seed=0, rank=0, world_size=1, start=0):
-        groups = {}  # shard -> the indices of its samples
-        for index, shard in enumerate(shard_of):
-            groups.setdefault(shard, []).append(index)
-        self.groups = list(groups.values())
-        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
-        check(len(self.groups) >= world_size, f"{len(self.groups)} training shard(s) for {world_size} processes: each "
-                                              "process needs one of its own (write smaller ones with --per-shard)")
-        kept = world_size * len(self.epoch(0)) / len(shard_of)
-        if kept < 0.9:
-            warn(f"the shards differ in size: an epoch of {world_size} processes uses {kept:.0%} of the samples")
-
-    def epoch(self, epoch):
-        """This rank's indices in epoch `epoch`, in the order it visits them."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        dealt, totals = [[] for _ in range(self.world_size)], [0] * self.world_size
-        order = torch.randperm(len(self.groups), generator=generator).tolist()
-        for shard in sorted(order, key=lambda shard: -len(self.groups[shard])):  # largest first, ties shuffled
-            poorest = totals.index(min(totals))
-            dealt[poorest].append(shard)
-            totals[poorest] += len(self.groups[shard])
-        size = min(totals)  # the same on every rank
-        indices = [index for shard in dealt[self.rank] for index in self.groups[shard]]
-        return [indices[i] for i in torch.randperm(len(indices), generator=generator)[:size].tolist()]
-
-    def __iter__(self):
-        epoch, skip = 0, self.start
-        while True:
-            indices = self.epoch(epoch)
-            yield from indices[skip:]
-            skip, epoch = max(skip - len(indices), 0), epoch + 1
-
-
 def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     """An endless iterator of (images, captions) batches for this rank, resuming at `start_step`."""
-    if isinstance(dataset, ShardDataset):
-        shard_of = [shard for shard, *_ in dataset.samples]
-        sampler = ShardSampler(shard_of, seed, runtime.rank, runtime.world_size, start_step * batch_size)
-    else:
-        sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
+    sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
     in_memory = isinstance(dataset, ShapesDataset)
     workers = 0 if in_memory or runtime.device.type != "cuda" else min(8, os.cpu_count() or 1)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -1208,12 +1129,8 @@ def read_record(path, file):
 
 def part_indices(dataset, part, count):
     """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
-    the dataset in its order. On shards, every sample of a shard goes to the part its first one falls in."""
-    starts = range(len(dataset))
-    if isinstance(dataset, ShardDataset):  # whole shards: a part's process reads shards no other one reads
-        first = {}
-        starts = [first.setdefault(shard, i) for i, (shard, *_) in enumerate(dataset.samples)]
-    return [i for i, start in enumerate(starts) if count * start // len(dataset) == part]
+    the dataset in its order (on shards, mostly whole shards)."""
+    return [i for i in range(len(dataset)) if count * i // len(dataset) == part]
 
 
 def parts_in(folder):
@@ -1666,7 +1583,7 @@ def main(argv=None):
         print(format_score(score_report(*read_pairs(args.folder))))
     elif args.command == "shard":
         count = write_shards(args.folder, args.out, args.per_shard, args.seed)
-        print(f"wrote {count} shard(s): --train '{Path(args.out) / f'{{000000..{count - 1:06d}}}.tar'}'")
+        print(f"wrote {count} shard(s): --train {args.out}")
     else:
         count = idx_to_folder(args.images, args.labels, args.out, args.names.split(","))
         print(f"wrote {count} images to {args.out}")
