@@ -535,15 +535,12 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
             print(f"faithfulness (guidance {guidance:g}): {', '.join(parts)}; sample grid: {out / 'samples.png'}")
 
 
-LEGACY = dict(drop_key=0.0, appearance=False, text_shift=False, silhouette=False, code_drop=0.0)  # for absent fields
-
-
 def sample_or_score(config, given, runtime):
     """--sample and --prompts (a file, one caption a line; '-': standard input): a grid, and a PNG + TXT pair per
     image (`python data.py score` reads them); --eval: the scorer on --test's captions, else the run's own."""
     path, device = Path(config.ckpt or Path(config.out) / "ckpt.pt"), runtime.device
     checkpoint = load_checkpoint(path, "dalle", required=("config", "model", "tokenizer"))
-    saved = config_from_dict(Config, {**LEGACY, **checkpoint["config"]}, validate)
+    saved = config_from_dict(Config, checkpoint["config"], validate)
     tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
     model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
@@ -613,7 +610,7 @@ def benchmark(config, runtime):
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     sampling = config.sample or config.prompts
-    config, checkpoint = run_config(config, given, "dalle", validate, legacy=LEGACY,
+    config, checkpoint = run_config(config, given, "dalle", validate,
                                     training=not (config.benchmark or sampling or config.eval))
     runtime = setup(config.device, config.seed)
     if config.benchmark:
