@@ -14,9 +14,7 @@ caption gain, not CLIP; a small model; and the section "Beyond the paper" below 
 """
 
 import dataclasses
-import json
 import math
-import resource
 import shlex
 import sys
 import time
@@ -74,7 +72,6 @@ class Config:
     top_p: float = 1.0  # nucleus sampling mass (1: all)
     nearest: bool = False  # nearest training codes beside each
     eval: bool = False  # score --ckpt on shapes test captions
-    benchmark: bool = False  # speed with random weights
     ckpt: str = ""  # checkpoint ('': OUT/ckpt.pt)
 
 
@@ -503,7 +500,7 @@ def evaluate(model, tokenizer, test_set, config, device, logger, step):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling and scoring from the command line, and the speed benchmark
+# Sampling and scoring from the command line
 
 
 def write_samples(model, tokenizer, captions, config, device, path, count=16):
@@ -535,15 +532,12 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
             print(f"faithfulness (guidance {guidance:g}): {', '.join(parts)}; sample grid: {out / 'samples.png'}")
 
 
-LEGACY = dict(drop_key=0.0, appearance=False, text_shift=False, silhouette=False, code_drop=0.0)  # for absent fields
-
-
 def sample_or_score(config, given, runtime):
     """--sample and --prompts (a file, one caption a line; '-': standard input): a grid, and a PNG + TXT pair per
     image (`python data.py score` reads them); --eval: the scorer on --test's captions, else the run's own."""
     path, device = Path(config.ckpt or Path(config.out) / "ckpt.pt"), runtime.device
     checkpoint = load_checkpoint(path, "dalle", required=("config", "model", "tokenizer"))
-    saved = config_from_dict(Config, {**LEGACY, **checkpoint["config"]}, validate)
+    saved = config_from_dict(Config, checkpoint["config"], validate)
     tokenizer = vqvae2.VQVAE2.from_state(checkpoint["tokenizer"], device, path)
     model = DALLE(saved, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)
@@ -582,43 +576,12 @@ def sample_or_score(config, given, runtime):
     print(f"wrote {out / 'samples.png'} and {len(captions)} PNG + TXT pairs in {out / 'samples'}")
 
 
-def benchmark(config, runtime):
-    """Tokens/s of training (5 steps after a warm-up one) and of sampling, with and without the cache."""
-    device, K, B = runtime.device, vqvae2.Config().codebook_size, config.batch_size
-    model = DALLE(config, (config.image_size // 8,) * 2, (config.image_size // 4,) * 2, K, K).to(device)
-    tokens = torch.randint(0, 256, (B, model.length), device=device)  # (B, L): random bytes and codes
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    results = dict(parameters=sum(p.numel() for p in model.parameters()))
-    for steps in (1, 5):  # a warm-up step, then the measured ones
-        start = time.time()
-        for _ in range(steps):
-            with autocast(device):
-                text_loss, nll = losses(model, tokens)
-            (1 / 8 * text_loss + 7 / 8 * nll.mean()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        text_loss.item()  # waits for the GPU
-        results["train_tokens_per_second"] = steps * B * (model.length - 1) / (time.time() - start)
-    for cache in (True, False):
-        start, text = time.time(), tokens[:config.n, :config.text_len]  # (n, T)
-        with autocast(device):
-            sample_codes(model.eval(), text, torch.Generator(device).manual_seed(0), config.guidance, cache=cache).cpu()
-        results[f"sample_{'cached' if cache else 'uncached'}_tokens_per_second"] = (
-            len(text) * (model.length - config.text_len) / (time.time() - start))
-    results["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({key: round(value, 1) for key, value in results.items()}))
-
-
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     sampling = config.sample or config.prompts
-    config, checkpoint = run_config(config, given, "dalle", validate, legacy=LEGACY,
-                                    training=not (config.benchmark or sampling or config.eval))
+    config, checkpoint = run_config(config, given, "dalle", validate, training=not (sampling or config.eval))
     runtime = setup(config.device, config.seed)
-    if config.benchmark:
-        benchmark(config, runtime)
-    elif sampling or config.eval:
+    if sampling or config.eval:
         sample_or_score(config, given, runtime)
     else:
         train(config, runtime, checkpoint)

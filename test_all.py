@@ -1538,38 +1538,29 @@ def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_wi
         assert record["config"] == {**straight["config"], "out": str(out)} and record["resumed"] == []
 
 
-def test_dalle_checkpoint_from_before_drop_key_appearance_silhouette_and_shift_goes_on_without_them(tiny_shapes, tmp_path, capsys):
+def test_dalle_without_appearance_or_silhouette_trains_samples_and_resumes(tiny_shapes, tmp_path, capsys):
     trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-appearance",
-                         "--no-text-shift", "--out", tmp_path)
+                         "--out", tmp_path)
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert not any("appearance" in key or "describe" in key for key in checkpoint["model"])
-    sample = ["--sample", "a red circle", "a blue square", "-n", 2, "--ckpt", tmp_path / "ckpt.pt"]
-    assert in_process(capsys, dalle, *sample, "--out", tmp_path / "before").returncode == 0
-    for name in ("drop_key", "appearance", "text_shift", "silhouette", "code_drop"):
-        del checkpoint["config"][name]  # as saved before these flags existed
-    torch.save(checkpoint, tmp_path / "ckpt.pt")
-    legacy = in_process(capsys, dalle, *sample, "--out", tmp_path / "legacy")
-    assert legacy.returncode == 0, legacy.stderr
-    for i in range(4):  # the same model as before: the same images
-        assert (tmp_path / "legacy" / "samples" / f"{i:04d}.png").read_bytes() == \
-            (tmp_path / "before" / "samples" / f"{i:04d}.png").read_bytes()
+    sample = in_process(capsys, dalle, "--sample", "a red circle", "-n", 2, "--ckpt", tmp_path / "ckpt.pt",
+                        "--out", tmp_path / "samples")
+    assert sample.returncode == 0, sample.stderr
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path)
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
-    assert (saved["drop_key"], saved["appearance"], saved["text_shift"], saved["steps"]) == (0.0, False, False, 3)
-    # with appearances, saved before --silhouette
+    assert (saved["appearance"], saved["steps"]) == (False, 3)
+    # appearances without silhouettes
     trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-silhouette",
                          "--out", tmp_path / "appearance")
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "appearance" / "ckpt.pt", weights_only=True)
     assert "bottom_appearance" in checkpoint["model"] and not any("silhouette" in key for key in checkpoint["model"])
-    del checkpoint["config"]["silhouette"], checkpoint["config"]["code_drop"]
-    torch.save(checkpoint, tmp_path / "appearance" / "ckpt.pt")
     resumed = in_process(capsys, dalle, "--resume", "--steps", 3, "--out", tmp_path / "appearance")
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
     saved = torch.load(tmp_path / "appearance" / "ckpt.pt", weights_only=True)["config"]
-    assert saved["silhouette"] is False and saved["code_drop"] == 0.0
+    assert saved["silhouette"] is False
 
 
 def test_dalle_cached_forward_equals_full_forward():
