@@ -1051,7 +1051,7 @@ def load_state(module, state, path):
         raise UsageError(f"{path}: does not fit this model ({detail[-1] if detail else error})") from None
 
 
-def run_config(config, given, kind, validate, training, required=("config", "model", "step"), legacy=None):
+def run_config(config, given, kind, validate, training, required=("config", "model", "step")):
     """The config a command runs with, and the checkpoint it continues (None for a new run).
 
     A training run records how it was started in OUT/config.json, once, before any work:
@@ -1059,8 +1059,7 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     --resume continues OUT/ckpt.pt (or --ckpt) with the config saved in it, or, when the run stopped before
     its first checkpoint (a staged run: tokenizer, codes, transformer), with the config that config.json
     records. The flags given with --resume go on top; one line names them and config.json appends them with
-    the step they took effect at. `kind`: the checkpoint kind, or a function of the config that gives it;
-    `legacy`: values for config fields that checkpoints saved before those fields existed lack."""
+    the step they took effect at. `kind`: the checkpoint kind, or a function of the config that gives it."""
     validate(config)
     out, file = Path(config.out), Path(inspect.getfile(type(config))).name
     kind_of = kind if callable(kind) else (lambda _: kind)
@@ -1082,7 +1081,7 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     if path.exists() or record is None:
         checkpoint = load_checkpoint(path, kind_of(config_from_dict(type(config), recorded, validate)
                                                    if record else config), required)
-        saved = config_from_dict(type(config), {**(legacy or {}), **checkpoint["config"]}, validate)
+        saved = config_from_dict(type(config), checkpoint["config"], validate)
         step = checkpoint["step"]
     else:  # stopped before its first checkpoint: the flags it was started with
         saved = config_from_dict(type(config), recorded, validate)
