@@ -1231,7 +1231,7 @@ def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path):
     resumed = run(ROOT / "vqvae2.py", *prior, "--steps", 3, "--resume")
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
     records = [json.loads(line) for line in (tmp_path / "a" / "prior" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "top_bits" in r] == [1, 2, 3] and "clean_samples" in records[-1]
+    assert [r["step"] for r in records if "top_bits" in r] == [1, 2, 3] and "test_top_bits" in records[-1]
     sampled = run(ROOT / "vqvae2.py", "--sample", 4, "--ckpt", tmp_path / "a" / "prior" / "ckpt.pt", "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     assert Image.open(tmp_path / "s" / "samples.png").size == (2 * 18 + 2, 2 * 18 + 2)
