@@ -465,7 +465,7 @@ def train(config, runtime, checkpoint=None):
             guard.remember()  # the codebooks before this step's EMA update
             recent = [quantizer.recent for quantizer in quantizers]  # where dead codes would restart
             with autocast(device):
-                x_hat, commitments, ids = network(x)
+                x_hat, commitments, _ = network(x)
             loss, mse = vqvae_loss(x, x_hat, commitments)
             grad_norm, stepped = optimizer_step(optimizer, model.parameters(), loss, step, config, guard)
             if not stepped:  # the guard put the codebooks back; dead codes must not restart from this batch either
@@ -476,7 +476,7 @@ def train(config, runtime, checkpoint=None):
                 for quantizer in quantizers:
                     quantizer.end_window(config.restarts, restart_noise)
             if step % config.log_every == 0 or step == config.steps:
-                metrics = training_metrics(model, loss, mse, commitments, ids, runtime)
+                metrics = training_metrics(model, loss, mse, commitments, runtime)
                 logger.log(step, **metrics, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
                 logger.progress(step, **{key: metrics[key] for key in ("loss", "psnr", "top_used", "bottom_used")})
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
@@ -487,17 +487,14 @@ def train(config, runtime, checkpoint=None):
         report(model, test_set, device, logger, step)
 
 
-def training_metrics(model, loss, mse, commitments, ids, runtime):
-    """The loss terms; per level the perplexity exp(entropy) of the batch's codes (K when all are equally used,
-    1 when one is) and the last window's usage and restarts; under torchrun the codebooks' spread across ranks."""
+def training_metrics(model, loss, mse, commitments, runtime):
+    """The loss terms; per level the fraction of codes used in the last window and the restarts so far; under
+    torchrun the codebooks' spread across ranks."""
     metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
     quantizers = (model.quantize_top, model.quantize_bottom)
-    for name, quantizer, commitment, level_ids in zip(("top", "bottom"), quantizers, commitments, ids):
-        p = torch.bincount(level_ids.flatten(), minlength=quantizer.codebook_size).float() / level_ids.numel()  # (K,)
-        used, restarted, total = quantizer.window_stats.tolist()
-        metrics |= {f"{name}_commitment": commitment.item(), f"{name}_used": used, f"{name}_restarts": restarted,
-                    f"{name}_perplexity": math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item()),
-                    f"{name}_restarts_total": total}
+    for name, quantizer, commitment in zip(("top", "bottom"), quantizers, commitments):
+        used, _, total = quantizer.window_stats.tolist()
+        metrics |= {f"{name}_commitment": commitment.item(), f"{name}_used": used, f"{name}_restarts_total": total}
     if runtime.distributed:  # max over codes of (largest - smallest over the ranks): 0 when the codebooks agree
         low, high = torch.cat([quantizer.codebook for quantizer in quantizers]).repeat(2, 1, 1)  # 2 x (2K, D)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
