@@ -13,9 +13,9 @@ Usage:
     python vqvae2.py --train-prior runs/vqvae2/codes.pt      # the priors (runs/vqvae2/prior)
     python vqvae2.py --sample 64 --ckpt runs/vqvae2/prior/ckpt.pt
 
-Deviations (each marked NOTE): an MLP on each 4x4 patch instead of strided convolutions; 1024
-codes per level, not 512; codebooks start from encoder outputs and dead codes restart (as in Jukebox);
-small priors without attention; Adam with warmup, cosine decay and gradient clipping.
+Deviations (each marked NOTE): an MLP on each 4x4 patch instead of strided convolutions; 1024 codes per
+level, not 512; codebooks start from encoder outputs and dead codes restart (as in Jukebox); small priors
+without attention; Adam with warmup, cosine decay and gradient clipping.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import dataclasses
 import inspect
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -34,10 +33,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, atomic_write, autocast, batches, check,
+from data import (Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
                   config_from_dict, format_score, keep_work_if_stopped, learning_rate, load_checkpoint, load_state,
                   load_test, load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, restore,
-                  run_cli, run_config, save_checkpoint, save_grid, score_report, score_shapes, setup, step_generator,
+                  run_cli, run_config, save_checkpoint, save_grid, score_report, setup, step_generator,
                   write_parts)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
@@ -56,15 +55,12 @@ class Config:
     residual_hidden: int = 32  # channels inside a residual block
     codebook_size: int = 1024  # K, codes per level (paper 512)
     code_dim: int = 64  # D, dimension of a code (paper 64)
-    beta: float = 0.25  # commitment cost beta (paper 0.25)
-    decay: float = 0.99  # gamma, EMA decay of the codebooks (paper 0.99)
     window: int = 25  # steps after which an unused code is dead
     restarts: bool = True  # restart dead codes from encoder outputs
     steps: int = 3200  # optimizer steps
     batch_size: int = 16  # images (or code grids) per step and process
     lr: float = 2e-3  # peak learning rate of Adam
     warmup: int = 100  # steps of warmup, then cosine decay to lr/10
-    grad_clip: float = 1.0  # gradient-norm clip (0: off)
     log_every: int = 100  # steps between metric records
     save_every: int = 1000  # steps between held-out checks and saves
     device: str = "auto"  # auto (cuda, mps, cpu), cpu, cuda or mps
@@ -82,133 +78,26 @@ class Config:
 def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
     for name in ("hidden", "patch_hidden", "residual_hidden", "codebook_size", "code_dim", "window", "steps",
-                 "batch_size", "log_every", "save_every", "prior_width", "prior_layers"):
+                 "batch_size", "lr", "log_every", "save_every", "prior_width", "prior_layers"):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
     check(config.codebook_size <= 32768, "--codebook-size must be at most 32768 (codes are stored as int16)")
-    check(0 <= config.decay < 1 and config.beta >= 0, "--decay must be in [0, 1) and --beta not negative")
-    check(config.lr > 0 and min(config.warmup, config.grad_clip, config.sample, config.residual_blocks) >= 0,
-          "--lr must be positive; --warmup, --grad-clip, --sample and --residual-blocks must not be negative")
+    check(min(config.warmup, config.sample, config.residual_blocks) >= 0,
+          "--warmup, --sample and --residual-blocks must not be negative")
     modes = [flag for flag, on in (("--eval", config.eval), ("--encode", config.encode),
                                    ("--train-prior", config.train_prior), ("--sample", config.sample)) if on]
     check(len(modes) <= 1, f"{' and '.join(modes)} cannot be combined")
 
 
 # ----------------------------------------------------------------------------------------------------
-# The two-level autoencoder (VQ-VAE-2 section 3.1, algorithm 1), which is also the tokenizer of dalle.py
-
-
-class ResidualBlock(nn.Module):
-    """h + conv1x1(ReLU(conv3x3(ReLU(h)))), as in the VQ-VAE paper."""
-
-    def __init__(self, channels, hidden):
-        super().__init__()
-        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(hidden, channels, 1))
-
-    def forward(self, h):
-        return h + self.net(h)
-
-
-def residual_stack(channels, hidden, count):
-    return [ResidualBlock(channels, hidden) for _ in range(count)] + [nn.ReLU()]
-
-
-class VQVAE2(nn.Module):
-    """Images x (B, 3, S, S) in [0, 1] <-> top codes (B, S/8, S/8) and bottom codes (B, S/4, S/4):
-        h_bottom   = E_bottom(x)                                  (B, C, S/4, S/4)
-        z_e_top    = E_top(h_bottom)                              (B, D, S/8, S/8)
-        z_q_top    = e_k, k = argmin_j ||z_e_top - e_j||_2        the nearest code of the top codebook
-        z_e_bottom = conv1x1([h_bottom; D_top(z_q_top)])          (B, D, S/4, S/4): sees the decoded top
-        z_q_bottom = the nearest code of the bottom codebook
-        x_hat      = D([upsample(z_q_top); z_q_bottom])           (B, 3, S, S)
-    As dalle.py's tokenizer: encode, decode, state, from_state, from_checkpoint, top/bottom_shape and _codebook_size."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config, self.image_size = config, config.image_size
-        C, D, P = config.hidden, config.code_dim, config.patch_hidden
-        R, n = config.residual_hidden, config.residual_blocks
-        self.top_codebook_size = self.bottom_codebook_size = config.codebook_size
-        self.top_shape, self.bottom_shape = (config.image_size // 8,) * 2, (config.image_size // 4,) * 2
-        self.encoder_bottom = nn.Sequential(
-            nn.PixelUnshuffle(4),  # (B, 3, S, S) -> (B, 48, S/4, S/4): one 4x4x3 patch per position
-            # NOTE: the paper has two strided convolutions here (and transposed ones in D); an MLP on each 4x4
-            # patch learns sharp edges faster on a CPU (README).
-            nn.Conv2d(48, P, 1), nn.ReLU(), nn.Conv2d(P, C, 1), nn.ReLU(),  # (B, C, S/4, S/4)
-            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n))  # h_bottom (B, C, S/4, S/4)
-        self.encoder_top = nn.Sequential(
-            nn.Conv2d(C, C, 4, 2, 1), nn.ReLU(),  # (B, C, S/8, S/8)
-            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n),
-            nn.Conv2d(C, D, 1))  # z_e_top (B, D, S/8, S/8)
-        self.quantize_top = VectorQuantizer(config.codebook_size, D, config.decay)  # EMAQuantizer + restarts
-        self.decoder_top = nn.Sequential(
-            nn.Conv2d(D, C, 3, padding=1), *residual_stack(C, R, n),
-            nn.ConvTranspose2d(C, D, 4, 2, 1))  # D_top(z_q_top) (B, D, S/4, S/4)
-        self.to_z_e_bottom = nn.Conv2d(C + D, D, 1)  # [h_bottom; D_top(z_q_top)] -> z_e_bottom
-        self.quantize_bottom = VectorQuantizer(config.codebook_size, D, config.decay)
-        self.upsample_top = nn.ConvTranspose2d(D, D, 4, 2, 1)  # z_q_top onto the bottom grid (B, D, S/4, S/4)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(2 * D, C, 3, padding=1), *residual_stack(C, R, n),
-            nn.Conv2d(C, P, 1), nn.ReLU(), nn.Conv2d(P, 48, 1),  # the mirror MLP: (B, 48, S/4, S/4)
-            nn.PixelShuffle(4))  # (B, 48, S/4, S/4) -> (B, 3, S, S), in [-1, 1] units
-
-    def quantize(self, x):
-        """x (B, 3, S, S) in [0, 1] -> (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment top, bottom)."""
-        h_bottom = self.encoder_bottom(2 * x - 1)  # the networks see [-1, 1]
-        z_q_top, top_ids, commitment_top = self.quantize_top(self.encoder_top(h_bottom))
-        h = torch.cat([h_bottom, self.decoder_top(z_q_top)], 1)  # (B, C + D, S/4, S/4)
-        z_e_bottom = self.to_z_e_bottom(h)  # (B, D, S/4, S/4)
-        z_q_bottom, bottom_ids, commitment_bottom = self.quantize_bottom(z_e_bottom)
-        return (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment_top, commitment_bottom)
-
-    def reconstruct(self, z_q_top, z_q_bottom):
-        """The decoder D: -> x_hat (B, 3, S, S) in [0, 1] units, not clamped."""
-        h = torch.cat([self.upsample_top(z_q_top), z_q_bottom], 1)  # (B, 2D, S/4, S/4)
-        return 0.5 * (self.decoder(h) + 1)
-
-    def forward(self, x):
-        """-> x_hat (B, 3, S, S), commitments (top, bottom), ids (top (B, Ht, Wt), bottom (B, Hb, Wb))."""
-        z_q, ids, commitments = self.quantize(x)
-        return self.reconstruct(*z_q), commitments, ids
-
-    @torch.no_grad()
-    def encode(self, images):
-        """images (B, 3, S, S) in [0, 1] -> top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb); in eval mode: the
-        codebooks never move."""
-        training = self.training
-        _, ids, _ = self.eval().quantize(images)
-        self.train(training)
-        return ids
-
-    @torch.no_grad()
-    def decode(self, top_ids, bottom_ids):
-        """top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), any integer type -> images (B, 3, S, S) in [0, 1]."""
-        return self.reconstruct(self.quantize_top.lookup(top_ids), self.quantize_bottom.lookup(bottom_ids)).clamp(0, 1)
-
-    def state(self):  # plain data that rebuilds this tokenizer, kept in codes files and prior checkpoints
-        return dict(config=dataclasses.asdict(self.config), model=self.state_dict())
-
-    @classmethod
-    def from_state(cls, state, device="cpu", path="checkpoint"):
-        check(isinstance(state, dict) and {"config", "model"} <= state.keys(), f"{path}: its tokenizer is incomplete")
-        model = cls(config_from_dict(Config, state["config"], validate)).to(device)
-        load_state(model, state["model"], path)
-        return model.eval()
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu"):  # the autoencoder of a vqvae2 checkpoint, in eval mode
-        return cls.from_state(load_checkpoint(path, "vqvae2"), device, path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The vector quantiser with an EMA codebook and the loss (VQ-VAE section 3.1, eq. 3 and appendix A.1)
+# The two-level autoencoder (VQ-VAE-2 section 3.1, algorithm 1), the tokenizer of dalle.py: first its vector
+# quantiser with an EMA codebook (VQ-VAE section 3.1 and appendix A.1)
 
 
 class EMAQuantizer(nn.Module):
     """z_e (B, D, H, W) -> z_q = e_k, k = argmin_j ||z_e - e_j||_2 at each position. The codebook e (K, D) is a
     buffer, never trained by gradient: each e_i is a moving average of the z_e assigned to it."""
 
-    def __init__(self, codebook_size, code_dim, decay, epsilon=1e-5):
+    def __init__(self, codebook_size, code_dim, decay=0.99, epsilon=1e-5):  # gamma = 0.99 as in the paper
         super().__init__()
         self.codebook_size, self.decay, self.epsilon = codebook_size, decay, epsilon
         self.register_buffer("codebook", torch.randn(codebook_size, code_dim))  # e, (K, D)
@@ -256,8 +145,110 @@ class EMAQuantizer(nn.Module):
         return n
 
 
-def vqvae_loss(x, x_hat, commitments, beta):
-    """L = ||x - x_hat||^2 + beta sum_levels ||z_e - sg[z_q]||^2 (eq. 3, both levels). Its codebook term
+class ResidualBlock(nn.Module):
+    """h + conv1x1(ReLU(conv3x3(ReLU(h)))), as in the VQ-VAE paper."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, h):
+        return h + self.net(h)
+
+
+def residual_stack(channels, hidden, count):
+    return [ResidualBlock(channels, hidden) for _ in range(count)] + [nn.ReLU()]
+
+
+class VQVAE2(nn.Module):
+    """Images x (B, 3, S, S) in [0, 1] <-> top codes (B, S/8, S/8) and bottom codes (B, S/4, S/4):
+        h_bottom   = E_bottom(x)                                  (B, C, S/4, S/4)
+        z_e_top    = E_top(h_bottom)                              (B, D, S/8, S/8)
+        z_q_top    = e_k, k = argmin_j ||z_e_top - e_j||_2        the nearest code of the top codebook
+        z_e_bottom = conv1x1([h_bottom; D_top(z_q_top)])          (B, D, S/4, S/4): sees the decoded top
+        z_q_bottom = the nearest code of the bottom codebook
+        x_hat      = D([upsample(z_q_top); z_q_bottom])           (B, 3, S, S)
+    For dalle.py: encode, decode, state, from_state, from_checkpoint, top/bottom_shape and _codebook_size."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.image_size = config, config.image_size
+        C, D, P = config.hidden, config.code_dim, config.patch_hidden
+        R, n = config.residual_hidden, config.residual_blocks
+        self.top_codebook_size = self.bottom_codebook_size = config.codebook_size
+        self.top_shape, self.bottom_shape = (config.image_size // 8,) * 2, (config.image_size // 4,) * 2
+        self.encoder_bottom = nn.Sequential(
+            nn.PixelUnshuffle(4),  # (B, 3, S, S) -> (B, 48, S/4, S/4): one 4x4x3 patch per position
+            # NOTE: the paper has two strided convolutions here (and transposed ones in D); an MLP on each 4x4
+            # patch learns sharp edges faster on a CPU (README).
+            nn.Conv2d(48, P, 1), nn.ReLU(), nn.Conv2d(P, C, 1), nn.ReLU(),  # (B, C, S/4, S/4)
+            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n))  # h_bottom (B, C, S/4, S/4)
+        self.encoder_top = nn.Sequential(
+            nn.Conv2d(C, C, 4, 2, 1), nn.ReLU(),  # (B, C, S/8, S/8)
+            nn.Conv2d(C, C, 3, padding=1), *residual_stack(C, R, n),
+            nn.Conv2d(C, D, 1))  # z_e_top (B, D, S/8, S/8)
+        self.quantize_top = VectorQuantizer(config.codebook_size, D)  # EMAQuantizer + restarts
+        self.decoder_top = nn.Sequential(
+            nn.Conv2d(D, C, 3, padding=1), *residual_stack(C, R, n),
+            nn.ConvTranspose2d(C, D, 4, 2, 1))  # D_top(z_q_top) (B, D, S/4, S/4)
+        self.to_z_e_bottom = nn.Conv2d(C + D, D, 1)  # [h_bottom; D_top(z_q_top)] -> z_e_bottom
+        self.quantize_bottom = VectorQuantizer(config.codebook_size, D)
+        self.upsample_top = nn.ConvTranspose2d(D, D, 4, 2, 1)  # z_q_top onto the bottom grid (B, D, S/4, S/4)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(2 * D, C, 3, padding=1), *residual_stack(C, R, n),
+            nn.Conv2d(C, P, 1), nn.ReLU(), nn.Conv2d(P, 48, 1),  # the mirror MLP: (B, 48, S/4, S/4)
+            nn.PixelShuffle(4))  # (B, 48, S/4, S/4) -> (B, 3, S, S), in [-1, 1] units
+
+    def quantize(self, x):
+        """x (B, 3, S, S) in [0, 1] -> (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment top, bottom)."""
+        h_bottom = self.encoder_bottom(2 * x - 1)  # the networks see [-1, 1]
+        z_q_top, top_ids, commitment_top = self.quantize_top(self.encoder_top(h_bottom))
+        h = torch.cat([h_bottom, self.decoder_top(z_q_top)], 1)  # (B, C + D, S/4, S/4)
+        z_e_bottom = self.to_z_e_bottom(h)  # (B, D, S/4, S/4)
+        z_q_bottom, bottom_ids, commitment_bottom = self.quantize_bottom(z_e_bottom)
+        return (z_q_top, z_q_bottom), (top_ids, bottom_ids), (commitment_top, commitment_bottom)
+
+    def reconstruct(self, z_q_top, z_q_bottom):
+        """The decoder D: -> x_hat (B, 3, S, S) in [0, 1] units, not clamped."""
+        h = torch.cat([self.upsample_top(z_q_top), z_q_bottom], 1)  # (B, 2D, S/4, S/4)
+        return 0.5 * (self.decoder(h) + 1)
+
+    def forward(self, x):
+        """-> x_hat (B, 3, S, S), commitments (top, bottom), ids (top (B, Ht, Wt), bottom (B, Hb, Wb))."""
+        z_q, ids, commitments = self.quantize(x)
+        return self.reconstruct(*z_q), commitments, ids
+
+    @torch.no_grad()
+    def encode(self, images):
+        """images (B, 3, S, S) in [0, 1] -> top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), codebooks untouched."""
+        training = self.training
+        _, ids, _ = self.eval().quantize(images)
+        self.train(training)
+        return ids
+
+    @torch.no_grad()
+    def decode(self, top_ids, bottom_ids):
+        """top_ids (B, Ht, Wt), bottom_ids (B, Hb, Wb), any integer type -> images (B, 3, S, S) in [0, 1]."""
+        return self.reconstruct(self.quantize_top.lookup(top_ids), self.quantize_bottom.lookup(bottom_ids)).clamp(0, 1)
+
+    def state(self):  # plain data that rebuilds this tokenizer, kept in codes files and prior checkpoints
+        return dict(config=dataclasses.asdict(self.config), model=self.state_dict())
+
+    @classmethod
+    def from_state(cls, state, device="cpu", path="checkpoint"):
+        check(isinstance(state, dict) and {"config", "model"} <= state.keys(), f"{path}: its tokenizer is incomplete")
+        model = cls(config_from_dict(Config, state["config"], validate)).to(device)
+        load_state(model, state["model"], path)
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):  # the autoencoder of a vqvae2 checkpoint, in eval mode
+        return cls.from_state(load_checkpoint(path, "vqvae2"), device, path)
+
+
+def vqvae_loss(x, x_hat, commitments, beta=0.25):  # beta = 0.25 as in both papers
+    """L = ||x - x_hat||^2 + beta sum_levels ||z_e - sg[z_q]||^2 (VQ-VAE eq. 3, both levels). Its codebook term
     ||sg[z_e] - e||^2 is left out: the codebooks follow their moving averages (appendix A.1). -> (L, MSE)."""
     mse = F.mse_loss(x_hat.float(), x)  # averaged over pixels, channels and batch, in [0, 1] units
     return mse + beta * (commitments[0] + commitments[1]), mse  # each commitment averaged over B, D, H, W
@@ -376,8 +367,8 @@ class VectorQuantizer(EMAQuantizer):
     leaves unused codes where they are; we start from the first batch's encoder outputs and move codes unused
     over a window onto recent ones (as Jukebox does, arXiv:2005.00341): without, the top codebook collapses."""
 
-    def __init__(self, codebook_size, code_dim, decay, epsilon=1e-5):
-        super().__init__(codebook_size, code_dim, decay, epsilon)
+    def __init__(self, codebook_size, code_dim, decay=0.99):
+        super().__init__(codebook_size, code_dim, decay)
         self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in the current window (K,)
         self.register_buffer("initialised", torch.tensor(False))
         self.register_buffer("window_stats", torch.zeros(3))  # last window: codes used, restarted; all restarts
@@ -423,75 +414,16 @@ class VectorQuantizer(EMAQuantizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training: the autoencoder, then the priors on its codes
-
-
-@torch.no_grad()
-def report(model, test_set, device, logger=None, step=None, grid=None, batch_size=250):
-    """Held-out MSE of decode(encode(x)) (averaged over pixels, channels and images, [0, 1] units), PSNR =
-    10 log10(1 / MSE) and each level's fraction of codes in use, logged and printed. With `grid`, a picture of
-    held-out images beside their reconstructions; without, the shapes scorer's report on shapes captions."""
-    squared_error, reconstructions, captions = 0.0, [], []
-    seen = [torch.zeros(size, dtype=torch.bool, device=device) for size in (model.top_codebook_size,
-                                                                           model.bottom_codebook_size)]
-    for first in range(0, len(test_set), batch_size):
-        images, batch_captions = zip(*[test_set[i] for i in range(first, min(first + batch_size, len(test_set)))])
-        x = torch.stack(images).to(device)  # (B, 3, S, S)
-        ids = model.eval().encode(x)
-        x_hat = model.decode(*ids)
-        squared_error += (x_hat - x).pow(2).sum().item()
-        reconstructions.append(x_hat.cpu())
-        captions += batch_captions
-        for level, level_ids in zip(seen, ids):
-            level[level_ids.flatten()] = True  # (B, H, W) -> (B H W,)
-    mse = squared_error / (len(test_set) * x[0].numel())
-    psnr, (top_used, bottom_used) = 10 * math.log10(1 / max(mse, 1e-12)), [used.float().mean().item() for used in seen]
-    shapes = not grid and all(map(parse_caption, captions))
-    score = score_report(torch.cat(reconstructions), captions) if shapes else None
-    if logger:
-        logger.log(step, test_mse=mse, test_psnr=psnr, test_top_used=top_used, test_bottom_used=bottom_used,
-                   **({"test_score_all": score["overall"]["all"]} if score else {}))
-    print(f"{f'step {step}: held-out' if grid else f'held-out ({len(test_set)} images):'} MSE {mse:.5f}, PSNR "
-          f"{psnr:.2f} dB, codes used top {100 * top_used:.1f}% bottom {100 * bottom_used:.1f}%", flush=True)
-    if score:
-        print("shapes scorer on the reconstructions:\n" + format_score(score))
-    if grid:  # the first 32 held-out images, each followed by its reconstruction
-        x = torch.stack([test_set[i][0] for i in range(min(32, len(test_set)))]).to(device)  # (N, 3, S, S)
-        pairs = torch.stack([x, model.decode(*model.encode(x))], 1).flatten(0, 1)  # (N, 2, 3, S, S) -> (2N, 3, S, S)
-        save_grid(pairs, grid, nrow=8)
-        model.train()
-
-
-def training_metrics(model, loss, mse, commitments, ids, runtime):
-    """The loss terms; per level the perplexity exp(entropy) of the batch's codes (K when all are equally used,
-    1 when one is) and the last window's usage and restarts; under torchrun the codebooks' spread across ranks."""
-    metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
-    quantizers = (model.quantize_top, model.quantize_bottom)
-    for name, quantizer, commitment, level_ids in zip(("top", "bottom"), quantizers, commitments, ids):
-        p = torch.bincount(level_ids.flatten(), minlength=quantizer.codebook_size).float() / level_ids.numel()  # (K,)
-        used, restarted, total = quantizer.window_stats.tolist()
-        metrics |= {f"{name}_commitment": commitment.item(), f"{name}_used": used, f"{name}_restarts": restarted,
-                    f"{name}_perplexity": math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item()),
-                    f"{name}_restarts_total": total}
-    if runtime.distributed:  # the largest |e - e_rank0| over every rank and code: 0 when the codebooks agree
-        codebooks = torch.cat([quantizer.codebook for quantizer in quantizers])  # (2K, D)
-        reference = codebooks.clone()
-        broadcast_from_first_rank(reference)
-        spread = (codebooks - reference).abs().max()
-        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-        metrics["codebook_spread"] = spread.item()
-    return metrics
+# Training the autoencoder, then the priors on its codes; the codes: a file, or under torchrun a folder of parts
 
 
 def start(model, optimizer, config, runtime, checkpoint, train_set, what):
-    """Load `checkpoint` when resuming and say what trains. -> (the step to start from, the module to call
-    (DDP under torchrun), the logger, the batches from that step on)."""
+    """Resume `checkpoint` if given, say what trains -> (step, module to call (DDP under torchrun), logger, batches)."""
     step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     if runtime.is_main:
         print(f"{what}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {runtime.device}, "
               f"{runtime.world_size} process(es), from step {step}")
-    # The quantisers keep their buffers identical on every rank themselves: DDP must not overwrite them from
-    # rank 0 at each forward (torch 2.13 renamed the flag).
+    # the quantisers keep their buffers identical themselves: DDP must not copy rank 0's (torch 2.13 renamed the flag)
     flags = inspect.signature(DistributedDataParallel).parameters
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in flags else "broadcast_buffers"
     network = DistributedDataParallel(model, **{no_sync: False}) if runtime.distributed else model
@@ -500,13 +432,12 @@ def start(model, optimizer, config, runtime, checkpoint, train_set, what):
 
 
 def optimizer_step(optimizer, parameters, loss, step, config, guard):
-    """Backpropagate, clip the gradient norm, step at the scheduled rate (linear warmup, cosine decay); the
-    guard skips the update when the loss or gradient norm is not finite. -> (gradient norm, stepped)."""
+    """Backpropagate, clip the gradient norm at 1, step at the scheduled rate unless not finite -> (norm, stepped)."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip or float("inf"))
+    grad_norm = nn.utils.clip_grad_norm_(parameters, 1.0)
     stepped = guard.finite(step, loss, grad_norm)
     if stepped:
         optimizer.step()
@@ -528,15 +459,14 @@ def train(config, runtime, checkpoint=None):
         save_checkpoint(out / "ckpt.pt", "vqvae2", config, step, model=model.state_dict(),
                         optimizer=optimizer.state_dict())
 
-    start_time, start_step, held_out_seconds = time.time(), step, 0.0  # the throughput leaves held-out checks out
     with StopRequest() as stop:
         while step < config.steps and not stop.requested:
             x, _ = next(data)  # (B, 3, S, S) in [0, 1]
             guard.remember()  # the codebooks before this step's EMA update
             recent = [quantizer.recent for quantizer in quantizers]  # where dead codes would restart
             with autocast(device):
-                x_hat, commitments, ids = network(x)
-            loss, mse = vqvae_loss(x, x_hat, commitments, config.beta)
+                x_hat, commitments, _ = network(x)
+            loss, mse = vqvae_loss(x, x_hat, commitments)
             grad_norm, stepped = optimizer_step(optimizer, model.parameters(), loss, step, config, guard)
             if not stepped:  # the guard put the codebooks back; dead codes must not restart from this batch either
                 model.quantize_top.recent, model.quantize_bottom.recent = recent
@@ -546,27 +476,63 @@ def train(config, runtime, checkpoint=None):
                 for quantizer in quantizers:
                     quantizer.end_window(config.restarts, restart_noise)
             if step % config.log_every == 0 or step == config.steps:
-                metrics = training_metrics(model, loss, mse, commitments, ids, runtime)
+                metrics = training_metrics(model, loss, mse, commitments, runtime)
                 logger.log(step, **metrics, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
                 logger.progress(step, **{key: metrics[key] for key in ("loss", "psnr", "top_used", "bottom_used")})
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                tick = time.time()
                 report(model, test_set, device, logger, step, grid=out / f"reconstructions_{step:06d}.png")
                 save()
-                held_out_seconds += time.time() - tick
     keep_work_if_stopped(step, config.steps, runtime, save, config.out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
-        seconds, images = time.time() - start_time - held_out_seconds, (step - start_step) * config.batch_size
-        print(f"trained {step - start_step} steps in {seconds:.0f} s, plus {held_out_seconds:.0f} s of held-out checks "
-              f"and checkpoints: {images * runtime.world_size / seconds:.0f} training images/s")
         report(model, test_set, device, logger, step)
 
 
+def training_metrics(model, loss, mse, commitments, runtime):
+    """The loss terms; per level the fraction of codes used in the last window and the restarts so far; under
+    torchrun the codebooks' spread across ranks."""
+    metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
+    quantizers = (model.quantize_top, model.quantize_bottom)
+    for name, quantizer, commitment in zip(("top", "bottom"), quantizers, commitments):
+        used, _, total = quantizer.window_stats.tolist()
+        metrics |= {f"{name}_commitment": commitment.item(), f"{name}_used": used, f"{name}_restarts_total": total}
+    if runtime.distributed:  # max over codes of (largest - smallest over the ranks): 0 when the codebooks agree
+        low, high = torch.cat([quantizer.codebook for quantizer in quantizers]).repeat(2, 1, 1)  # 2 x (2K, D)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        metrics["codebook_spread"] = (high - low).max().item()
+    return metrics
+
+
 @torch.no_grad()
-def write_samples(priors, tokenizer, count, path, seed, device):
-    images = tokenizer.decode(*priors.sample(count, torch.Generator(device).manual_seed(seed)))
-    save_grid(images, path, nrow=int(math.ceil(math.sqrt(count))))
-    return images
+def report(model, test_set, device, logger=None, step=None, grid=None, batch_size=250):
+    """Held-out MSE of decode(encode(x)) (averaged over pixels, channels and images, [0, 1] units), PSNR =
+    10 log10(1 / MSE) and each level's fraction of codes in use, logged and printed. With `grid`, the first 32
+    held-out images beside their reconstructions; without, the shapes scorer's report on shapes captions."""
+    squared_error, reconstructions, captions = 0.0, [], []
+    seen = torch.zeros(2, model.config.codebook_size, dtype=torch.bool, device=device)  # codes in use, (2, K)
+    for first in range(0, len(test_set), batch_size):
+        images, batch_captions = zip(*[test_set[i] for i in range(first, min(first + batch_size, len(test_set)))])
+        x = torch.stack(images).to(device)  # (B, 3, S, S)
+        ids = model.eval().encode(x)
+        x_hat = model.decode(*ids)
+        squared_error += (x_hat - x).pow(2).sum().item()
+        seen[0, ids[0].flatten()] = seen[1, ids[1].flatten()] = True  # (B, H, W) -> (B H W,), per level
+        reconstructions, captions = reconstructions + [x_hat.cpu()], captions + list(batch_captions)
+    mse = squared_error / (len(test_set) * x[0].numel())
+    psnr, (top_used, bottom_used) = 10 * math.log10(1 / max(mse, 1e-12)), seen.float().mean(1).tolist()
+    shapes = not grid and all(map(parse_caption, captions))
+    score = score_report(torch.cat(reconstructions), captions) if shapes else None
+    if logger:
+        logger.log(step, test_mse=mse, test_psnr=psnr, test_top_used=top_used, test_bottom_used=bottom_used,
+                   **({"test_score_all": score["overall"]["all"]} if score else {}))
+    print(f"{f'step {step}: held-out' if grid else f'held-out ({len(test_set)} images):'} MSE {mse:.5f}, PSNR "
+          f"{psnr:.2f} dB, codes used top {100 * top_used:.1f}% bottom {100 * bottom_used:.1f}%", flush=True)
+    if score:
+        print("shapes scorer on the reconstructions:\n" + format_score(score))
+    if grid:  # the first 32 held-out images, each followed by its reconstruction
+        x = torch.stack([test_set[i][0] for i in range(min(32, len(test_set)))])  # (N, 3, S, S)
+        save_grid(torch.stack([x, reconstructions[0][:32]], 1).flatten(0, 1), grid, nrow=8)  # (2N, 3, S, S)
+        model.train()
 
 
 def train_prior(config, runtime, checkpoint=None):
@@ -599,11 +565,9 @@ def train_prior(config, runtime, checkpoint=None):
                            grad_norm=grad_norm.item())
                 logger.progress(step, **bits)
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
-                totals = torch.zeros(2)  # held-out NLL, top and bottom, summed over images
-                with torch.no_grad():
-                    for codes in test_set.codes.split(500):  # (B, Ht Wt + Hb Wb)
-                        nll = priors.eval()(*split_codes(codes.to(device), tokenizer))
-                        totals += torch.tensor([level.item() for level in nll]) * len(codes)
+                with torch.no_grad():  # the held-out NLL of each level, summed over images: (2,)
+                    totals = sum(torch.stack(priors.eval()(*split_codes(part.to(device), tokenizer))).cpu() * len(part)
+                                 for part in test_set.codes.split(500))  # part (B, Ht Wt + Hb Wb)
                 top_bits, bottom_bits = (totals / len(test_set) / math.log(2)).tolist()  # bits per code, averaged
                 logger.log(step, test_top_bits=top_bits, test_bottom_bits=bottom_bits)
                 print(f"step {step}: held-out NLL top {top_bits:.3f} bits/code, bottom {bottom_bits:.3f} bits/code")
@@ -611,16 +575,12 @@ def train_prior(config, runtime, checkpoint=None):
                 priors.train()
                 save()
     keep_work_if_stopped(step, config.steps, runtime, save, config.out)  # Ctrl-C or SIGTERM: save, exit 130
-    if runtime.is_main and all(parse_caption(caption) for caption in test_set.captions[:10]):
-        images = write_samples(priors.eval(), tokenizer, 100, out / "samples.png", config.seed, device)
-        clean = score_shapes(images, [""] * len(images))["clean"]  # on shapes: samples read as one clean shape
-        logger.log(step, clean_samples=clean)
-        print(f"samples read as one clean shape by the shapes scorer: {100 * clean:.0f}% "
-              f"(of 100, {out / 'samples.png'})")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Codes: a file, or under torchrun a folder of parts (data.write_parts), with the tokenizer that made them
+@torch.no_grad()
+def write_samples(priors, tokenizer, count, path, seed, device):  # top codes, then bottom codes, then pixels
+    images = tokenizer.decode(*priors.sample(count, torch.Generator(device).manual_seed(seed)))
+    save_grid(images, path, nrow=int(math.ceil(math.sqrt(count))))
 
 
 @torch.no_grad()
@@ -649,12 +609,10 @@ def encode_dataset(config, runtime, out_given):
     splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
 
     def encode(index, count):  # part `index` of `count`
-        start_time = time.time()
         codes = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
                  for name, dataset in splits.items()}
-        sizes, seconds = [len(split["captions"]) for split in codes.values()], max(time.time() - start_time, 1e-9)
-        print(f"rank {runtime.rank}: encoded {sizes[0]} train and {sizes[1]} held-out images in {seconds:.1f} s "
-              f"({sum(sizes) / seconds:.0f} images/s, data loading included; part {index} of {count})", flush=True)
+        print(f"rank {runtime.rank}: encoded {len(codes['train']['captions'])} train and "
+              f"{len(codes['test']['captions'])} held-out images (part {index} of {count})", flush=True)
         return dict(kind="vqvae2-codes", tokenizer=model.state(), **codes)
 
     in_parts = runtime.distributed or out.is_dir()
@@ -717,13 +675,9 @@ def main(argv=None):
         out = Path(config.out if "out" in given else Path(path).parent) / "samples.png"
         write_samples(priors.eval(), tokenizer, config.sample, out, config.seed, runtime.device)
         print(f"wrote {out}")
-    elif config.eval:
+    elif config.eval:  # on the run's held-out images, or --test
         model = VQVAE2.from_checkpoint(config.ckpt or str(Path(config.out) / "ckpt.pt"), runtime.device)
-        try:
-            test_set = load_test(model.config.train, config.test or model.config.test, model.image_size)
-        except UsageError as error:
-            raise UsageError(f"the held-out images are not available here; pass --test DIR ({error})") from None
-        report(model, test_set, runtime.device)
+        report(model, load_test(model.config.train, config.test or model.config.test, model.image_size), runtime.device)
     elif config.encode:
         encode_dataset(config, runtime, "out" in given)
     elif config.train_prior:
