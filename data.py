@@ -1,12 +1,9 @@
-"""data.py: the one module every model file shares; copy it together with any one model file.
+"""data.py: the plumbing every model file shares; copy it together with any one model file.
 
-Sections, in the order a model file meets them: errors and the CLI from a Config dataclass; images,
-folders and tar shards; the `shapes` benchmark and its pixel scorer; byte-level text; dataset
-preparation (MNIST-family IDX files, Twemoji); grids; training plumbing (datasets by name, device,
-torchrun, samplers, checkpoints, run records, encodings in parts, logging); the judge.
-
-Conventions: images are float tensors (B, 3, H, W) in [0, 1] (a model that wants [-1, 1] rescales
-itself). B batch, C channels, H height, W width, T tokens.
+Sections, in the order a model file meets them: errors and the CLI; images, folders and tar shards; the
+`shapes` benchmark and its scorer; byte-level text; dataset preparation (IDX, Twemoji); grids; training
+plumbing (datasets, device, torchrun, sampler, checkpoints, run records, codes in parts, logging); the judge.
+Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, W width, T tokens.
 
     python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
     python data.py score DIR                                                  # score them from pixels
@@ -222,12 +219,9 @@ def caption_lines(content):
 
 
 class ImageTextFolder(Dataset):
-    """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str).
-
-    Caption: a random non-blank line of the same-stem `.txt` file; else the name of the image's folder
-    when it sits in a subfolder of `root` (`red_apple/x.png` -> "red apple"); else "". A file that
-    cannot be decoded is skipped with one warning naming it, and the next image is returned instead.
-    """
+    """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str). Caption: a
+    random non-blank line of the same-stem `.txt` file; else the name of its subfolder of `root` (`red_apple/
+    x.png` -> "red apple"); else "". A file that does not decode is skipped with a warning; the next one is used."""
 
     def __init__(self, root, image_size):
         self.root, self.image_size, self.broken, self.paths = Path(root), image_size, set(), []
@@ -279,8 +273,7 @@ COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
 def shard_paths(name):
-    """The tar files that a --train or --test value names, or None when it names none: one .tar file, or a
-    folder that holds only .tar files."""
+    """The tar files a --train or --test value names (one .tar, or a folder of only .tar files), else None."""
     path = Path(name)
     tars = sorted(child for child in path.iterdir() if not child.name.startswith(".")) if path.is_dir() else [path]
     if not tars or not all(tar.name.endswith((".tar", *COMPRESSED_TAR)) for tar in tars):
@@ -293,15 +286,12 @@ def shard_paths(name):
 
 
 class ShardDataset(Dataset):
-    """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample
-    is the regular files of one tar sharing a KEY (the member name up to the first dot of its last part):
-    KEY.png (or .jpg, ...) and its caption KEY.txt, read as a folder's are; a broken image is skipped.
-
-    NOTE: WebDataset streams each shard through an IterableDataset. We read the tar headers once and keep
-    where each member's bytes lie, so a sample is one seek and read and the dataset stays map-style: len(),
-    the held-out split and an exact --resume work as for a folder. Member names are dictionary keys, never
-    paths (`../x.png` reaches nothing on disk); links, folders and devices are skipped.
-    """
+    """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample is
+    the regular files of one tar sharing a KEY (the member name up to the first dot of its last part): KEY.png
+    (or .jpg, ...) and its caption KEY.txt, read as a folder's are; a broken image is skipped.
+    NOTE: WebDataset streams shards (an IterableDataset). We keep where each member's bytes lie, so a sample is
+    one seek and the dataset stays map-style: len(), the held-out split and an exact --resume work as for a
+    folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
 
     def __init__(self, paths, image_size):
         self.paths, self.image_size, self.broken = [str(path) for path in paths], image_size, set()
@@ -360,9 +350,9 @@ class ShardDataset(Dataset):
 
 
 def write_shards(folder, out, per_shard, seed=0):
-    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into OUT/000000.tar,
-    ... of `per_shard` samples each, in a random order (seed) so that every shard mixes the folder's classes.
-    Image bytes are stored as they are, with mtime 0: the same folder gives the same bytes. Returns the count."""
+    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into OUT/000000.tar, ...
+    of `per_shard` samples, shuffled (seed) so every shard mixes the classes; bytes as they are, mtime 0 (the same
+    folder gives the same bytes). Returns the number of shards."""
     source, out = ImageTextFolder(folder, None), Path(out)
     check(per_shard > 0, f"--per-shard {per_shard}: must be positive")
     check(not (out.is_dir() and any(out.glob("*.tar"))), f"{out}: already holds .tar files; choose an empty folder")
@@ -431,11 +421,8 @@ def render_shape(colour, shape, size, position, image_size=32, jitter=(0.0, 0.0)
 
 
 def make_shapes(n, image_size=32, seed=0, split="train"):
-    """Deterministic shapes data: uint8 images (n, 3, S, S), captions, held-out flags.
-
-    The train split never contains a HELD_OUT colour-shape pair; in the test split every odd item is
-    a held-out pair and every even one a seen pair.
-    """
+    """Deterministic shapes data: uint8 images (n, 3, S, S), captions, held-out flags. The train split never
+    holds a HELD_OUT colour-shape pair; in the test split odd items are held-out pairs, even ones seen pairs."""
     check(split in ("train", "test"), f"unknown split {split!r} (train or test)")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
@@ -496,15 +483,11 @@ STRAY_PIXELS = 2  # a clean shape: at most this many pixels disagree with its te
 
 
 def read_shape(image):
-    """Decide colour, shape, size and position of the one object in an image, from pixels alone.
-
-    Foreground: pixels whose brightest channel is >= 128. Colour: majority vote of the nearest palette
-    colour over the foreground. Shape and size: the best intersection-over-union against the exact
-    renderings of every (shape, size) placed around the foreground's centroid. Position: the grid cell
-    holding the best template's box centre. `stray`: the pixels where foreground and that template
-    disagree, not counting the template's outline (the pixels within 1 px of its edge), where blur and
-    noise move the edge. Returns None when there is no foreground.
-    """
+    """Colour, shape, size and position of the one object in an (S, S, 3) image, from pixels alone; None if blank.
+    Foreground: brightest channel >= 128. Colour: majority vote of the nearest palette colour. Shape and size:
+    the best IoU against exact renderings of every (shape, size) placed around the foreground's centroid.
+    Position: the grid cell of that template's box centre. `stray`: pixels where foreground and template
+    disagree, off the template's outline (within 1 px of its edge, where blur and noise move it)."""
     pixels = np.asarray(image, dtype=np.float32)  # (S, S, 3) in [0, 255]
     image_size = pixels.shape[0]
     mask = pixels.max(axis=2) >= 128
@@ -537,12 +520,9 @@ def read_shape(image):
 
 
 def score_shapes(images, captions):
-    """Fraction of images whose colour, shape, size and position match their caption, and `all` four.
-
-    images: (N, 3, S, S) float in [0, 1] or uint8; captions: N strings. `clean`: the fraction read as one
-    cleanly drawn shape (at most STRAY_PIXELS stray pixels), whatever its attributes; a shape counts as
-    right only when it is also clean. An unparseable caption counts as a miss.
-    """
+    """Fraction of images (N, 3, S, S), float in [0, 1] or uint8, whose colour, shape, size and position match
+    their caption, and `all` four. `clean`: the fraction read as one cleanly drawn shape (at most STRAY_PIXELS
+    stray pixels); a shape counts as right only when clean. An unparseable caption counts as a miss."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8:
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -580,8 +560,8 @@ def score_report(images, captions):
 
 
 def read_pairs(folder, image_size=None):
-    """The NAME.png + NAME.txt pairs under `folder`, as `--sample` and `python data.py shapes` write them:
-    uint8 images (N, 3, H, W) and the first line of each caption. A broken image is skipped with a warning."""
+    """The NAME.png + NAME.txt pairs under `folder` (from --sample or `data.py shapes`): uint8 images
+    (N, 3, H, W) and the first line of each caption. A broken image is skipped with a warning."""
     check(Path(folder).is_dir(), f"{folder}: no such folder")
     images, captions = [], []
     for path in sorted(Path(folder).rglob("*.png")):
@@ -629,11 +609,6 @@ def warn_if_cut(captions, length):
             warn(f"the model reads the first {length} bytes of {shown} only ({size} bytes)")
 
 
-def decode_text(tokens):
-    """Inverse of encode_text: (B, T) -> captions (pads dropped, a cut character replaced)."""
-    return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace")
-            for row in torch.as_tensor(tokens).tolist()]
-
 
 # ----------------------------------------------------------------------------------------------------
 # MNIST-family IDX files
@@ -673,14 +648,11 @@ def idx_to_folder(images_path, labels_path, out, names):
 
 
 def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1):
-    """Write OUT/{train,test}/<category>/<stem>.png (RGB, alpha over `background`) + <stem>.txt (the
-    emoji's name, then its short names, one per line) from PACKAGE/emoji.json and img/twitter/64/.
-    An emoji is in test when a hash of its lower-case name falls in the first `test_fraction` and none
-    of its caption lines is a train emoji's: a fixed split whose captions are new to a model. Black by
-    default: Twemoji have no outlines and are mostly bright (yellow faces, skin), so on white 585 of the
-    1,911 lose their edge (contrast under 2:1 at the silhouette), on black 149. Skin-tone variations
-    are left out: their 1,875 near-copies would make People & Body 60% of the set.
-    Returns ({(split, category): count}, the number skipped)."""
+    """Write OUT/{train,test}/<category>/<stem>.png (alpha over `background`) + <stem>.txt (the emoji's name,
+    then its short names) from PACKAGE/emoji.json and img/twitter/64/. Test: a hash of the name falls in the
+    first `test_fraction`, and no caption line is a train emoji's (captions new to a model). Black by default:
+    Twemoji have no outlines and are mostly bright, so 585 of 1,911 lose their edge on white, 149 on black.
+    Skin tones are left out (1,875 near-copies). Returns ({(split, category): count}, the number skipped)."""
     package, out = Path(package), Path(out)
     check(package.is_dir(), f"{package}: no such folder")
     check((package / "emoji.json").is_file(), f"{package}: no emoji.json (unpack emoji-datasource-twitter there)")
@@ -754,8 +726,8 @@ def save_grid(images, path, nrow=8, captions=None, padding=2):
 
 
 def write_pairs(folder, images, captions, names=None):
-    """Each image (N, 3, S, S) as FOLDER/NAME.png with its caption as FOLDER/NAME.txt (NAME 0000, 0001, ...
-    unless `names` are given): the pairs that `data.py score` and `data.py judge score` read."""
+    """Images (N, 3, S, S) in [0, 1] as FOLDER/NAME.png + caption FOLDER/NAME.txt (NAME 0000, 0001, ... unless
+    `names` are given): the pairs that `data.py score` and `data.py judge score` read."""
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         name = names[i] if names else f"{i:04d}"
         save_grid(image[None], Path(folder) / f"{name}.png", nrow=1, padding=0)  # image[None]: (1, 3, S, S)
@@ -779,10 +751,8 @@ def _wrap(text, font, width):
 
 
 def shapes_size(name):
-    """The number of training images a `--train` name asks of the shapes benchmark: 'shapes' ->
-    SHAPES_TRAIN_SIZE, 'shapes:N' -> N (the first N of one endless deterministic sequence, so 'shapes:N'
-    begins with the images of every smaller N; the test split is the same 1,000 for every N); any
-    other name (a folder or shards) -> None."""
+    """'shapes' -> SHAPES_TRAIN_SIZE training images, 'shapes:N' -> N (the first N of one deterministic sequence;
+    the test split is the same for every N); any other --train name -> None."""
     match = re.fullmatch(r"shapes(?::(\d+))?", name)
     if match is None:
         return None
@@ -807,9 +777,8 @@ def load_test(train, test, image_size, test_size=1000):
 
 
 def load_train_test(train, test, image_size, test_size=1000):
-    """The training set and a held-out set: `test` if given; else the shapes test split (half of it
-    colour-shape pairs never seen in training); else a fixed random 5% of the training folder or shards
-    (at most `test_size` images), kept out of training."""
+    """The training set and a held-out set: `test` if given; else the shapes test split (half of it unseen
+    colour-shape pairs); else a fixed random 5% (at most `test_size`) of the training images, kept out of training."""
     dataset = load_dataset(train, image_size, split="train")
     if test or shapes_size(train):
         return dataset, load_dataset(test or train, image_size, split="test")
@@ -822,8 +791,7 @@ def load_train_test(train, test, image_size, test_size=1000):
 
 
 def spread_batch(dataset, count):
-    """`count` items spread evenly over a dataset, as (images (N, 3, S, S), captions): a sorted folder
-    groups its classes, so its first items would all be of one class."""
+    """`count` items spread evenly over a dataset (a sorted folder groups its classes), as (images, captions)."""
     count = min(count, len(dataset))
     items = [dataset[int(i)] for i in torch.linspace(0, len(dataset) - 1, count).round()]
     return torch.stack([image for image, _ in items]), [caption for _, caption in items]
@@ -883,11 +851,9 @@ def barrier(runtime):
 
 
 def teardown():
-    """Leave torchrun's process group.
-    NOTE: DistributedDataParallel sits in a reference cycle, so without a collection its gradient reducer
-    is freed while the interpreter exits, racing gloo's threads. Under torch 2.13, 15 of 30 two-process
-    runs of a minimal DDP script then aborted after finishing ("terminate called without an active
-    exception", SIGABRT); collecting first, while everything the reducer uses is still there, gave 0 of 40."""
+    """Leave torchrun's process group. NOTE: DDP sits in a reference cycle, so uncollected its gradient reducer
+    is freed at interpreter exit, racing gloo's threads: 15 of 30 two-process runs aborted (SIGABRT) after
+    finishing under torch 2.13; collecting first gave 0 of 40."""
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -899,13 +865,9 @@ def autocast(device):
 
 
 class InfiniteSampler(Sampler):
-    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e); rank r of W takes every
-    W-th index of it. `start` counts indices this rank already consumed, so a resumed run sees exactly
-    the batches it would have seen.
-
-    NOTE: plays the role of DistributedSampler (disjoint shards per rank) but is step-based and
-    endless, which makes exact resumption a matter of one number.
-    """
+    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e); rank r of W takes every W-th.
+    `start` counts the indices this rank already consumed. NOTE: DistributedSampler's role, but endless and
+    step-based, so an exact --resume is a matter of one number."""
 
     def __init__(self, size, seed=0, rank=0, world_size=1, start=0):
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
@@ -935,8 +897,7 @@ def batches(dataset, batch_size, runtime, seed=0, start_step=0):
 
 
 def step_generator(device, seed, rank, step):
-    """A fresh random generator for one training step of one rank. The noise of step t depends only on
-    (seed, rank, t), never on what ran before, so --resume continues exactly on any device."""
+    """The generator of one step of one rank: its noise depends on (seed, rank, step) only, so --resume is exact."""
     return torch.Generator(device).manual_seed((seed * 1000 + rank) * 100_000_000 + step)
 
 
@@ -949,8 +910,7 @@ def learning_rate(step, total_steps, peak, warmup):
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash at any moment leaves either the old file or the new one, never half of one."""
+    """write(file) into a temporary file beside `path`, fsync, rename over `path`: a crash leaves the old or new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -965,8 +925,7 @@ def atomic_write(path, write):
 
 
 def remove_stale_temporaries(folder, name="*"):
-    """Delete the temporary files `.NAME.tmpPID` that atomic_write left in `folder` (for `name`) when a
-    SIGKILL stopped its process mid-write; a file whose process still runs on this machine is kept."""
+    """Delete the `.NAME.tmpPID` files atomic_write left in `folder` when killed, unless process PID still runs."""
     for path in Path(folder).glob(f".{name}.tmp*"):
         pid = path.name.rpartition(".tmp")[2]
         try:
@@ -988,9 +947,8 @@ def keep_work_if_stopped(step, steps, runtime, save, out):
 
 
 def load_run(config, given, kind, validate, build, key="model", name="ckpt.pt"):
-    """For --sample and --eval: the model `build(saved config)` with the weights `key` of the checkpoint at
-    --ckpt (default OUT/NAME), in eval mode; its saved Config; the folder for what they write (--out when
-    given, else the checkpoint's)."""
+    """For --sample and --eval: build(saved config) with the weights `key` of --ckpt (default OUT/NAME), in eval
+    mode; the saved Config; the folder to write in (--out when given, else the checkpoint's)."""
     path = Path(config.ckpt or Path(config.out) / name)
     checkpoint = load_checkpoint(path, kind, required=("config", key))
     saved = config_from_dict(type(config), checkpoint["config"], validate)
@@ -1000,16 +958,14 @@ def load_run(config, given, kind, validate, build, key="model", name="ckpt.pt"):
 
 
 def save_checkpoint(path, kind, config, step, **state):
-    """Atomically save plain data only: which model (`kind`), its config as a dict, the step, and
-    whatever state dicts are passed (model=..., optimizer=...)."""
+    """Atomically save plain data only: `kind`, the config as a dict, the step, the states (model=..., ...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
     remove_stale_temporaries(Path(path).parent, Path(path).name)  # left by a process killed while saving
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
-    """Load a checkpoint without ever running code (weights_only=True); refuse other models' and
-    incomplete ones."""
+    """Load a checkpoint without running code (weights_only=True); refuse other models' and incomplete ones."""
     check(Path(path).is_file(), f"{path}: no such checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
@@ -1031,8 +987,7 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
 
 
 def restore(checkpoint, config, model, optimizer):
-    """The step a run starts at: 0, or with --resume the checkpoint's, after loading its model and optimizer
-    states (the weights, the optimizer's moments)."""
+    """The step a run starts at: 0, or with --resume the checkpoint's, after loading its model and optimizer."""
     if not checkpoint:
         return 0
     load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
@@ -1052,14 +1007,12 @@ def load_state(module, state, path):
 
 
 def run_config(config, given, kind, validate, training, required=("config", "model", "step")):
-    """The config a command runs with, and the checkpoint it continues (None for a new run).
-
-    A training run records how it was started in OUT/config.json, once, before any work:
+    """The config a command runs with, and the checkpoint it continues (None for a new run). A training run
+    records how it was started in OUT/config.json, before any work:
         {"file": "dalle.py", "kind": "dalle", "config": {every flag}, "resumed": [{"step": S, "changed": {...}}]}
-    --resume continues OUT/ckpt.pt (or --ckpt) with the config saved in it, or, when the run stopped before
-    its first checkpoint (a staged run: tokenizer, codes, transformer), with the config that config.json
-    records. The flags given with --resume go on top; one line names them and config.json appends them with
-    the step they took effect at. `kind`: the checkpoint kind, or a function of the config that gives it."""
+    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config, or, for a run stopped before its first
+    checkpoint (a staged one), with config.json's. Flags given with --resume go on top, printed and appended
+    to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
     validate(config)
     out, file = Path(config.out), Path(inspect.getfile(type(config))).name
     kind_of = kind if callable(kind) else (lambda _: kind)
@@ -1102,9 +1055,6 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     return config, checkpoint
 
 
-_new_records = []  # (config.json, whether its folder is new) written by this process for a new run
-
-
 def write_record(path, record):
     atomic_write(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
 
@@ -1127,8 +1077,7 @@ def read_record(path, file):
 
 
 def part_indices(dataset, part, count):
-    """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
-    the dataset in its order (on shards, mostly whole shards)."""
+    """The indices of `dataset` in part `part` of `count`: a contiguous run (on shards, mostly whole shards)."""
     return [i for i in range(len(dataset)) if count * i // len(dataset) == part]
 
 
@@ -1145,12 +1094,10 @@ def parts_in(folder):
 
 
 def write_parts(folder, runtime, make, kind, made_by):
-    """Under torchrun, every rank writes its parts (rank, rank + W, ...) of a result, each a plain-data file
-    folder/part-INDEX-of-COUNT.pt holding make(index, count) (a dict), then waits for all of them. COUNT is
-    the number of processes, or that of the parts already there: a stopped job is continued, by any number
-    of processes, by writing only the missing parts. made_by = (key, value), what makes the parts (the
-    tokenizer, say): a folder whose parts hold another value under that key is refused before anything is
-    written."""
+    """Every rank writes its parts (rank, rank + W, ...), folder/part-INDEX-of-COUNT.pt holding make(index, count)
+    (a dict), then waits for all. COUNT: the parts already there, else the processes, so any number of them
+    continues a stopped job by writing the missing parts. made_by = (key, value), what makes them (the
+    tokenizer, say): a folder of parts holding another value there is refused before anything is written."""
     if runtime.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)  # a part half-written when its process was killed
@@ -1179,9 +1126,8 @@ def write_parts(folder, runtime, make, kind, made_by):
 
 
 def read_parts(folder, kind, required, made_by):
-    """The parts part-0-of-COUNT .. part-(COUNT-1)-of-COUNT of a folder, checked complete and all made by one
-    maker (their `made_by` entry: the tokenizer, say), joined into one result in part order:
-    dict(kind, made_by: the maker, and every other required key joined: tensors concatenated, lists chained)."""
+    """A folder's parts, checked complete and all made by one maker (their `made_by` entry), joined in order:
+    dict(kind, made_by: the maker, every other required key: tensors concatenated, lists chained)."""
     count, found = parts_in(folder)
     check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
     missing = [index for index in range(count) if index not in found]
@@ -1217,8 +1163,7 @@ def same_state(a, b):
 
 
 class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag that the training loop checks between steps, so the
-    checkpoint it saves on the way out is never taken in the middle of an update."""
+    """SIGINT and SIGTERM become a flag the training loop checks between steps: no checkpoint mid-update."""
 
     def __init__(self):
         self.requested, self.previous = False, {}
@@ -1243,18 +1188,11 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Leaves out the update of a training step whose loss or gradient norm is NaN or infinite, and
-    stops the run (one line, exit status 2, naming the step) at the first such step after `limit` were
-    skipped in this process.
-
-    A skipped step still counts: its batch, learning rate and noise are used up, so step t always sees
-    batch t and --resume stays exact. Only the update is left out: no optimizer step, no moving
-    average, and the buffers of `modules` (batch-norm statistics, EMA codebooks), which the forward
-    pass has already moved, go back to the copy remember() took. Since every update is checked, the
-    weights never become non-finite and a checkpoint saved meanwhile is a good one; the stop itself
-    saves nothing, so the last checkpoint is kept. Under torchrun the verdict is summed over ranks, so
-    every rank skips the same steps.
-    """
+    """Leaves out the update of a step whose loss or gradient norm is not finite; after `limit` such steps in
+    this process, the next stops the run (one line, exit 2, keeping the last checkpoint, which is a good one).
+    A skipped step still uses up its batch, learning rate and noise, so --resume stays exact; the buffers of
+    `modules` (batch-norm statistics, EMA codebooks) go back to the copy remember() took. Under torchrun the
+    verdict is summed over ranks, so every rank skips the same steps."""
 
     def __init__(self, *modules, limit=10):
         self.modules, self.limit, self.skipped, self.saved = modules, limit, 0, []
@@ -1268,9 +1206,8 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def finite(self, step, *values):
-        """True when every value (tensors on one device) is finite: update. Otherwise restore the buffers
-        (in place, so call it after the backward pass), warn, and return False, or stop. `step` counts the
-        steps before this one; messages say step + 1, as the logs do."""
+        """True when every value (tensors on one device) is finite. Else restore the buffers, warn and return
+        False, or stop. `step` counts the steps before this one; messages say step + 1, as the logs do."""
         bad = torch.stack([~torch.isfinite(value).all() for value in values]).any().float()
         if dist.is_initialized():
             dist.all_reduce(bad)
@@ -1304,11 +1241,9 @@ def _record_step(line):
 
 
 class Logger:
-    """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
-    Only rank 0 writes. On resume, the records after the checkpoint's step (logged by the run that
-    stopped or was killed after saving it) and any line cut short are dropped, so the file reads as if
-    the run had never stopped. Every run starts by deleting the temporary files of grids and checkpoints
-    that a killed run left half-written in its folder."""
+    """Metrics as OUT/metrics.jsonl (rank 0 only), and a progress line with step, loss, it/s and ETA. On resume,
+    the records after the checkpoint's step and any line cut short are dropped, so the file reads as if the run
+    had never stopped; the temporary files a killed run left in OUT are deleted."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1354,11 +1289,9 @@ def validate_judge(config):
 
 
 class Judge(torch.nn.Module):
-    """A small CNN classifier of the class folders of one dataset. Its accuracy on samples measures
-    whether they show the class their caption names; the Fréchet distance between its penultimate
-    features of samples and of real images is an in-domain FID: the features of a classifier trained
-    on the same domain, NOT Inception's, so the numbers are not comparable with published FIDs (it is
-    what papers use for MNIST-like data). Compare them with the floor: real images against real ones."""
+    """A small CNN classifier of one dataset's class folders: its accuracy on samples says whether they show
+    the class their caption names; the Fréchet distance of its penultimate features is an in-domain FID (as
+    papers use for MNIST-like data), NOT comparable with Inception FIDs. Compare it with the floor (real vs real)."""
 
     def __init__(self, config):
         super().__init__()
