@@ -616,7 +616,6 @@ def warn_if_cut(captions, length):
             warn(f"the model reads the first {length} bytes of {shown} only ({size} bytes)")
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # MNIST-family IDX files
 
@@ -688,12 +687,12 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
         digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
         kept.append((image, path, category, list(dict.fromkeys(lines)), digest < test_fraction * 2 ** 64))
     test = {i for i, item in enumerate(kept) if item[4]}
-    while True:  # a test emoji with a caption line of a train one ('kiss': a name, and a short name of
-        seen = {line for i, item in enumerate(kept) if i not in test for line in item[3]}  # 'kiss mark')
-        moved = {i for i in test if not seen.isdisjoint(kept[i][3])}  # moves to train, so every test
-        if not moved:  # caption is new to a model
+    while True:  # a test emoji sharing a caption line with a train one ('kiss', of 'kiss mark') moves to train
+        seen = {line for i, item in enumerate(kept) if i not in test for line in item[3]}
+        if not (moved := {i for i in test if not seen.isdisjoint(kept[i][3])}):
             break
         test -= moved
+
     counts = {}
     for i, (image, path, category, lines, _) in enumerate(kept):
         folder = out / ("test" if i in test else "train") / category
@@ -824,30 +823,26 @@ def setup(device="auto", seed=0):
     (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     check(0 <= seed < 10**8, f"--seed {seed}: use 0 to 99999999")  # step_generator's seeds stay below 2**64
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else (
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     try:
         kind = torch.device(device).type
     except RuntimeError:
         kind = None
     check(kind in ("cpu", "cuda", "mps"), f"--device {device}: use auto, cpu, cuda, cuda:N or mps")
     check(kind != "cuda" or torch.cuda.is_available(), f"--device {device}: no CUDA device is available")
-    check(kind != "mps" or torch.backends.mps.is_available(), f"--device {device}: MPS is not available")
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # set_device needs an index: plain 'cuda' is GPU 0
-        device = torch.device("cuda", 0)
-    if device.type == "cuda":
+    check(kind != "mps" or mps, f"--device {device}: MPS is not available")
+    if device == "cuda":  # set_device needs an index: plain 'cuda' is GPU 0, or under torchrun LOCAL_RANK's
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if world_size > 1 else 0}"
+    if (device := torch.device(device)).type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # DDP copies rank 0's initial weights to every rank
+    for seed_all in (random.seed, np.random.seed, torch.manual_seed):  # DDP copies rank 0's initial weights
+        seed_all(seed + rank)
+
     return Runtime(device, rank, world_size)
 
 
@@ -981,8 +976,9 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
     except pickle.UnpicklingError:
         raise UsageError(f"{path}: refused, it holds Python objects that could run code "
                          "(only plain-data checkpoints are loaded)") from None
-    except Exception as error:  # cut short, empty, not a checkpoint at all: name the error's kind and first sentence
+    except Exception as error:  # cut short, empty, not a checkpoint: the error's kind and first sentence
         detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
+
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
@@ -1095,8 +1091,8 @@ def parts_in(folder):
         match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
         if match:
             found.setdefault(int(match[2]), {})[int(match[1])] = path
-    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings (of {' and of '.join(map(str, sorted(found)))} "
-                           "parts); keep one set")
+    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
+                           f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
     return next(iter(found.items()), (0, {}))
 
 
@@ -1233,11 +1229,6 @@ class NonFiniteGuard:
         return False
 
 
-def _duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def _record_step(line):
     """The step of one metrics.jsonl line, or None for a blank line or one cut short by a crash."""
     try:
@@ -1276,7 +1267,8 @@ class Logger:
         self.last_step, self.last_time = step, now
         if self.enabled:
             values = " | ".join(f"{key} {value:.4g}" for key, value in metrics.items())
-            eta = _duration((self.total_steps - step) / max(rate, 1e-9))
+            eta = int((self.total_steps - step) / max(rate, 1e-9))
+            eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
             print(f"step {step}/{self.total_steps} | {values} | {rate:.2f} it/s | ETA {eta}", flush=True)
 
 
@@ -1455,7 +1447,7 @@ def main(argv=None):
     idx.add_argument("images", help="IDX images file (.gz or plain)")
     idx.add_argument("labels", help="IDX labels file (.gz or plain)")
     idx.add_argument("out", help="output folder: OUT/<class name>/<index>.png")
-    idx.add_argument("--names", default=",".join(map(str, range(10))), help="comma-separated class names, label 0 first")
+    idx.add_argument("--names", default=",".join(map(str, range(10))), help="class names, label 0 first")
     shard = commands.add_parser("shard", help="pack a folder of images (+ same-stem .txt captions) into tar shards")
     shard.add_argument("folder", help="folder of images, as --train reads it")
     shard.add_argument("out", help="output folder: OUT/000000.tar, OUT/000001.tar, ...")
