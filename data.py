@@ -384,10 +384,8 @@ def write_shards(folder, out, per_shard, seed=0):
 # The `shapes` benchmark: one coloured shape on black, captioned; some colour-shape pairs held out
 
 
-COLOURS = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255), "orange": (255, 128, 0),
-}
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255), "orange": (255, 128, 0)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.25, "large": 0.45}  # box side as a fraction of the image side S
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",  # row-major 3x3 grid
@@ -400,8 +398,7 @@ _CAPTION = re.compile(r"^a (small|large) (\w+) (circle|square|triangle|diamond) 
 def shape_box(size, position, image_size, jitter=(0.0, 0.0)):
     """Integer pixel box (x0, y0, x1, y1), inclusive, of a shape centred on its grid cell."""
     row, col = divmod(POSITIONS.index(position), 3)
-    centre_x = (col + 0.5) * image_size / 3 + jitter[0]
-    centre_y = (row + 0.5) * image_size / 3 + jitter[1]
+    centre_x, centre_y = (col + 0.5) * image_size / 3 + jitter[0], (row + 0.5) * image_size / 3 + jitter[1]
     side = round(SIZES[size] * image_size)
     x0, y0 = round(centre_x - side / 2), round(centre_y - side / 2)
     return x0, y0, x0 + side - 1, y0 + side - 1
@@ -432,20 +429,17 @@ def make_shapes(n, image_size=32, seed=0, split="train"):
     holds a HELD_OUT colour-shape pair; in the test split odd items are held-out pairs, even ones seen pairs."""
     check(split in ("train", "test"), f"unknown split {split!r} (train or test)")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
-    held_out = sorted(HELD_OUT)
+    seen, held_out = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT], sorted(HELD_OUT)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    captions, flags = [], []
+    captions, flags = [], [split == "test" and i % 2 == 1 for i in range(n)]
     for i in range(n):
-        is_held_out = split == "test" and i % 2 == 1
-        pairs = held_out if is_held_out else seen
+        pairs = held_out if flags[i] else seen
         colour, shape = pairs[rng.integers(len(pairs))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
         jitter = rng.uniform(-1.0, 1.0, size=2)  # each centre moves by up to 1 px
         images[i] = np.asarray(render_shape(colour, shape, size, position, image_size, jitter))
         captions.append(f"a {size} {colour} {shape} at the {position}")
-        flags.append(is_held_out)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions, flags  # (n, 3, S, S)
 
 
@@ -465,9 +459,8 @@ class ShapesDataset(Dataset):
 def parse_caption(caption):
     """'a large red circle at the top left' -> dict(size, colour, shape, position), or None."""
     match = _CAPTION.match(caption.strip().lower())
-    if not match or match.group(2) not in COLOURS or match.group(4) not in POSITIONS:
-        return None
-    return dict(size=match.group(1), colour=match.group(2), shape=match.group(3), position=match.group(4))
+    if match and match[2] in COLOURS and match[4] in POSITIONS:
+        return dict(size=match[1], colour=match[2], shape=match[3], position=match[4])
 
 
 @lru_cache(maxsize=8192)
@@ -707,6 +700,17 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
 # Grids
 
 
+def _wrap(text, font, width):
+    """`text` in lines at most `width` pixels wide (a longer word gets a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def save_grid(images, path, nrow=8, captions=None, padding=2):
     """Save (N, 3, H, W) images in [0, 1] as one PNG, `nrow` per row, captions written under them."""
     images = torch.as_tensor(images).detach().float().clamp(0, 1).cpu()
@@ -740,18 +744,6 @@ def write_pairs(folder, images, captions, names=None):
         atomic_write(Path(folder) / f"{name}.txt", lambda file: file.write(caption.encode("utf-8", errors="replace")))
 
 
-def _wrap(text, font, width):
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + [line] if line else lines
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training plumbing: datasets by name, device, torchrun, sampler, checkpoints, logging, schedule
 
@@ -759,12 +751,10 @@ def _wrap(text, font, width):
 def shapes_size(name):
     """'shapes' -> SHAPES_TRAIN_SIZE training images, 'shapes:N' -> N (the first N of one deterministic sequence;
     the test split is the same for every N); any other --train name -> None."""
-    match = re.fullmatch(r"shapes(?::(\d+))?", name)
-    if match is None:
-        return None
-    size = int(match[1]) if match[1] else SHAPES_TRAIN_SIZE
-    check(0 < size <= 1_000_000, f"{name}: shapes:N renders N images in memory; N from 1 to 1,000,000")
-    return size
+    if match := re.fullmatch(r"shapes(?::(\d+))?", name):
+        size = int(match[1]) if match[1] else SHAPES_TRAIN_SIZE
+        check(0 < size <= 1_000_000, f"{name}: shapes:N renders N images in memory; N from 1 to 1,000,000")
+        return size
 
 
 def load_dataset(name, image_size, split="train"):
@@ -788,11 +778,11 @@ def load_train_test(train, test, image_size, test_size=1000):
     dataset = load_dataset(train, image_size, split="train")
     if test or shapes_size(train):
         return dataset, load_dataset(test or train, image_size, split="test")
-    held = min(test_size, len(dataset) // 20) if len(dataset) >= 20 else 0
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    if held == 0:
+    if len(dataset) < 20:
         warn(f"{train}: fewer than 20 images, so the held-out figures use the training images")
         return dataset, dataset
+    held = min(test_size, len(dataset) // 20)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     return Subset(dataset, order[held:]), Subset(dataset, order[:held])
 
 
@@ -878,8 +868,7 @@ class InfiniteSampler(Sampler):
     def __iter__(self):
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(self.size, generator=generator)
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             order = order[self.rank::self.world_size][: self.per_rank] if self.size >= self.world_size else order
             yield from order[offset:].tolist()
             offset, epoch = 0, epoch + 1
@@ -888,12 +877,12 @@ class InfiniteSampler(Sampler):
 def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     """An endless iterator of (images, captions) batches for this rank, resuming at `start_step`."""
     sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
-    in_memory = isinstance(dataset, ShapesDataset)
-    workers = 0 if in_memory or runtime.device.type != "cuda" else min(8, os.cpu_count() or 1)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=runtime.device.type == "cuda", drop_last=True,
-                        persistent_workers=workers > 0,
+    in_memory, cuda = isinstance(dataset, ShapesDataset), runtime.device.type == "cuda"
+    workers = min(8, os.cpu_count() or 1) if cuda and not in_memory else 0
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+
     for images, captions in loader:
         yield images.to(runtime.device, non_blocking=True), list(captions)
 
@@ -978,7 +967,6 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
                          "(only plain-data checkpoints are loaded)") from None
     except Exception as error:  # cut short, empty, not a checkpoint: the error's kind and first sentence
         detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
-
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
