@@ -745,7 +745,7 @@ def write_pairs(folder, images, captions, names=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training plumbing: datasets by name, device, torchrun, sampler, checkpoints, logging, schedule
+# Training plumbing, 1: datasets by name, device, torchrun, sampler, schedule
 
 
 def shapes_size(name):
@@ -898,6 +898,10 @@ def learning_rate(step, total_steps, peak, warmup):
         return peak * (step + 1) / warmup
     progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training plumbing, 2: atomic checkpoints, run records (an exact --resume), codes in parts
 
 
 def atomic_write(path, write):
@@ -1076,8 +1080,8 @@ def parts_in(folder):
     """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
     found = {}
     for path in Path(folder).glob("part-*-of-*.pt"):
-        match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
-        if match:
+        if match := re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name):
+
             found.setdefault(int(match[2]), {})[int(match[1])] = path
     check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
                            f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
@@ -1151,6 +1155,10 @@ def same_state(a, b):
     if torch.is_tensor(a) or torch.is_tensor(b):
         return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
     return a == b
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training plumbing, 3: the training loop's Ctrl-C, non-finite steps and metrics log
 
 
 class StopRequest:
