@@ -220,6 +220,14 @@ def reason(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def try_load(path, image_size=None):
+    """load_image, or None with a warning naming the file when it does not decode (corrupt, truncated)."""
+    try:
+        return load_image(path, image_size)
+    except Exception as error:  # PIL raises many kinds for many formats; skip the file, never stop a long run
+        warn(f"skipping {path}: {reason(error)}")
+
+
 def caption_lines(content):
     """The non-blank lines of a caption file's bytes (invalid UTF-8 becomes replacement characters)."""
     return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
@@ -259,16 +267,10 @@ class ImageTextFolder(Dataset):
     def __getitem__(self, index):
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
-            if path in self.broken:
-                continue
-            try:
-                image = load_image(path, self.image_size)
-            except Exception as error:  # corrupt or truncated: skip it, never stop a long run
-                self.broken.add(path)
-                warn(f"skipping {path}: {reason(error)}")
-                continue
-            lines = self.caption_choices(path)
-            return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
+            if path not in self.broken and (image := try_load(path, self.image_size)) is not None:
+                lines = self.caption_choices(path)
+                return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
+            self.broken.add(path)
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
 
 
@@ -565,12 +567,8 @@ def read_pairs(folder, image_size=None):
     check(Path(folder).is_dir(), f"{folder}: no such folder")
     images, captions = [], []
     for path in sorted(Path(folder).rglob("*.png")):
-        if path.with_suffix(".txt").is_file():
-            try:
-                images.append(load_image(path, image_size))
-            except Exception as error:
-                warn(f"skipping {path}: {reason(error)}")
-                continue
+        if path.with_suffix(".txt").is_file() and (image := try_load(path, image_size)) is not None:
+            images.append(image)
             captions.append((caption_lines(path.with_suffix(".txt").read_bytes()) or [""])[0])
     check(images, f"{folder}: no PNG + TXT pairs to score")
     check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
@@ -1324,13 +1322,11 @@ def read_labelled(folder, image_size, classes=None):
                                       "not classes of this judge")
     images, labels, captions = [], [], []
     for path in paths:
-        try:
-            images.append(load_image(path, image_size))
-        except Exception as error:  # corrupt or truncated: skipped, as the loaders do
-            warn(f"skipping {path}: {reason(error)}")
-            continue
-        labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
-        captions.append(dataset.caption_choices(path))
+        if (image := try_load(path, image_size)) is not None:
+            images.append(image)
+            labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
+            captions.append(dataset.caption_choices(path))
+
     check(images, f"{folder}: no usable image")
     return torch.stack(images), torch.tensor(labels), classes, captions
 
