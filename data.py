@@ -1,12 +1,9 @@
-"""data.py: the one module every model file shares; copy it together with any one model file.
+"""data.py: the plumbing every model file shares; copy it together with any one model file.
 
-Sections, in the order a model file meets them: errors and the CLI from a Config dataclass; images,
-folders and tar shards; the `shapes` benchmark and its pixel scorer; byte-level text; dataset
-preparation (MNIST-family IDX files, Twemoji); grids; training plumbing (datasets by name, device,
-torchrun, samplers, checkpoints, run records, encodings in parts, logging); the judge.
-
-Conventions: images are float tensors (B, 3, H, W) in [0, 1] (a model that wants [-1, 1] rescales
-itself). B batch, C channels, H height, W width, T tokens.
+Sections, in the order a model file meets them: errors and the CLI; images, folders and tar shards; the
+`shapes` benchmark and its scorer; byte-level text; dataset preparation (IDX, Twemoji); grids; training
+plumbing (datasets, device, torchrun, sampler, checkpoints, run records, codes in parts, logging); the judge.
+Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, W width, T tokens.
 
     python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
     python data.py score DIR                                                  # score them from pixels
@@ -99,7 +96,14 @@ def check(condition, message):
         raise UsageError(message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):  # help shows the defaults
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message):  # argparse prints usage plus the error; we keep it to one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -216,18 +220,23 @@ def reason(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def try_load(path, image_size=None):
+    """load_image, or None with a warning naming the file when it does not decode (corrupt, truncated)."""
+    try:
+        return load_image(path, image_size)
+    except Exception as error:  # PIL raises many kinds for many formats; skip the file, never stop a long run
+        warn(f"skipping {path}: {reason(error)}")
+
+
 def caption_lines(content):
     """The non-blank lines of a caption file's bytes (invalid UTF-8 becomes replacement characters)."""
     return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
 
 
 class ImageTextFolder(Dataset):
-    """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str).
-
-    Caption: a random non-blank line of the same-stem `.txt` file; else the name of the image's folder
-    when it sits in a subfolder of `root` (`red_apple/x.png` -> "red apple"); else "". A file that
-    cannot be decoded is skipped with one warning naming it, and the next image is returned instead.
-    """
+    """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str). Caption: a
+    random non-blank line of the same-stem `.txt` file; else the name of its subfolder of `root` (`red_apple/
+    x.png` -> "red apple"); else "". A file that does not decode is skipped with a warning; the next one is used."""
 
     def __init__(self, root, image_size):
         self.root, self.image_size, self.broken, self.paths = Path(root), image_size, set(), []
@@ -258,16 +267,10 @@ class ImageTextFolder(Dataset):
     def __getitem__(self, index):
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
-            if path in self.broken:
-                continue
-            try:
-                image = load_image(path, self.image_size)
-            except Exception as error:  # corrupt or truncated: skip it, never stop a long run
-                self.broken.add(path)
-                warn(f"skipping {path}: {reason(error)}")
-                continue
-            lines = self.caption_choices(path)
-            return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
+            if path not in self.broken and (image := try_load(path, self.image_size)) is not None:
+                lines = self.caption_choices(path)
+                return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
+            self.broken.add(path)
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
 
 
@@ -279,8 +282,7 @@ COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
 def shard_paths(name):
-    """The tar files that a --train or --test value names, or None when it names none: one .tar file, or a
-    folder that holds only .tar files."""
+    """The tar files a --train or --test value names (one .tar, or a folder of only .tar files), else None."""
     path = Path(name)
     tars = sorted(child for child in path.iterdir() if not child.name.startswith(".")) if path.is_dir() else [path]
     if not tars or not all(tar.name.endswith((".tar", *COMPRESSED_TAR)) for tar in tars):
@@ -293,15 +295,12 @@ def shard_paths(name):
 
 
 class ShardDataset(Dataset):
-    """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample
-    is the regular files of one tar sharing a KEY (the member name up to the first dot of its last part):
-    KEY.png (or .jpg, ...) and its caption KEY.txt, read as a folder's are; a broken image is skipped.
-
-    NOTE: WebDataset streams each shard through an IterableDataset. We read the tar headers once and keep
-    where each member's bytes lie, so a sample is one seek and read and the dataset stays map-style: len(),
-    the held-out split and an exact --resume work as for a folder. Member names are dictionary keys, never
-    paths (`../x.png` reaches nothing on disk); links, folders and devices are skipped.
-    """
+    """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample is
+    the regular files of one tar sharing a KEY (the member name up to the first dot of its last part): KEY.png
+    (or .jpg, ...) and its caption KEY.txt, read as a folder's are; a broken image is skipped.
+    NOTE: WebDataset streams shards (an IterableDataset). We keep where each member's bytes lie, so a sample is
+    one seek and the dataset stays map-style: len(), the held-out split and an exact --resume work as for a
+    folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
 
     def __init__(self, paths, image_size):
         self.paths, self.image_size, self.broken = [str(path) for path in paths], image_size, set()
@@ -360,9 +359,9 @@ class ShardDataset(Dataset):
 
 
 def write_shards(folder, out, per_shard, seed=0):
-    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into OUT/000000.tar,
-    ... of `per_shard` samples each, in a random order (seed) so that every shard mixes the folder's classes.
-    Image bytes are stored as they are, with mtime 0: the same folder gives the same bytes. Returns the count."""
+    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into OUT/000000.tar, ...
+    of `per_shard` samples, shuffled (seed) so every shard mixes the classes; bytes as they are, mtime 0 (the same
+    folder gives the same bytes). Returns the number of shards."""
     source, out = ImageTextFolder(folder, None), Path(out)
     check(per_shard > 0, f"--per-shard {per_shard}: must be positive")
     check(not (out.is_dir() and any(out.glob("*.tar"))), f"{out}: already holds .tar files; choose an empty folder")
@@ -387,10 +386,8 @@ def write_shards(folder, out, per_shard, seed=0):
 # The `shapes` benchmark: one coloured shape on black, captioned; some colour-shape pairs held out
 
 
-COLOURS = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255), "orange": (255, 128, 0),
-}
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255), "orange": (255, 128, 0)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.25, "large": 0.45}  # box side as a fraction of the image side S
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",  # row-major 3x3 grid
@@ -403,8 +400,7 @@ _CAPTION = re.compile(r"^a (small|large) (\w+) (circle|square|triangle|diamond) 
 def shape_box(size, position, image_size, jitter=(0.0, 0.0)):
     """Integer pixel box (x0, y0, x1, y1), inclusive, of a shape centred on its grid cell."""
     row, col = divmod(POSITIONS.index(position), 3)
-    centre_x = (col + 0.5) * image_size / 3 + jitter[0]
-    centre_y = (row + 0.5) * image_size / 3 + jitter[1]
+    centre_x, centre_y = (col + 0.5) * image_size / 3 + jitter[0], (row + 0.5) * image_size / 3 + jitter[1]
     side = round(SIZES[size] * image_size)
     x0, y0 = round(centre_x - side / 2), round(centre_y - side / 2)
     return x0, y0, x0 + side - 1, y0 + side - 1
@@ -431,27 +427,21 @@ def render_shape(colour, shape, size, position, image_size=32, jitter=(0.0, 0.0)
 
 
 def make_shapes(n, image_size=32, seed=0, split="train"):
-    """Deterministic shapes data: uint8 images (n, 3, S, S), captions, held-out flags.
-
-    The train split never contains a HELD_OUT colour-shape pair; in the test split every odd item is
-    a held-out pair and every even one a seen pair.
-    """
+    """Deterministic shapes data: uint8 images (n, 3, S, S), captions, held-out flags. The train split never
+    holds a HELD_OUT colour-shape pair; in the test split odd items are held-out pairs, even ones seen pairs."""
     check(split in ("train", "test"), f"unknown split {split!r} (train or test)")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
-    held_out = sorted(HELD_OUT)
+    seen, held_out = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT], sorted(HELD_OUT)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    captions, flags = [], []
+    captions, flags = [], [split == "test" and i % 2 == 1 for i in range(n)]
     for i in range(n):
-        is_held_out = split == "test" and i % 2 == 1
-        pairs = held_out if is_held_out else seen
+        pairs = held_out if flags[i] else seen
         colour, shape = pairs[rng.integers(len(pairs))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
         jitter = rng.uniform(-1.0, 1.0, size=2)  # each centre moves by up to 1 px
         images[i] = np.asarray(render_shape(colour, shape, size, position, image_size, jitter))
         captions.append(f"a {size} {colour} {shape} at the {position}")
-        flags.append(is_held_out)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions, flags  # (n, 3, S, S)
 
 
@@ -471,9 +461,8 @@ class ShapesDataset(Dataset):
 def parse_caption(caption):
     """'a large red circle at the top left' -> dict(size, colour, shape, position), or None."""
     match = _CAPTION.match(caption.strip().lower())
-    if not match or match.group(2) not in COLOURS or match.group(4) not in POSITIONS:
-        return None
-    return dict(size=match.group(1), colour=match.group(2), shape=match.group(3), position=match.group(4))
+    if match and match[2] in COLOURS and match[4] in POSITIONS:
+        return dict(size=match[1], colour=match[2], shape=match[3], position=match[4])
 
 
 @lru_cache(maxsize=8192)
@@ -496,15 +485,11 @@ STRAY_PIXELS = 2  # a clean shape: at most this many pixels disagree with its te
 
 
 def read_shape(image):
-    """Decide colour, shape, size and position of the one object in an image, from pixels alone.
-
-    Foreground: pixels whose brightest channel is >= 128. Colour: majority vote of the nearest palette
-    colour over the foreground. Shape and size: the best intersection-over-union against the exact
-    renderings of every (shape, size) placed around the foreground's centroid. Position: the grid cell
-    holding the best template's box centre. `stray`: the pixels where foreground and that template
-    disagree, not counting the template's outline (the pixels within 1 px of its edge), where blur and
-    noise move the edge. Returns None when there is no foreground.
-    """
+    """Colour, shape, size and position of the one object in an (S, S, 3) image, from pixels alone; None if blank.
+    Foreground: brightest channel >= 128. Colour: majority vote of the nearest palette colour. Shape and size:
+    the best IoU against exact renderings of every (shape, size) placed around the foreground's centroid.
+    Position: the grid cell of that template's box centre. `stray`: pixels where foreground and template
+    disagree, off the template's outline (within 1 px of its edge, where blur and noise move it)."""
     pixels = np.asarray(image, dtype=np.float32)  # (S, S, 3) in [0, 255]
     image_size = pixels.shape[0]
     mask = pixels.max(axis=2) >= 128
@@ -537,12 +522,9 @@ def read_shape(image):
 
 
 def score_shapes(images, captions):
-    """Fraction of images whose colour, shape, size and position match their caption, and `all` four.
-
-    images: (N, 3, S, S) float in [0, 1] or uint8; captions: N strings. `clean`: the fraction read as one
-    cleanly drawn shape (at most STRAY_PIXELS stray pixels), whatever its attributes; a shape counts as
-    right only when it is also clean. An unparseable caption counts as a miss.
-    """
+    """Fraction of images (N, 3, S, S), float in [0, 1] or uint8, whose colour, shape, size and position match
+    their caption, and `all` four. `clean`: the fraction read as one cleanly drawn shape (at most STRAY_PIXELS
+    stray pixels); a shape counts as right only when clean. An unparseable caption counts as a miss."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8:
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -580,17 +562,13 @@ def score_report(images, captions):
 
 
 def read_pairs(folder, image_size=None):
-    """The NAME.png + NAME.txt pairs under `folder`, as `--sample` and `python data.py shapes` write them:
-    uint8 images (N, 3, H, W) and the first line of each caption. A broken image is skipped with a warning."""
+    """The NAME.png + NAME.txt pairs under `folder` (from --sample or `data.py shapes`): uint8 images
+    (N, 3, H, W) and the first line of each caption. A broken image is skipped with a warning."""
     check(Path(folder).is_dir(), f"{folder}: no such folder")
     images, captions = [], []
     for path in sorted(Path(folder).rglob("*.png")):
-        if path.with_suffix(".txt").is_file():
-            try:
-                images.append(load_image(path, image_size))
-            except Exception as error:
-                warn(f"skipping {path}: {reason(error)}")
-                continue
+        if path.with_suffix(".txt").is_file() and (image := try_load(path, image_size)) is not None:
+            images.append(image)
             captions.append((caption_lines(path.with_suffix(".txt").read_bytes()) or [""])[0])
     check(images, f"{folder}: no PNG + TXT pairs to score")
     check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
@@ -627,12 +605,6 @@ def warn_if_cut(captions, length):
         if size > length:
             shown = repr(caption[:40]) + ("..." if len(caption) > 40 else "")
             warn(f"the model reads the first {length} bytes of {shown} only ({size} bytes)")
-
-
-def decode_text(tokens):
-    """Inverse of encode_text: (B, T) -> captions (pads dropped, a cut character replaced)."""
-    return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace")
-            for row in torch.as_tensor(tokens).tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -673,14 +645,11 @@ def idx_to_folder(images_path, labels_path, out, names):
 
 
 def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1):
-    """Write OUT/{train,test}/<category>/<stem>.png (RGB, alpha over `background`) + <stem>.txt (the
-    emoji's name, then its short names, one per line) from PACKAGE/emoji.json and img/twitter/64/.
-    An emoji is in test when a hash of its lower-case name falls in the first `test_fraction` and none
-    of its caption lines is a train emoji's: a fixed split whose captions are new to a model. Black by
-    default: Twemoji have no outlines and are mostly bright (yellow faces, skin), so on white 585 of the
-    1,911 lose their edge (contrast under 2:1 at the silhouette), on black 149. Skin-tone variations
-    are left out: their 1,875 near-copies would make People & Body 60% of the set.
-    Returns ({(split, category): count}, the number skipped)."""
+    """Write OUT/{train,test}/<category>/<stem>.png (alpha over `background`) + <stem>.txt (the emoji's name,
+    then its short names) from PACKAGE/emoji.json and img/twitter/64/. Test: a hash of the name falls in the
+    first `test_fraction`, and no caption line is a train emoji's (captions new to a model). Black by default:
+    Twemoji have no outlines and are mostly bright, so 585 of 1,911 lose their edge on white, 149 on black.
+    Skin tones are left out (1,875 near-copies). Returns ({(split, category): count}, the number skipped)."""
     package, out = Path(package), Path(out)
     check(package.is_dir(), f"{package}: no such folder")
     check((package / "emoji.json").is_file(), f"{package}: no emoji.json (unpack emoji-datasource-twitter there)")
@@ -709,12 +678,12 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
         digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
         kept.append((image, path, category, list(dict.fromkeys(lines)), digest < test_fraction * 2 ** 64))
     test = {i for i, item in enumerate(kept) if item[4]}
-    while True:  # a test emoji with a caption line of a train one ('kiss': a name, and a short name of
-        seen = {line for i, item in enumerate(kept) if i not in test for line in item[3]}  # 'kiss mark')
-        moved = {i for i in test if not seen.isdisjoint(kept[i][3])}  # moves to train, so every test
-        if not moved:  # caption is new to a model
+    while True:  # a test emoji sharing a caption line with a train one ('kiss', of 'kiss mark') moves to train
+        seen = {line for i, item in enumerate(kept) if i not in test for line in item[3]}
+        if not (moved := {i for i in test if not seen.isdisjoint(kept[i][3])}):
             break
         test -= moved
+
     counts = {}
     for i, (image, path, category, lines, _) in enumerate(kept):
         folder = out / ("test" if i in test else "train") / category
@@ -727,6 +696,17 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
 
 # ----------------------------------------------------------------------------------------------------
 # Grids
+
+
+def _wrap(text, font, width):
+    """`text` in lines at most `width` pixels wide (a longer word gets a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def save_grid(images, path, nrow=8, captions=None, padding=2):
@@ -754,41 +734,25 @@ def save_grid(images, path, nrow=8, captions=None, padding=2):
 
 
 def write_pairs(folder, images, captions, names=None):
-    """Each image (N, 3, S, S) as FOLDER/NAME.png with its caption as FOLDER/NAME.txt (NAME 0000, 0001, ...
-    unless `names` are given): the pairs that `data.py score` and `data.py judge score` read."""
+    """Images (N, 3, S, S) in [0, 1] as FOLDER/NAME.png + caption FOLDER/NAME.txt (NAME 0000, 0001, ... unless
+    `names` are given): the pairs that `data.py score` and `data.py judge score` read."""
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         name = names[i] if names else f"{i:04d}"
         save_grid(image[None], Path(folder) / f"{name}.png", nrow=1, padding=0)  # image[None]: (1, 3, S, S)
         atomic_write(Path(folder) / f"{name}.txt", lambda file: file.write(caption.encode("utf-8", errors="replace")))
 
 
-def _wrap(text, font, width):
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + [line] if line else lines
-
-
 # ----------------------------------------------------------------------------------------------------
-# Training plumbing: datasets by name, device, torchrun, sampler, checkpoints, logging, schedule
+# Training plumbing, 1: datasets by name, device, torchrun, sampler, schedule
 
 
 def shapes_size(name):
-    """The number of training images a `--train` name asks of the shapes benchmark: 'shapes' ->
-    SHAPES_TRAIN_SIZE, 'shapes:N' -> N (the first N of one endless deterministic sequence, so 'shapes:N'
-    begins with the images of every smaller N; the test split is the same 1,000 for every N); any
-    other name (a folder or shards) -> None."""
-    match = re.fullmatch(r"shapes(?::(\d+))?", name)
-    if match is None:
-        return None
-    size = int(match[1]) if match[1] else SHAPES_TRAIN_SIZE
-    check(0 < size <= 1_000_000, f"{name}: shapes:N renders N images in memory; N from 1 to 1,000,000")
-    return size
+    """'shapes' -> SHAPES_TRAIN_SIZE training images, 'shapes:N' -> N (the first N of one deterministic sequence;
+    the test split is the same for every N); any other --train name -> None."""
+    if match := re.fullmatch(r"shapes(?::(\d+))?", name):
+        size = int(match[1]) if match[1] else SHAPES_TRAIN_SIZE
+        check(0 < size <= 1_000_000, f"{name}: shapes:N renders N images in memory; N from 1 to 1,000,000")
+        return size
 
 
 def load_dataset(name, image_size, split="train"):
@@ -807,23 +771,21 @@ def load_test(train, test, image_size, test_size=1000):
 
 
 def load_train_test(train, test, image_size, test_size=1000):
-    """The training set and a held-out set: `test` if given; else the shapes test split (half of it
-    colour-shape pairs never seen in training); else a fixed random 5% of the training folder or shards
-    (at most `test_size` images), kept out of training."""
+    """The training set and a held-out set: `test` if given; else the shapes test split (half of it unseen
+    colour-shape pairs); else a fixed random 5% (at most `test_size`) of the training images, kept out of training."""
     dataset = load_dataset(train, image_size, split="train")
     if test or shapes_size(train):
         return dataset, load_dataset(test or train, image_size, split="test")
-    held = min(test_size, len(dataset) // 20) if len(dataset) >= 20 else 0
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    if held == 0:
+    if len(dataset) < 20:
         warn(f"{train}: fewer than 20 images, so the held-out figures use the training images")
         return dataset, dataset
+    held = min(test_size, len(dataset) // 20)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     return Subset(dataset, order[held:]), Subset(dataset, order[:held])
 
 
 def spread_batch(dataset, count):
-    """`count` items spread evenly over a dataset, as (images (N, 3, S, S), captions): a sorted folder
-    groups its classes, so its first items would all be of one class."""
+    """`count` items spread evenly over a dataset (a sorted folder groups its classes), as (images, captions)."""
     count = min(count, len(dataset))
     items = [dataset[int(i)] for i in torch.linspace(0, len(dataset) - 1, count).round()]
     return torch.stack([image for image, _ in items]), [caption for _, caption in items]
@@ -849,30 +811,26 @@ def setup(device="auto", seed=0):
     (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     check(0 <= seed < 10**8, f"--seed {seed}: use 0 to 99999999")  # step_generator's seeds stay below 2**64
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else (
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     try:
         kind = torch.device(device).type
     except RuntimeError:
         kind = None
     check(kind in ("cpu", "cuda", "mps"), f"--device {device}: use auto, cpu, cuda, cuda:N or mps")
     check(kind != "cuda" or torch.cuda.is_available(), f"--device {device}: no CUDA device is available")
-    check(kind != "mps" or torch.backends.mps.is_available(), f"--device {device}: MPS is not available")
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # set_device needs an index: plain 'cuda' is GPU 0
-        device = torch.device("cuda", 0)
-    if device.type == "cuda":
+    check(kind != "mps" or mps, f"--device {device}: MPS is not available")
+    if device == "cuda":  # set_device needs an index: plain 'cuda' is GPU 0, or under torchrun LOCAL_RANK's
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if world_size > 1 else 0}"
+    if (device := torch.device(device)).type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # DDP copies rank 0's initial weights to every rank
+    for seed_all in (random.seed, np.random.seed, torch.manual_seed):  # DDP copies rank 0's initial weights
+        seed_all(seed + rank)
+
     return Runtime(device, rank, world_size)
 
 
@@ -883,11 +841,9 @@ def barrier(runtime):
 
 
 def teardown():
-    """Leave torchrun's process group.
-    NOTE: DistributedDataParallel sits in a reference cycle, so without a collection its gradient reducer
-    is freed while the interpreter exits, racing gloo's threads. Under torch 2.13, 15 of 30 two-process
-    runs of a minimal DDP script then aborted after finishing ("terminate called without an active
-    exception", SIGABRT); collecting first, while everything the reducer uses is still there, gave 0 of 40."""
+    """Leave torchrun's process group. NOTE: DDP sits in a reference cycle, so uncollected its gradient reducer
+    is freed at interpreter exit, racing gloo's threads: 15 of 30 two-process runs aborted (SIGABRT) after
+    finishing under torch 2.13; collecting first gave 0 of 40."""
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -899,13 +855,9 @@ def autocast(device):
 
 
 class InfiniteSampler(Sampler):
-    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e); rank r of W takes every
-    W-th index of it. `start` counts indices this rank already consumed, so a resumed run sees exactly
-    the batches it would have seen.
-
-    NOTE: plays the role of DistributedSampler (disjoint shards per rank) but is step-based and
-    endless, which makes exact resumption a matter of one number.
-    """
+    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e); rank r of W takes every W-th.
+    `start` counts the indices this rank already consumed. NOTE: DistributedSampler's role, but endless and
+    step-based, so an exact --resume is a matter of one number."""
 
     def __init__(self, size, seed=0, rank=0, world_size=1, start=0):
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
@@ -914,8 +866,7 @@ class InfiniteSampler(Sampler):
     def __iter__(self):
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(self.size, generator=generator)
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             order = order[self.rank::self.world_size][: self.per_rank] if self.size >= self.world_size else order
             yield from order[offset:].tolist()
             offset, epoch = 0, epoch + 1
@@ -924,19 +875,18 @@ class InfiniteSampler(Sampler):
 def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     """An endless iterator of (images, captions) batches for this rank, resuming at `start_step`."""
     sampler = InfiniteSampler(len(dataset), seed, runtime.rank, runtime.world_size, start_step * batch_size)
-    in_memory = isinstance(dataset, ShapesDataset)
-    workers = 0 if in_memory or runtime.device.type != "cuda" else min(8, os.cpu_count() or 1)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=runtime.device.type == "cuda", drop_last=True,
-                        persistent_workers=workers > 0,
+    in_memory, cuda = isinstance(dataset, ShapesDataset), runtime.device.type == "cuda"
+    workers = min(8, os.cpu_count() or 1) if cuda and not in_memory else 0
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+
     for images, captions in loader:
         yield images.to(runtime.device, non_blocking=True), list(captions)
 
 
 def step_generator(device, seed, rank, step):
-    """A fresh random generator for one training step of one rank. The noise of step t depends only on
-    (seed, rank, t), never on what ran before, so --resume continues exactly on any device."""
+    """The generator of one step of one rank: its noise depends on (seed, rank, step) only, so --resume is exact."""
     return torch.Generator(device).manual_seed((seed * 1000 + rank) * 100_000_000 + step)
 
 
@@ -948,9 +898,12 @@ def learning_rate(step, total_steps, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Training plumbing, 2: atomic checkpoints, run records (an exact --resume), codes in parts
+
+
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash at any moment leaves either the old file or the new one, never half of one."""
+    """write(file) into a temporary file beside `path`, fsync, rename over `path`: a crash leaves the old or new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -965,8 +918,7 @@ def atomic_write(path, write):
 
 
 def remove_stale_temporaries(folder, name="*"):
-    """Delete the temporary files `.NAME.tmpPID` that atomic_write left in `folder` (for `name`) when a
-    SIGKILL stopped its process mid-write; a file whose process still runs on this machine is kept."""
+    """Delete the `.NAME.tmpPID` files atomic_write left in `folder` when killed, unless process PID still runs."""
     for path in Path(folder).glob(f".{name}.tmp*"):
         pid = path.name.rpartition(".tmp")[2]
         try:
@@ -988,9 +940,8 @@ def keep_work_if_stopped(step, steps, runtime, save, out):
 
 
 def load_run(config, given, kind, validate, build, key="model", name="ckpt.pt"):
-    """For --sample and --eval: the model `build(saved config)` with the weights `key` of the checkpoint at
-    --ckpt (default OUT/NAME), in eval mode; its saved Config; the folder for what they write (--out when
-    given, else the checkpoint's)."""
+    """For --sample and --eval: build(saved config) with the weights `key` of --ckpt (default OUT/NAME), in eval
+    mode; the saved Config; the folder to write in (--out when given, else the checkpoint's)."""
     path = Path(config.ckpt or Path(config.out) / name)
     checkpoint = load_checkpoint(path, kind, required=("config", key))
     saved = config_from_dict(type(config), checkpoint["config"], validate)
@@ -1000,16 +951,14 @@ def load_run(config, given, kind, validate, build, key="model", name="ckpt.pt"):
 
 
 def save_checkpoint(path, kind, config, step, **state):
-    """Atomically save plain data only: which model (`kind`), its config as a dict, the step, and
-    whatever state dicts are passed (model=..., optimizer=...)."""
+    """Atomically save plain data only: `kind`, the config as a dict, the step, the states (model=..., ...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
     remove_stale_temporaries(Path(path).parent, Path(path).name)  # left by a process killed while saving
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
-    """Load a checkpoint without ever running code (weights_only=True); refuse other models' and
-    incomplete ones."""
+    """Load a checkpoint without running code (weights_only=True); refuse other models' and incomplete ones."""
     check(Path(path).is_file(), f"{path}: no such checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
@@ -1018,7 +967,7 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
     except pickle.UnpicklingError:
         raise UsageError(f"{path}: refused, it holds Python objects that could run code "
                          "(only plain-data checkpoints are loaded)") from None
-    except Exception as error:  # cut short, empty, not a checkpoint at all: name the error's kind and first sentence
+    except Exception as error:  # cut short, empty, not a checkpoint: the error's kind and first sentence
         detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
@@ -1031,8 +980,7 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
 
 
 def restore(checkpoint, config, model, optimizer):
-    """The step a run starts at: 0, or with --resume the checkpoint's, after loading its model and optimizer
-    states (the weights, the optimizer's moments)."""
+    """The step a run starts at: 0, or with --resume the checkpoint's, after loading its model and optimizer."""
     if not checkpoint:
         return 0
     load_state(model, checkpoint["model"], Path(config.out) / "ckpt.pt")
@@ -1052,14 +1000,12 @@ def load_state(module, state, path):
 
 
 def run_config(config, given, kind, validate, training, required=("config", "model", "step")):
-    """The config a command runs with, and the checkpoint it continues (None for a new run).
-
-    A training run records how it was started in OUT/config.json, once, before any work:
+    """The config a command runs with, and the checkpoint it continues (None for a new run). A training run
+    records how it was started in OUT/config.json, before any work:
         {"file": "dalle.py", "kind": "dalle", "config": {every flag}, "resumed": [{"step": S, "changed": {...}}]}
-    --resume continues OUT/ckpt.pt (or --ckpt) with the config saved in it, or, when the run stopped before
-    its first checkpoint (a staged run: tokenizer, codes, transformer), with the config that config.json
-    records. The flags given with --resume go on top; one line names them and config.json appends them with
-    the step they took effect at. `kind`: the checkpoint kind, or a function of the config that gives it."""
+    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config, or, for a run stopped before its first
+    checkpoint (a staged one), with config.json's. Flags given with --resume go on top, printed and appended
+    to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
     validate(config)
     out, file = Path(config.out), Path(inspect.getfile(type(config))).name
     kind_of = kind if callable(kind) else (lambda _: kind)
@@ -1102,9 +1048,6 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     return config, checkpoint
 
 
-_new_records = []  # (config.json, whether its folder is new) written by this process for a new run
-
-
 def write_record(path, record):
     atomic_write(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
 
@@ -1127,8 +1070,7 @@ def read_record(path, file):
 
 
 def part_indices(dataset, part, count):
-    """The indices of `dataset` in part `part` of `count`: a contiguous run, so parts 0, 1, ... in order hold
-    the dataset in its order (on shards, mostly whole shards)."""
+    """The indices of `dataset` in part `part` of `count`: a contiguous run (on shards, mostly whole shards)."""
     return [i for i in range(len(dataset)) if count * i // len(dataset) == part]
 
 
@@ -1136,21 +1078,19 @@ def parts_in(folder):
     """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
     found = {}
     for path in Path(folder).glob("part-*-of-*.pt"):
-        match = re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name)
-        if match:
+        if match := re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name):
+
             found.setdefault(int(match[2]), {})[int(match[1])] = path
-    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings (of {' and of '.join(map(str, sorted(found)))} "
-                           "parts); keep one set")
+    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
+                           f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
     return next(iter(found.items()), (0, {}))
 
 
 def write_parts(folder, runtime, make, kind, made_by):
-    """Under torchrun, every rank writes its parts (rank, rank + W, ...) of a result, each a plain-data file
-    folder/part-INDEX-of-COUNT.pt holding make(index, count) (a dict), then waits for all of them. COUNT is
-    the number of processes, or that of the parts already there: a stopped job is continued, by any number
-    of processes, by writing only the missing parts. made_by = (key, value), what makes the parts (the
-    tokenizer, say): a folder whose parts hold another value under that key is refused before anything is
-    written."""
+    """Every rank writes its parts (rank, rank + W, ...), folder/part-INDEX-of-COUNT.pt holding make(index, count)
+    (a dict), then waits for all. COUNT: the parts already there, else the processes, so any number of them
+    continues a stopped job by writing the missing parts. made_by = (key, value), what makes them (the
+    tokenizer, say): a folder of parts holding another value there is refused before anything is written."""
     if runtime.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)  # a part half-written when its process was killed
@@ -1179,9 +1119,8 @@ def write_parts(folder, runtime, make, kind, made_by):
 
 
 def read_parts(folder, kind, required, made_by):
-    """The parts part-0-of-COUNT .. part-(COUNT-1)-of-COUNT of a folder, checked complete and all made by one
-    maker (their `made_by` entry: the tokenizer, say), joined into one result in part order:
-    dict(kind, made_by: the maker, and every other required key joined: tensors concatenated, lists chained)."""
+    """A folder's parts, checked complete and all made by one maker (their `made_by` entry), joined in order:
+    dict(kind, made_by: the maker, every other required key: tensors concatenated, lists chained)."""
     count, found = parts_in(folder)
     check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
     missing = [index for index in range(count) if index not in found]
@@ -1216,9 +1155,12 @@ def same_state(a, b):
     return a == b
 
 
+# ----------------------------------------------------------------------------------------------------
+# Training plumbing, 3: the training loop's Ctrl-C, non-finite steps and metrics log
+
+
 class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag that the training loop checks between steps, so the
-    checkpoint it saves on the way out is never taken in the middle of an update."""
+    """SIGINT and SIGTERM become a flag the training loop checks between steps: no checkpoint mid-update."""
 
     def __init__(self):
         self.requested, self.previous = False, {}
@@ -1243,18 +1185,11 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Leaves out the update of a training step whose loss or gradient norm is NaN or infinite, and
-    stops the run (one line, exit status 2, naming the step) at the first such step after `limit` were
-    skipped in this process.
-
-    A skipped step still counts: its batch, learning rate and noise are used up, so step t always sees
-    batch t and --resume stays exact. Only the update is left out: no optimizer step, no moving
-    average, and the buffers of `modules` (batch-norm statistics, EMA codebooks), which the forward
-    pass has already moved, go back to the copy remember() took. Since every update is checked, the
-    weights never become non-finite and a checkpoint saved meanwhile is a good one; the stop itself
-    saves nothing, so the last checkpoint is kept. Under torchrun the verdict is summed over ranks, so
-    every rank skips the same steps.
-    """
+    """Leaves out the update of a step whose loss or gradient norm is not finite; after `limit` such steps in
+    this process, the next stops the run (one line, exit 2, keeping the last checkpoint, which is a good one).
+    A skipped step still uses up its batch, learning rate and noise, so --resume stays exact; the buffers of
+    `modules` (batch-norm statistics, EMA codebooks) go back to the copy remember() took. Under torchrun the
+    verdict is summed over ranks, so every rank skips the same steps."""
 
     def __init__(self, *modules, limit=10):
         self.modules, self.limit, self.skipped, self.saved = modules, limit, 0, []
@@ -1268,9 +1203,8 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def finite(self, step, *values):
-        """True when every value (tensors on one device) is finite: update. Otherwise restore the buffers
-        (in place, so call it after the backward pass), warn, and return False, or stop. `step` counts the
-        steps before this one; messages say step + 1, as the logs do."""
+        """True when every value (tensors on one device) is finite. Else restore the buffers, warn and return
+        False, or stop. `step` counts the steps before this one; messages say step + 1, as the logs do."""
         bad = torch.stack([~torch.isfinite(value).all() for value in values]).any().float()
         if dist.is_initialized():
             dist.all_reduce(bad)
@@ -1289,11 +1223,6 @@ class NonFiniteGuard:
         return False
 
 
-def _duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def _record_step(line):
     """The step of one metrics.jsonl line, or None for a blank line or one cut short by a crash."""
     try:
@@ -1304,11 +1233,9 @@ def _record_step(line):
 
 
 class Logger:
-    """Metrics as JSONL in the run folder, and a progress line with step, loss, it/s and ETA.
-    Only rank 0 writes. On resume, the records after the checkpoint's step (logged by the run that
-    stopped or was killed after saving it) and any line cut short are dropped, so the file reads as if
-    the run had never stopped. Every run starts by deleting the temporary files of grids and checkpoints
-    that a killed run left half-written in its folder."""
+    """Metrics as OUT/metrics.jsonl (rank 0 only), and a progress line with step, loss, it/s and ETA. On resume,
+    the records after the checkpoint's step and any line cut short are dropped, so the file reads as if the run
+    had never stopped; the temporary files a killed run left in OUT are deleted."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1334,7 +1261,8 @@ class Logger:
         self.last_step, self.last_time = step, now
         if self.enabled:
             values = " | ".join(f"{key} {value:.4g}" for key, value in metrics.items())
-            eta = _duration((self.total_steps - step) / max(rate, 1e-9))
+            eta = int((self.total_steps - step) / max(rate, 1e-9))
+            eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
             print(f"step {step}/{self.total_steps} | {values} | {rate:.2f} it/s | ETA {eta}", flush=True)
 
 
@@ -1354,11 +1282,9 @@ def validate_judge(config):
 
 
 class Judge(torch.nn.Module):
-    """A small CNN classifier of the class folders of one dataset. Its accuracy on samples measures
-    whether they show the class their caption names; the Fréchet distance between its penultimate
-    features of samples and of real images is an in-domain FID: the features of a classifier trained
-    on the same domain, NOT Inception's, so the numbers are not comparable with published FIDs (it is
-    what papers use for MNIST-like data). Compare them with the floor: real images against real ones."""
+    """A small CNN classifier of one dataset's class folders: its accuracy on samples says whether they show
+    the class their caption names; the Fréchet distance of its penultimate features is an in-domain FID (as
+    papers use for MNIST-like data), NOT comparable with Inception FIDs. Compare it with the floor (real vs real)."""
 
     def __init__(self, config):
         super().__init__()
@@ -1396,13 +1322,11 @@ def read_labelled(folder, image_size, classes=None):
                                       "not classes of this judge")
     images, labels, captions = [], [], []
     for path in paths:
-        try:
-            images.append(load_image(path, image_size))
-        except Exception as error:  # corrupt or truncated: skipped, as the loaders do
-            warn(f"skipping {path}: {reason(error)}")
-            continue
-        labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
-        captions.append(dataset.caption_choices(path))
+        if (image := try_load(path, image_size)) is not None:
+            images.append(image)
+            labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
+            captions.append(dataset.caption_choices(path))
+
     check(images, f"{folder}: no usable image")
     return torch.stack(images), torch.tensor(labels), classes, captions
 
@@ -1499,15 +1423,10 @@ def score_judge(args):
 # Command line: python data.py shapes|score|idx|shard|emoji|judge
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def main(argv=None):
-    parser = _Parser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = _Parser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    shapes = commands.add_parser("shapes", help="write the shapes benchmark as NAME.png + NAME.txt pairs",
-                                 formatter_class=_HelpFormatter)
+    shapes = commands.add_parser("shapes", help="write the shapes benchmark as NAME.png + NAME.txt pairs")
     shapes.add_argument("out", help="output folder")
     shapes.add_argument("--n", type=int, default=1000, help="number of images")
     shapes.add_argument("--size", type=int, default=32, help="image side S in pixels")
@@ -1520,26 +1439,22 @@ def main(argv=None):
     idx.add_argument("images", help="IDX images file (.gz or plain)")
     idx.add_argument("labels", help="IDX labels file (.gz or plain)")
     idx.add_argument("out", help="output folder: OUT/<class name>/<index>.png")
-    idx.add_argument("--names", default=",".join(str(i) for i in range(10)),
-                     help="comma-separated class names, label 0 first")
-    shard = commands.add_parser("shard", help="pack a folder of images (+ same-stem .txt captions) into tar shards",
-                                formatter_class=_HelpFormatter)
+    idx.add_argument("--names", default=",".join(map(str, range(10))), help="class names, label 0 first")
+    shard = commands.add_parser("shard", help="pack a folder of images (+ same-stem .txt captions) into tar shards")
     shard.add_argument("folder", help="folder of images, as --train reads it")
     shard.add_argument("out", help="output folder: OUT/000000.tar, OUT/000001.tar, ...")
     shard.add_argument("--per-shard", type=int, default=10000, help="samples per shard")
     shard.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in")
-    emoji = commands.add_parser("emoji", help="Twemoji (npm package emoji-datasource-twitter) to captioned "
-                                "train/test folders", formatter_class=_HelpFormatter)
+    emoji = commands.add_parser("emoji", help="Twemoji (npm emoji-datasource-twitter) to captioned train/test folders")
     emoji.add_argument("package", help="the unpacked npm package: emoji.json and img/twitter/64/*.png")
     emoji.add_argument("out", help="output folder: OUT/{train,test}/<category>/<stem>.png + .txt")
     emoji.add_argument("--size", type=int, default=64, help="image side S in pixels")
-    emoji.add_argument("--background", choices=("black", "white"), default="black", help="colour under the "
-                       "alpha; black keeps the bright, outline-free Twemoji legible (edge contrast under 2:1 "
-                       "for 149 of 1,911 on black, 585 on white)")
+    emoji.add_argument("--background", choices=("black", "white"), default="black",
+                       help="colour under the alpha; black keeps the bright, outline-free Twemoji legible")
     emoji.add_argument("--test-fraction", type=finite_float, default=0.1, help="share of names held out")
     judge = commands.add_parser("judge", help="an in-domain classifier: class accuracy and Fréchet distance")
     actions = judge.add_subparsers(dest="action", required=True)
-    judge_train = actions.add_parser("train", help="train on DIR/<class>/<image>", formatter_class=_HelpFormatter)
+    judge_train = actions.add_parser("train", help="train on DIR/<class>/<image>")
     judge_train.add_argument("folder", help="folder of class subfolders (a caption .txt beside an image is ignored)")
     judge_train.add_argument("--out", default="judge.pt", help="checkpoint to write")
     judge_train.add_argument("--test", default="", help="held-out folder of the same classes (else 10%% of FOLDER)")
@@ -1548,18 +1463,17 @@ def main(argv=None):
     judge_train.add_argument("--steps", type=int, default=0, help="training steps (0: from --epochs)")
     judge_train.add_argument("--batch-size", type=int, default=64, help="images per step")
     judge_train.add_argument("--seed", type=int, default=0, help="random seed")
-    judge_train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    judge_score = actions.add_parser("score", help="score a --sample folder", formatter_class=_HelpFormatter)
+    judge_score = actions.add_parser("score", help="score a --sample folder")
     judge_score.add_argument("judge", help="checkpoint written by `judge train`")
     judge_score.add_argument("samples", help="folder of NNNN.png + NNNN.txt (caption) pairs")
     judge_score.add_argument("--real", required=True, help="real images, TEST_DIR/<class name>/<image>")
     judge_score.add_argument("--json", action="store_true", help="print the figures as one JSON line instead")
-    judge_score.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    for action in (judge_train, judge_score):
+        action.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
 
     if args.command == "judge":
         (train_judge if args.action == "train" else score_judge)(args)
-
     elif args.command == "emoji":
         counts, skipped = emoji_to_folder(args.package, args.out, args.size, args.background, args.test_fraction)
         for category in sorted({category for _, category in counts}):
@@ -1571,18 +1485,13 @@ def main(argv=None):
     elif args.command == "shapes":
         check(args.n > 0 and args.size >= 16, "--n must be positive and --size at least 16")
         images, captions, held_out = make_shapes(args.n, args.size, args.seed, args.split)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for i, (image, caption, flag) in enumerate(zip(images, captions, held_out)):
-            name = f"{i:05d}_{'heldout' if flag else 'seen'}"
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{name}.png")
-            (out / f"{name}.txt").write_text(caption + "\n")
-        print(f"wrote {args.n} images to {out}")
+        write_pairs(args.out, images / 255, [caption + "\n" for caption in captions],
+                    [f"{i:05d}_{'heldout' if flag else 'seen'}" for i, flag in enumerate(held_out)])
+        print(f"wrote {args.n} images to {Path(args.out)}")
     elif args.command == "score":
         print(format_score(score_report(*read_pairs(args.folder))))
     elif args.command == "shard":
-        count = write_shards(args.folder, args.out, args.per_shard, args.seed)
-        print(f"wrote {count} shard(s): --train {args.out}")
+        print(f"wrote {write_shards(args.folder, args.out, args.per_shard, args.seed)} shard(s): --train {args.out}")
     else:
         count = idx_to_folder(args.images, args.labels, args.out, args.names.split(","))
         print(f"wrote {count} images to {args.out}")
