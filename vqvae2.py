@@ -7,7 +7,7 @@ Papers: Razavi, van den Oord & Vinyals, "Generating Diverse High-Fidelity Images
 
 Usage:
     python vqvae2.py --train shapes                          # the autoencoder (runs/vqvae2)
-    python vqvae2.py --eval --ckpt runs/vqvae2/ckpt.pt       # held-out MSE, PSNR, codes in use, scorer
+    python vqvae2.py --eval --ckpt runs/vqvae2/ckpt.pt       # held-out MSE, PSNR, codes in use
     python vqvae2.py --encode shapes --ckpt runs/vqvae2/ckpt.pt --out runs/vqvae2/codes.pt
     torchrun --nproc_per_node=4 vqvae2.py --encode SHARDS --ckpt CKPT --out DIR   # a part per process
     python vqvae2.py --train-prior runs/vqvae2/codes.pt      # the priors (runs/vqvae2/prior)
@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check,
-                  config_from_dict, format_score, keep_work_if_stopped, learning_rate, load_checkpoint, load_state,
-                  load_test, load_train_test, parse_caption, parse_config, part_indices, parts_in, read_parts, restore,
-                  run_cli, run_config, save_checkpoint, save_grid, score_report, setup, step_generator,
-                  write_parts)
+from data import (Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check, config_from_dict,
+                  keep_work_if_stopped, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
+                  parse_config, part_indices, parts_in, read_parts, restore, run_cli, run_config, save_checkpoint,
+                  save_grid, setup, step_generator, write_parts)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
 # once; the bottom grid is Hb x Wb = S/4 x S/4, the top grid Ht x Wt = S/8 x S/8.
@@ -488,8 +487,8 @@ def train(config, runtime, checkpoint=None):
 
 
 def training_metrics(model, loss, mse, commitments, runtime):
-    """The loss terms; per level the fraction of codes used in the last window and the restarts so far; under
-    torchrun the codebooks' spread across ranks."""
+    """The loss terms; per level the codes used in the last window and the restarts so far; under torchrun the
+    codebooks' spread across ranks (0 when they agree)."""
     metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
     quantizers = (model.quantize_top, model.quantize_bottom)
     for name, quantizer, commitment in zip(("top", "bottom"), quantizers, commitments):
@@ -506,32 +505,25 @@ def training_metrics(model, loss, mse, commitments, runtime):
 @torch.no_grad()
 def report(model, test_set, device, logger=None, step=None, grid=None, batch_size=250):
     """Held-out MSE of decode(encode(x)) (averaged over pixels, channels and images, [0, 1] units), PSNR =
-    10 log10(1 / MSE) and each level's fraction of codes in use, logged and printed. With `grid`, the first 32
-    held-out images beside their reconstructions; without, the shapes scorer's report on shapes captions."""
-    squared_error, reconstructions, captions = 0.0, [], []
+    10 log10(1 / MSE) and each level's fraction of codes in use, logged and printed; with `grid`, the first
+    32 held-out images beside their reconstructions."""
+    squared_error, first_batch = 0.0, None
     seen = torch.zeros(2, model.config.codebook_size, dtype=torch.bool, device=device)  # codes in use, (2, K)
     for first in range(0, len(test_set), batch_size):
-        images, batch_captions = zip(*[test_set[i] for i in range(first, min(first + batch_size, len(test_set)))])
-        x = torch.stack(images).to(device)  # (B, 3, S, S)
-        ids = model.eval().encode(x)
+        x = torch.stack([test_set[i][0] for i in range(first, min(first + batch_size, len(test_set)))]).to(device)
+        ids = model.eval().encode(x)  # x: (B, 3, S, S)
         x_hat = model.decode(*ids)
         squared_error += (x_hat - x).pow(2).sum().item()
         seen[0, ids[0].flatten()] = seen[1, ids[1].flatten()] = True  # (B, H, W) -> (B H W,), per level
-        reconstructions, captions = reconstructions + [x_hat.cpu()], captions + list(batch_captions)
+        first_batch = (x, x_hat) if first_batch is None else first_batch
     mse = squared_error / (len(test_set) * x[0].numel())
     psnr, (top_used, bottom_used) = 10 * math.log10(1 / max(mse, 1e-12)), seen.float().mean(1).tolist()
-    shapes = not grid and all(map(parse_caption, captions))
-    score = score_report(torch.cat(reconstructions), captions) if shapes else None
     if logger:
-        logger.log(step, test_mse=mse, test_psnr=psnr, test_top_used=top_used, test_bottom_used=bottom_used,
-                   **({"test_score_all": score["overall"]["all"]} if score else {}))
+        logger.log(step, test_mse=mse, test_psnr=psnr, test_top_used=top_used, test_bottom_used=bottom_used)
     print(f"{f'step {step}: held-out' if grid else f'held-out ({len(test_set)} images):'} MSE {mse:.5f}, PSNR "
           f"{psnr:.2f} dB, codes used top {100 * top_used:.1f}% bottom {100 * bottom_used:.1f}%", flush=True)
-    if score:
-        print("shapes scorer on the reconstructions:\n" + format_score(score))
-    if grid:  # the first 32 held-out images, each followed by its reconstruction
-        x = torch.stack([test_set[i][0] for i in range(min(32, len(test_set)))])  # (N, 3, S, S)
-        save_grid(torch.stack([x, reconstructions[0][:32]], 1).flatten(0, 1), grid, nrow=8)  # (2N, 3, S, S)
+    if grid:  # the first 32 held-out images, each followed by its reconstruction: (2 N, 3, S, S)
+        save_grid(torch.stack([part[:32].cpu() for part in first_batch], 1).flatten(0, 1), grid, nrow=8)
         model.train()
 
 
