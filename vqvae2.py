@@ -601,14 +601,11 @@ def encode_dataset(config, runtime, out_given):
     splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
 
     def encode(index, count):  # part `index` of `count`
-        codes = {name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
-                 for name, dataset in splits.items()}
-        print(f"rank {runtime.rank}: encoded {len(codes['train']['captions'])} train and "
-              f"{len(codes['test']['captions'])} held-out images (part {index} of {count})", flush=True)
-        return dict(kind="vqvae2-codes", tokenizer=model.state(), **codes)
+        return dict(kind="vqvae2-codes", tokenizer=model.state(), **{
+            name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
+            for name, dataset in splits.items()})
 
-    in_parts = runtime.distributed or out.is_dir()
-    if in_parts:
+    if in_parts := runtime.distributed or out.is_dir():
         check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
         write_parts(out, runtime, encode, "vqvae2-codes", made_by=("tokenizer", model.state()))
         codes = load_codes(out)  # every part there, all from one tokenizer: this one
