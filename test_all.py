@@ -1299,7 +1299,7 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
     (tmp_path / "parts" / names[1]).unlink()
     (tmp_path / "parts" / f".{names[1]}.tmp999999999").write_bytes(b"half")  # left by a SIGKILL
     resumed = in_process(capsys, vqvae2, *encode, "--out", tmp_path / "parts")
-    assert resumed.returncode == 0 and resumed.stdout.count("rank 0: encoded") == 1, resumed.stderr
+    assert resumed.returncode == 0, resumed.stderr
     assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names  # the temporary is gone
     assert (tmp_path / "parts" / names[0]).stat().st_mtime_ns == first
     again = torch.load(tmp_path / "parts" / names[1], weights_only=True)
@@ -1698,7 +1698,8 @@ def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
                                 "--log-every", 2, out=tmp_path, nodes=2))
     assert stdout.count("2 process(es)") == 2 and stdout.count("stage 3/3") == 1  # tokenizer and transformer
     assert "codes: 46 train, 2 held out, in 2 parts" in stdout  # the codes of the shards, a part from each node
-    assert "rank 0: encoded 23 train" in stdout and "rank 1: encoded 23 train" in stdout  # half each
+    parts = [torch.load(path, weights_only=True) for path in sorted((tmp_path / "codes").iterdir())]
+    assert [len(part["train"]["captions"]) for part in parts] == [23, 23]  # half each
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
 
 
