@@ -903,10 +903,12 @@ def learning_rate(step, total_steps, peak, warmup):
 
 
 def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, fsync, rename over `path`: a crash leaves the old or new."""
+    """write(file) into `.NAME.tmp` beside `path`, fsync, rename over `path`: a crash leaves the old or new file.
+    NOTE: one fixed temporary name per target, so a killed write leaves at most one, which the next write of that
+    target overwrites; no two processes write one target (rank 0 writes checkpoints, each rank its own parts)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as file:
             write(file)
@@ -915,19 +917,6 @@ def atomic_write(path, write):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)  # only left if writing failed (a full disk, say)
-
-
-def remove_stale_temporaries(folder, name="*"):
-    """Delete the `.NAME.tmpPID` files atomic_write left in `folder` when killed, unless process PID still runs."""
-    for path in Path(folder).glob(f".{name}.tmp*"):
-        pid = path.name.rpartition(".tmp")[2]
-        try:
-            if pid.isdigit() and int(pid) != os.getpid():
-                os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except (PermissionError, OverflowError):  # another user's process; a number too large to be a pid
-            pass
 
 
 def keep_work_if_stopped(step, steps, runtime, save, out):
@@ -954,7 +943,6 @@ def save_checkpoint(path, kind, config, step, **state):
     """Atomically save plain data only: `kind`, the config as a dict, the step, the states (model=..., ...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
-    remove_stale_temporaries(Path(path).parent, Path(path).name)  # left by a process killed while saving
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
@@ -1093,7 +1081,6 @@ def write_parts(folder, runtime, make, kind, made_by):
     tokenizer, say): a folder of parts holding another value there is refused before anything is written."""
     if runtime.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder)  # a part half-written when its process was killed
     barrier(runtime)
     count, found = parts_in(folder)
     count = count or runtime.world_size
@@ -1235,7 +1222,7 @@ def _record_step(line):
 class Logger:
     """Metrics as OUT/metrics.jsonl (rank 0 only), and a progress line with step, loss, it/s and ETA. On resume,
     the records after the checkpoint's step and any line cut short are dropped, so the file reads as if the run
-    had never stopped; the temporary files a killed run left in OUT are deleted."""
+    had never stopped."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1243,7 +1230,6 @@ class Logger:
         self.path = Path(out) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(out)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
             records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
             kept = [line for line, step in records if step is not None and step <= start_step]
