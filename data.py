@@ -988,12 +988,11 @@ def load_state(module, state, path):
 
 
 def run_config(config, given, kind, validate, training, required=("config", "model", "step")):
-    """The config a command runs with, and the checkpoint it continues (None for a new run). A training run
+    """The config a command runs with, and the checkpoint it continues (None for a new run). A new training run
     records how it was started in OUT/config.json, before any work:
         {"file": "dalle.py", "kind": "dalle", "config": {every flag}, "resumed": [{"step": S, "changed": {...}}]}
-    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config, or, for a run stopped before its first
-    checkpoint (a staged one), with config.json's. Flags given with --resume go on top, printed and appended
-    to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
+    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config; flags given with it go on top, printed and
+    appended to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
     validate(config)
     out, file = Path(config.out), Path(inspect.getfile(type(config))).name
     kind_of = kind if callable(kind) else (lambda _: kind)
@@ -1011,14 +1010,11 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     # the run's own record, unless --ckpt names a checkpoint elsewhere (whose config then gives OUT)
     record, recorded = read_record(record_path, file) if record_path.exists() and not config.ckpt else (None, None)
     path = Path(config.ckpt) if config.ckpt else out / "ckpt.pt"
-    checkpoint, step = None, 0
-    if path.exists() or record is None:
-        checkpoint = load_checkpoint(path, kind_of(config_from_dict(type(config), recorded, validate)
-                                                   if record else config), required)
-        saved = config_from_dict(type(config), checkpoint["config"], validate)
-        step = checkpoint["step"]
-    else:  # stopped before its first checkpoint: the flags it was started with
-        saved = config_from_dict(type(config), recorded, validate)
+    kind = kind_of(config_from_dict(type(config), recorded, validate) if record else config)
+    check(path.exists() or record is None,
+          f"{out} stopped before its first checkpoint, so there is nothing to resume: start it again without --resume")
+    checkpoint = load_checkpoint(path, kind, required)
+    saved, step = config_from_dict(type(config), checkpoint["config"], validate), checkpoint["step"]
     config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
     validate(config)
     changed = {name: getattr(config, name) for name in sorted(given - {"resume", "out", "ckpt"})
