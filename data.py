@@ -171,7 +171,7 @@ def config_from_dict(config_class, values, validate):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images: any file PIL opens becomes RGB, square, image_size; a folder of them, captioned
+# Images (any file PIL opens, as RGB, square, image_size), captioned folders of them, and tar shards of them
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -272,10 +272,6 @@ class ImageTextFolder(Dataset):
                 return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
             self.broken.add(path)
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shards: uncompressed tar files in the WebDataset layout (KEY.png or KEY.jpg ..., plus KEY.txt)
 
 
 COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -608,7 +604,7 @@ def warn_if_cut(captions, length):
 
 
 # ----------------------------------------------------------------------------------------------------
-# MNIST-family IDX files
+# Dataset preparation: MNIST-family IDX files; Twemoji (npm pack emoji-datasource-twitter@16.0.0; tar xzf it)
 
 
 def read_idx(path):
@@ -638,10 +634,6 @@ def idx_to_folder(images_path, labels_path, out, names):
     for i, (image, label) in enumerate(zip(images, labels)):
         Image.fromarray(image, "L").save(Path(out) / folders[label] / f"{i:05d}.png")
     return len(images)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Twemoji: a real captioned set, prepared once (npm pack emoji-datasource-twitter@16.0.0; tar xzf it)
 
 
 def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1):
@@ -743,7 +735,8 @@ def write_pairs(folder, images, captions, names=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training plumbing, 1: datasets by name, device, torchrun, sampler, schedule
+# Training plumbing: datasets by name, device, torchrun, sampler, schedule; atomic checkpoints, run records (an
+# exact --resume), codes in parts; the training loop's Ctrl-C, non-finite steps and metrics log
 
 
 def shapes_size(name):
@@ -830,7 +823,6 @@ def setup(device="auto", seed=0):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     for seed_all in (random.seed, np.random.seed, torch.manual_seed):  # DDP copies rank 0's initial weights
         seed_all(seed + rank)
-
     return Runtime(device, rank, world_size)
 
 
@@ -880,7 +872,6 @@ def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
-
     for images, captions in loader:
         yield images.to(runtime.device, non_blocking=True), list(captions)
 
@@ -896,10 +887,6 @@ def learning_rate(step, total_steps, peak, warmup):
         return peak * (step + 1) / warmup
     progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training plumbing, 2: atomic checkpoints, run records (an exact --resume), codes in parts
 
 
 def atomic_write(path, write):
@@ -1063,7 +1050,6 @@ def parts_in(folder):
     found = {}
     for path in Path(folder).glob("part-*-of-*.pt"):
         if match := re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name):
-
             found.setdefault(int(match[2]), {})[int(match[1])] = path
     check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
                            f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
@@ -1136,10 +1122,6 @@ def same_state(a, b):
     if torch.is_tensor(a) or torch.is_tensor(b):
         return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
     return a == b
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training plumbing, 3: the training loop's Ctrl-C, non-finite steps and metrics log
 
 
 class StopRequest:
@@ -1308,7 +1290,6 @@ def read_labelled(folder, image_size, classes=None):
             images.append(image)
             labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
             captions.append(dataset.caption_choices(path))
-
     check(images, f"{folder}: no usable image")
     return torch.stack(images), torch.tensor(labels), classes, captions
 
