@@ -111,14 +111,12 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(config_class, argv=None, description=None):
     """An argparse CLI from a Config dataclass: one flag per field, its help the `# comment` after the field.
     Returns the config and the names of the flags given (--resume applies exactly those on top)."""
-    types, comments = typing.get_type_hints(config_class), {}
+    types = typing.get_type_hints(config_class)
     try:
         source = inspect.getsource(config_class)
     except (OSError, TypeError):  # a class built at run time has no source: no help texts
         source = ""
-    for line in source.splitlines():
-        if match := re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line):
-            comments[match[1]] = match[2].strip()
+    comments = dict(re.findall(r"(?m)^\s+(\w+)\s*:[^#\n]*#\s*(.*\S)", source))  # {field: its comment}
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(config_class):
         flags = ["-" + field.name] * (len(field.name) == 1) + ["--" + field.name.replace("_", "-")]  # n: -n, --n
@@ -299,28 +297,25 @@ class ShardDataset(Dataset):
     folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
 
     def __init__(self, paths, image_size):
-        self.paths, self.image_size, self.broken = [str(path) for path in paths], image_size, set()
-        self.samples = [sample for shard in range(len(self.paths)) for sample in self._scan(shard)]  # see _scan
+        self.paths, self.image_size, self.broken, self.samples = [str(path) for path in paths], image_size, set(), []
+        for shard, path in enumerate(self.paths):
+            images, captions = {}, {}  # KEY -> where its bytes lie in the tar, (offset, size)
+            try:
+                with tarfile.open(path, "r:") as archive:  # "r:": uncompressed only, so seekable
+                    for member in archive:
+                        folder, slash, base = member.name.rpartition("/")
+                        key, _, extension = base.partition(".")
+                        extension = "." + extension.lower()
+                        places = images if extension in IMAGE_EXTENSIONS else captions if extension == ".txt" else None
+                        if places is not None and not member.isfile():
+                            warn(f"skipping {path}: {member.name!r} is not a regular file")
+                        elif places is not None:
+                            places.setdefault(folder + slash + key, (member.offset_data, member.size))
+            except (tarfile.TarError, OSError) as error:
+                warn(f"skipping the rest of {path}: {reason(error)} (shards are uncompressed tar files)")
+            self.samples += [(shard, key, place, captions.get(key)) for key, place in images.items()]
         check(self.samples, f"{self.paths[0]}{' ...' if len(self.paths) > 1 else ''}: no image in "
                             f"{len(self.paths)} shard(s) (looked for KEY.png, KEY.jpg, ...)")
-
-    def _scan(self, shard):
-        """The samples of one tar: where each image's and caption's bytes lie, as (offset, size)."""
-        images, captions = {}, {}
-        try:
-            with tarfile.open(self.paths[shard], "r:") as archive:  # "r:": uncompressed only, so seekable
-                for member in archive:
-                    folder, slash, base = member.name.rpartition("/")
-                    key, _, extension = base.partition(".")
-                    places = (images if f".{extension.lower()}" in IMAGE_EXTENSIONS
-                              else captions if extension.lower() == "txt" else None)
-                    if places is not None and not member.isfile():
-                        warn(f"skipping {self.paths[shard]}: {member.name!r} is not a regular file")
-                    elif places is not None:
-                        places.setdefault(folder + slash + key, (member.offset_data, member.size))
-        except (tarfile.TarError, OSError) as error:
-            warn(f"skipping the rest of {self.paths[shard]}: {reason(error)} (shards are uncompressed tar files)")
-        return [(shard, key, place, captions.get(key)) for key, place in images.items()]
 
     def __len__(self):
         return len(self.samples)
@@ -470,13 +465,6 @@ def _template(shape, size, x0, y0, image_size):
     return np.asarray(image) > 0
 
 
-@lru_cache(maxsize=None)
-def _template_centroid(shape, size, image_size):
-    """Centroid of a shape's mask relative to its box's top-left corner (a triangle's sits low)."""
-    ys, xs = np.nonzero(_template(shape, size, 0, 0, image_size))
-    return xs.mean(), ys.mean()
-
-
 STRAY_PIXELS = 2  # a clean shape: at most this many pixels disagree with its template off the outline
 
 
@@ -498,8 +486,8 @@ def read_shape(image):
     best = (-1.0, None)
     for shape in SHAPES:
         for size in SIZES:
-            offset_x, offset_y = _template_centroid(shape, size, image_size)
-            base_x, base_y = round(xs.mean() - offset_x), round(ys.mean() - offset_y)
+            drawn_y, drawn_x = np.nonzero(_template(shape, size, 0, 0, image_size))  # a triangle's centroid sits low
+            base_x, base_y = round(xs.mean() - drawn_x.mean()), round(ys.mean() - drawn_y.mean())
             for dy in range(-2, 3):
                 for dx in range(-2, 3):
                     template = _template(shape, size, base_x + dx, base_y + dy, image_size)
@@ -529,16 +517,11 @@ def score_shapes(images, captions):
     hits = {key: 0 for key in (*keys, "all", "clean")}
     for image, caption in zip(pixels, captions, strict=True):
         target, found = parse_caption(caption), read_shape(image)
-        if found is None:
-            continue
-        clean = found["stray"] <= STRAY_PIXELS
-        hits["clean"] += clean
-        if target is None:
-            continue
-        matches = [found[key] == target[key] and (clean or key != "shape") for key in keys]
-        for key, match in zip(keys, matches):
-            hits[key] += match
-        hits["all"] += all(matches)
+        if found is not None:
+            hits["clean"] += (clean := found["stray"] <= STRAY_PIXELS)
+            matches = [target is not None and found[key] == target[key] and (clean or key != "shape") for key in keys]
+            for key, match in zip((*keys, "all"), (*matches, all(matches))):
+                hits[key] += match
     n = max(len(captions), 1)
     return {key: value / n for key, value in hits.items()} | {"n": len(captions)}
 
@@ -669,13 +652,10 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
         category = re.sub(r"[^a-z0-9]+", "-", str(entry.get("category")).lower()).strip("-")
         digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
         kept.append((image, path, category, list(dict.fromkeys(lines)), digest < test_fraction * 2 ** 64))
-    test = {i for i, item in enumerate(kept) if item[4]}
-    while True:  # a test emoji sharing a caption line with a train one ('kiss', of 'kiss mark') moves to train
+    test, moved = {i for i, item in enumerate(kept) if item[4]}, True
+    while moved:  # a test emoji sharing a caption line with a train one ('kiss', of 'kiss mark') moves to train
         seen = {line for i, item in enumerate(kept) if i not in test for line in item[3]}
-        if not (moved := {i for i in test if not seen.isdisjoint(kept[i][3])}):
-            break
-        test -= moved
-
+        test -= (moved := {i for i in test if not seen.isdisjoint(kept[i][3])})
     counts = {}
     for i, (image, path, category, lines, _) in enumerate(kept):
         folder = out / ("test" if i in test else "train") / category
@@ -704,22 +684,19 @@ def _wrap(text, font, width):
 def save_grid(images, path, nrow=8, captions=None, padding=2):
     """Save (N, 3, H, W) images in [0, 1] as one PNG, `nrow` per row, captions written under them."""
     images = torch.as_tensor(images).detach().float().clamp(0, 1).cpu()
-    count, _, height, width = images.shape
-    scale = max(1, math.ceil(96 / width)) if captions else 1  # room for a caption under small images
-    tile_w, tile_h = width * scale, height * scale
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
+    scale = max(1, math.ceil(96 / images.shape[3])) if captions else 1  # room for a caption under small images
+    tile_w, tile_h = images.shape[3] * scale, images.shape[2] * scale
     font = ImageFont.load_default()
     line_h = font.getbbox("Ag")[3] + 2
-    wrapped = [_wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * count
-    text_h = max((len(lines) for lines in wrapped), default=0) * line_h
-    columns, rows = min(nrow, count), math.ceil(count / nrow)
-    grid = Image.new("RGB", (columns * (tile_w + padding) + padding,
-                             rows * (tile_h + text_h + padding) + padding), (40, 40, 40))
+    wrapped = [_wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * len(images)
+    cell_w, cell_h = tile_w + padding, tile_h + max(map(len, wrapped), default=0) * line_h + padding
+    grid = Image.new("RGB", (min(nrow, len(images)) * cell_w + padding,
+                             math.ceil(len(images) / nrow) * cell_h + padding), (40, 40, 40))
     draw = ImageDraw.Draw(grid)
-    for i in range(count):
-        row, col = divmod(i, nrow)
-        x, y = padding + col * (tile_w + padding), padding + row * (tile_h + text_h + padding)
-        pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
-        grid.paste(Image.fromarray(pixels).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+    for i, tile in enumerate(pixels):
+        x, y = padding + i % nrow * cell_w, padding + i // nrow * cell_h
+        grid.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.NEAREST), (x, y))
         for j, line in enumerate(wrapped[i]):
             draw.text((x, y + tile_h + j * line_h), line, fill=(255, 255, 255), font=font)
     atomic_write(path, lambda file: grid.save(file, format="PNG"))
@@ -790,13 +767,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
 
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
+    def __post_init__(self):
+        self.is_main, self.distributed = self.rank == 0, self.world_size > 1  # rank 0 writes; several processes
 
 
 def setup(device="auto", seed=0):
@@ -947,8 +919,8 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
-    missing = [key for key in required if key not in checkpoint]
-    check(not missing, f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
+    check(not (missing := [key for key in required if key not in checkpoint]),
+          f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
     check(isinstance(checkpoint.get("config", {}), dict) and type(checkpoint.get("step", 0)) is int,
           f"{path}: a malformed {kind} checkpoint (its config is not a dict or its step not an integer)")
     return checkpoint
@@ -1150,11 +1122,10 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Leaves out the update of a step whose loss or gradient norm is not finite; after `limit` such steps in
-    this process, the next stops the run (one line, exit 2, keeping the last checkpoint, which is a good one).
-    A skipped step still uses up its batch, learning rate and noise, so --resume stays exact; the buffers of
-    `modules` (batch-norm statistics, EMA codebooks) go back to the copy remember() took. Under torchrun the
-    verdict is summed over ranks, so every rank skips the same steps."""
+    """Leaves out the update of a step whose loss or gradient norm is not finite and puts the buffers of `modules`
+    (batch-norm statistics, EMA codebooks) back as remember() copied them; the step still uses up its batch,
+    learning rate and noise, so --resume stays exact. After `limit` such steps in this process, the next stops the
+    run (one line, exit 2; the last checkpoint is kept). Under torchrun every rank skips the same steps."""
 
     def __init__(self, *modules, limit=10):
         self.modules, self.limit, self.skipped, self.saved = modules, limit, 0, []
@@ -1168,7 +1139,7 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def finite(self, step, *values):
-        """True when every value (tensors on one device) is finite. Else restore the buffers, warn and return
+        """True when every value (tensors on one device) is finite; else restore the buffers, warn and return
         False, or stop. `step` counts the steps before this one; messages say step + 1, as the logs do."""
         bad = torch.stack([~torch.isfinite(value).all() for value in values]).any().float()
         if dist.is_initialized():
@@ -1179,22 +1150,21 @@ class NonFiniteGuard:
             buffer.copy_(saved)
         self.skipped += 1
         shown = ", ".join(f"{value.float().item():.4g}" if value.numel() == 1 else "..." for value in values)
-        check(self.skipped <= self.limit, f"step {step + 1}: the loss or gradient norm is not finite ({shown}) "
-              f"after {self.limit} skipped steps; stopped without saving, so the last checkpoint is kept "
-              "(try a lower --lr, or look for bad data)")
+        problem = f"step {step + 1}: the loss or gradient norm is not finite ({shown})"
+        check(self.skipped <= self.limit, f"{problem} after {self.limit} skipped steps; stopped without saving, so "
+                                          "the last checkpoint is kept (try a lower --lr, or look for bad data)")
         if not dist.is_initialized() or dist.get_rank() == 0:
-            warn(f"step {step + 1}: the loss or gradient norm is not finite ({shown}); its update is skipped "
-                 f"({self.skipped} of at most {self.limit})")
+            warn(f"{problem}; its update is skipped ({self.skipped} of at most {self.limit})")
         return False
 
 
 def _record_step(line):
-    """The step of one metrics.jsonl line, or None for a blank line or one cut short by a crash."""
+    """The step of one metrics.jsonl line; infinity (never kept) for a blank line or one cut short by a crash."""
     try:
         record = json.loads(line)
     except ValueError:
-        return None
-    return record.get("step", 0) if isinstance(record, dict) else None
+        return math.inf
+    return record.get("step", 0) if isinstance(record, dict) else math.inf
 
 
 class Logger:
@@ -1209,8 +1179,8 @@ class Logger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
-            records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
-            kept = [line for line, step in records if step is not None and step <= start_step]
+            lines = self.path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if _record_step(line) <= start_step]
             atomic_write(self.path, lambda file: file.write("".join(f"{line}\n" for line in kept).encode()))
 
     def log(self, step, **metrics):
