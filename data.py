@@ -32,6 +32,7 @@ import re
 import signal
 import sys
 import tarfile
+import threading
 import time
 import typing
 import warnings
@@ -85,7 +86,6 @@ _new_records = []  # (config.json, whether its folder is new) written by this pr
 
 
 def warn(message):
-    """Print a warning once per distinct message."""
     if message not in _warned:
         _warned.add(message)
         print(f"warning: {message}", file=sys.stderr)
@@ -670,26 +670,25 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
 # Grids
 
 
-def _wrap(text, font, width):
-    """`text` in lines at most `width` pixels wide (a longer word gets a line of its own)."""
-    lines = []
-    for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
 def save_grid(images, path, nrow=8, captions=None, padding=2):
     """Save (N, 3, H, W) images in [0, 1] as one PNG, `nrow` per row, captions written under them."""
+    def wrap(text, font, width):
+        """`text` in lines at most `width` pixels wide (a longer word gets a line of its own)."""
+        lines = []
+        for word in text.split():
+            if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+                lines[-1] += f" {word}"
+            else:
+                lines.append(word)
+        return lines
+
     images = torch.as_tensor(images).detach().float().clamp(0, 1).cpu()
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
     scale = max(1, math.ceil(96 / images.shape[3])) if captions else 1  # room for a caption under small images
     tile_w, tile_h = images.shape[3] * scale, images.shape[2] * scale
     font = ImageFont.load_default()
     line_h = font.getbbox("Ag")[3] + 2
-    wrapped = [_wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * len(images)
+    wrapped = [wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * len(images)
     cell_w, cell_h = tile_w + padding, tile_h + max(map(len, wrapped), default=0) * line_h + padding
     grid = Image.new("RGB", (min(nrow, len(images)) * cell_w + padding,
                              math.ceil(len(images) / nrow) * cell_h + padding), (40, 40, 40))
@@ -772,8 +771,8 @@ class Runtime:
 
 
 def setup(device="auto", seed=0):
-    """Pick the device (cuda, then mps, then cpu), join torchrun's process group if launched by it
-    (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
+    """Pick the device (cuda, then mps, then cpu), join torchrun's group (gloo on CPU, nccl on CUDA), seed every
+    generator, and enable TF32 on CUDA."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     check(0 <= seed < 10**8, f"--seed {seed}: use 0 to 99999999")  # step_generator's seeds stay below 2**64
     mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
@@ -799,7 +798,6 @@ def setup(device="auto", seed=0):
 
 
 def barrier(runtime):
-    """Under torchrun, wait until every rank gets here."""
     if runtime.distributed:
         dist.barrier()
 
@@ -1062,6 +1060,12 @@ def write_parts(folder, runtime, make, kind, made_by):
 def read_parts(folder, kind, required, made_by):
     """A folder's parts, checked complete and all made by one maker (their `made_by` entry), joined in order:
     dict(kind, made_by: the maker, every other required key: tensors concatenated, lists chained)."""
+    def join(values):
+        """One entry of every part, joined: dicts key by key, tensors concatenated along dim 0, lists chained."""
+        if isinstance(values[0], dict):
+            return {key: join([value[key] for value in values]) for key in values[0]}
+        return torch.cat(values) if torch.is_tensor(values[0]) else [item for value in values for item in value]
+
     count, found = parts_in(folder)
     check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
     missing = [index for index in range(count) if index not in found]
@@ -1075,16 +1079,9 @@ def read_parts(folder, kind, required, made_by):
               f"{found[index]}: made by another {made_by} than {found[0].name}; write the folder again")
     try:
         return {"kind": kind, made_by: parts[0][made_by],
-                **{key: _join([part[key] for part in parts]) for key in required if key != made_by}}
+                **{key: join([part[key] for part in parts]) for key in required if key != made_by}}
     except (KeyError, TypeError, RuntimeError) as error:
         raise UsageError(f"{folder}: malformed parts ({type(error).__name__}: {reason(error)})") from None
-
-
-def _join(values):
-    """One entry of every part, joined: dicts key by key, tensors concatenated along dim 0, lists chained."""
-    if isinstance(values[0], dict):
-        return {key: _join([value[key] for value in values]) for key in values[0]}
-    return torch.cat(values) if torch.is_tensor(values[0]) else [item for value in values for item in value]
 
 
 def same_state(a, b):
@@ -1103,11 +1100,8 @@ class StopRequest:
         self.requested, self.previous = False, {}
 
     def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave the signals alone
-                pass
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers; others leave them
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -1168,9 +1162,8 @@ def _record_step(line):
 
 
 class Logger:
-    """Metrics as OUT/metrics.jsonl (rank 0 only), and a progress line with step, loss, it/s and ETA. On resume,
-    the records after the checkpoint's step and any line cut short are dropped, so the file reads as if the run
-    had never stopped."""
+    """Metrics as OUT/metrics.jsonl (rank 0 only) and a progress line with step, loss, it/s and ETA. On resume the
+    records after the checkpoint's step and any line cut short are dropped: the file reads as if never stopped."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1277,11 +1270,6 @@ def frechet_distance(a, b):
     return max(float((a.mean(0) - b.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * cross), 0.0)  # >= 0
 
 
-def class_key(text):
-    """'Ankle_boot', 'ankle-boot', 'ankle boot' -> 'ankleboot': how a caption is compared with class names."""
-    return re.sub(r"[\s_\-]+", "", text).casefold()
-
-
 def train_judge(args):
     check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0, "--epochs and --batch-size must be "
                                                                        "positive, --steps not negative")
@@ -1301,8 +1289,7 @@ def train_judge(args):
     sampler, logger = iter(InfiniteSampler(len(images), args.seed)), Logger(Path(args.out).parent, steps)
     for step in range(steps):
         index = torch.tensor([next(sampler) for _ in range(args.batch_size)])  # (B,)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, 2e-3, min(100, steps // 10))
+        optimizer.param_groups[0]["lr"] = learning_rate(step, steps, 2e-3, min(100, steps // 10))
         logits, _ = model.train()(images[index].to(runtime.device).float() / 255)
         loss = torch.nn.functional.cross_entropy(logits, labels[index].to(runtime.device))
         optimizer.zero_grad(set_to_none=True)
@@ -1317,6 +1304,10 @@ def train_judge(args):
 
 
 def score_judge(args):
+    def class_key(text):
+        """'Ankle_boot', 'ankle-boot', 'ankle boot' -> 'ankleboot': how a caption is compared with class names."""
+        return re.sub(r"[\s_\-]+", "", text).casefold()
+
     runtime = setup(args.device, 0)
     saved = load_checkpoint(args.judge, "judge")
     config = config_from_dict(JudgeConfig, saved["config"], validate_judge)
