@@ -32,6 +32,7 @@ import re
 import signal
 import sys
 import tarfile
+import threading
 import time
 import typing
 import warnings
@@ -85,7 +86,6 @@ _new_records = []  # (config.json, whether its folder is new) written by this pr
 
 
 def warn(message):
-    """Print a warning once per distinct message."""
     if message not in _warned:
         _warned.add(message)
         print(f"warning: {message}", file=sys.stderr)
@@ -111,14 +111,12 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(config_class, argv=None, description=None):
     """An argparse CLI from a Config dataclass: one flag per field, its help the `# comment` after the field.
     Returns the config and the names of the flags given (--resume applies exactly those on top)."""
-    types, comments = typing.get_type_hints(config_class), {}
+    types = typing.get_type_hints(config_class)
     try:
         source = inspect.getsource(config_class)
     except (OSError, TypeError):  # a class built at run time has no source: no help texts
         source = ""
-    for line in source.splitlines():
-        if match := re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line):
-            comments[match[1]] = match[2].strip()
+    comments = dict(re.findall(r"(?m)^\s+(\w+)\s*:[^#\n]*#\s*(.*\S)", source))  # {field: its comment}
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(config_class):
         flags = ["-" + field.name] * (len(field.name) == 1) + ["--" + field.name.replace("_", "-")]  # n: -n, --n
@@ -171,7 +169,7 @@ def config_from_dict(config_class, values, validate):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images: any file PIL opens becomes RGB, square, image_size; a folder of them, captioned
+# Images (any file PIL opens, as RGB, square, image_size), captioned folders of them, and tar shards of them
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -274,10 +272,6 @@ class ImageTextFolder(Dataset):
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Shards: uncompressed tar files in the WebDataset layout (KEY.png or KEY.jpg ..., plus KEY.txt)
-
-
 COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
@@ -303,28 +297,25 @@ class ShardDataset(Dataset):
     folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
 
     def __init__(self, paths, image_size):
-        self.paths, self.image_size, self.broken = [str(path) for path in paths], image_size, set()
-        self.samples = [sample for shard in range(len(self.paths)) for sample in self._scan(shard)]  # see _scan
+        self.paths, self.image_size, self.broken, self.samples = [str(path) for path in paths], image_size, set(), []
+        for shard, path in enumerate(self.paths):
+            images, captions = {}, {}  # KEY -> where its bytes lie in the tar, (offset, size)
+            try:
+                with tarfile.open(path, "r:") as archive:  # "r:": uncompressed only, so seekable
+                    for member in archive:
+                        folder, slash, base = member.name.rpartition("/")
+                        key, _, extension = base.partition(".")
+                        extension = "." + extension.lower()
+                        places = images if extension in IMAGE_EXTENSIONS else captions if extension == ".txt" else None
+                        if places is not None and not member.isfile():
+                            warn(f"skipping {path}: {member.name!r} is not a regular file")
+                        elif places is not None:
+                            places.setdefault(folder + slash + key, (member.offset_data, member.size))
+            except (tarfile.TarError, OSError) as error:
+                warn(f"skipping the rest of {path}: {reason(error)} (shards are uncompressed tar files)")
+            self.samples += [(shard, key, place, captions.get(key)) for key, place in images.items()]
         check(self.samples, f"{self.paths[0]}{' ...' if len(self.paths) > 1 else ''}: no image in "
                             f"{len(self.paths)} shard(s) (looked for KEY.png, KEY.jpg, ...)")
-
-    def _scan(self, shard):
-        """The samples of one tar: where each image's and caption's bytes lie, as (offset, size)."""
-        images, captions = {}, {}
-        try:
-            with tarfile.open(self.paths[shard], "r:") as archive:  # "r:": uncompressed only, so seekable
-                for member in archive:
-                    folder, slash, base = member.name.rpartition("/")
-                    key, _, extension = base.partition(".")
-                    places = (images if f".{extension.lower()}" in IMAGE_EXTENSIONS
-                              else captions if extension.lower() == "txt" else None)
-                    if places is not None and not member.isfile():
-                        warn(f"skipping {self.paths[shard]}: {member.name!r} is not a regular file")
-                    elif places is not None:
-                        places.setdefault(folder + slash + key, (member.offset_data, member.size))
-        except (tarfile.TarError, OSError) as error:
-            warn(f"skipping the rest of {self.paths[shard]}: {reason(error)} (shards are uncompressed tar files)")
-        return [(shard, key, place, captions.get(key)) for key, place in images.items()]
 
     def __len__(self):
         return len(self.samples)
@@ -474,13 +465,6 @@ def _template(shape, size, x0, y0, image_size):
     return np.asarray(image) > 0
 
 
-@lru_cache(maxsize=None)
-def _template_centroid(shape, size, image_size):
-    """Centroid of a shape's mask relative to its box's top-left corner (a triangle's sits low)."""
-    ys, xs = np.nonzero(_template(shape, size, 0, 0, image_size))
-    return xs.mean(), ys.mean()
-
-
 STRAY_PIXELS = 2  # a clean shape: at most this many pixels disagree with its template off the outline
 
 
@@ -502,8 +486,8 @@ def read_shape(image):
     best = (-1.0, None)
     for shape in SHAPES:
         for size in SIZES:
-            offset_x, offset_y = _template_centroid(shape, size, image_size)
-            base_x, base_y = round(xs.mean() - offset_x), round(ys.mean() - offset_y)
+            drawn_y, drawn_x = np.nonzero(_template(shape, size, 0, 0, image_size))  # a triangle's centroid sits low
+            base_x, base_y = round(xs.mean() - drawn_x.mean()), round(ys.mean() - drawn_y.mean())
             for dy in range(-2, 3):
                 for dx in range(-2, 3):
                     template = _template(shape, size, base_x + dx, base_y + dy, image_size)
@@ -533,16 +517,11 @@ def score_shapes(images, captions):
     hits = {key: 0 for key in (*keys, "all", "clean")}
     for image, caption in zip(pixels, captions, strict=True):
         target, found = parse_caption(caption), read_shape(image)
-        if found is None:
-            continue
-        clean = found["stray"] <= STRAY_PIXELS
-        hits["clean"] += clean
-        if target is None:
-            continue
-        matches = [found[key] == target[key] and (clean or key != "shape") for key in keys]
-        for key, match in zip(keys, matches):
-            hits[key] += match
-        hits["all"] += all(matches)
+        if found is not None:
+            hits["clean"] += (clean := found["stray"] <= STRAY_PIXELS)
+            matches = [target is not None and found[key] == target[key] and (clean or key != "shape") for key in keys]
+            for key, match in zip((*keys, "all"), (*matches, all(matches))):
+                hits[key] += match
     n = max(len(captions), 1)
     return {key: value / n for key, value in hits.items()} | {"n": len(captions)}
 
@@ -608,7 +587,7 @@ def warn_if_cut(captions, length):
 
 
 # ----------------------------------------------------------------------------------------------------
-# MNIST-family IDX files
+# Dataset preparation: MNIST-family IDX files; Twemoji (npm pack emoji-datasource-twitter@16.0.0; tar xzf it)
 
 
 def read_idx(path):
@@ -638,10 +617,6 @@ def idx_to_folder(images_path, labels_path, out, names):
     for i, (image, label) in enumerate(zip(images, labels)):
         Image.fromarray(image, "L").save(Path(out) / folders[label] / f"{i:05d}.png")
     return len(images)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Twemoji: a real captioned set, prepared once (npm pack emoji-datasource-twitter@16.0.0; tar xzf it)
 
 
 def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1):
@@ -677,13 +652,10 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
         category = re.sub(r"[^a-z0-9]+", "-", str(entry.get("category")).lower()).strip("-")
         digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
         kept.append((image, path, category, list(dict.fromkeys(lines)), digest < test_fraction * 2 ** 64))
-    test = {i for i, item in enumerate(kept) if item[4]}
-    while True:  # a test emoji sharing a caption line with a train one ('kiss', of 'kiss mark') moves to train
+    test, moved = {i for i, item in enumerate(kept) if item[4]}, True
+    while moved:  # a test emoji sharing a caption line with a train one ('kiss', of 'kiss mark') moves to train
         seen = {line for i, item in enumerate(kept) if i not in test for line in item[3]}
-        if not (moved := {i for i in test if not seen.isdisjoint(kept[i][3])}):
-            break
-        test -= moved
-
+        test -= (moved := {i for i in test if not seen.isdisjoint(kept[i][3])})
     counts = {}
     for i, (image, path, category, lines, _) in enumerate(kept):
         folder = out / ("test" if i in test else "train") / category
@@ -698,36 +670,32 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
 # Grids
 
 
-def _wrap(text, font, width):
-    """`text` in lines at most `width` pixels wide (a longer word gets a line of its own)."""
-    lines = []
-    for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
 def save_grid(images, path, nrow=8, captions=None, padding=2):
     """Save (N, 3, H, W) images in [0, 1] as one PNG, `nrow` per row, captions written under them."""
+    def wrap(text, font, width):
+        """`text` in lines at most `width` pixels wide (a longer word gets a line of its own)."""
+        lines = []
+        for word in text.split():
+            if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+                lines[-1] += f" {word}"
+            else:
+                lines.append(word)
+        return lines
+
     images = torch.as_tensor(images).detach().float().clamp(0, 1).cpu()
-    count, _, height, width = images.shape
-    scale = max(1, math.ceil(96 / width)) if captions else 1  # room for a caption under small images
-    tile_w, tile_h = width * scale, height * scale
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
+    scale = max(1, math.ceil(96 / images.shape[3])) if captions else 1  # room for a caption under small images
+    tile_w, tile_h = images.shape[3] * scale, images.shape[2] * scale
     font = ImageFont.load_default()
     line_h = font.getbbox("Ag")[3] + 2
-    wrapped = [_wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * count
-    text_h = max((len(lines) for lines in wrapped), default=0) * line_h
-    columns, rows = min(nrow, count), math.ceil(count / nrow)
-    grid = Image.new("RGB", (columns * (tile_w + padding) + padding,
-                             rows * (tile_h + text_h + padding) + padding), (40, 40, 40))
+    wrapped = [wrap(caption, font, tile_w) for caption in captions] if captions else [[]] * len(images)
+    cell_w, cell_h = tile_w + padding, tile_h + max(map(len, wrapped), default=0) * line_h + padding
+    grid = Image.new("RGB", (min(nrow, len(images)) * cell_w + padding,
+                             math.ceil(len(images) / nrow) * cell_h + padding), (40, 40, 40))
     draw = ImageDraw.Draw(grid)
-    for i in range(count):
-        row, col = divmod(i, nrow)
-        x, y = padding + col * (tile_w + padding), padding + row * (tile_h + text_h + padding)
-        pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
-        grid.paste(Image.fromarray(pixels).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+    for i, tile in enumerate(pixels):
+        x, y = padding + i % nrow * cell_w, padding + i // nrow * cell_h
+        grid.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.NEAREST), (x, y))
         for j, line in enumerate(wrapped[i]):
             draw.text((x, y + tile_h + j * line_h), line, fill=(255, 255, 255), font=font)
     atomic_write(path, lambda file: grid.save(file, format="PNG"))
@@ -743,7 +711,8 @@ def write_pairs(folder, images, captions, names=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training plumbing, 1: datasets by name, device, torchrun, sampler, schedule
+# Training plumbing: datasets by name, device, torchrun, sampler, schedule; atomic checkpoints, run records (an
+# exact --resume), codes in parts; the training loop's Ctrl-C, non-finite steps and metrics log
 
 
 def shapes_size(name):
@@ -797,18 +766,13 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
 
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
+    def __post_init__(self):
+        self.is_main, self.distributed = self.rank == 0, self.world_size > 1  # rank 0 writes; several processes
 
 
 def setup(device="auto", seed=0):
-    """Pick the device (cuda, then mps, then cpu), join torchrun's process group if launched by it
-    (gloo on CPU, nccl on CUDA), seed every generator, and enable TF32 on CUDA."""
+    """Pick the device (cuda, then mps, then cpu), join torchrun's group (gloo on CPU, nccl on CUDA), seed every
+    generator, and enable TF32 on CUDA."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     check(0 <= seed < 10**8, f"--seed {seed}: use 0 to 99999999")  # step_generator's seeds stay below 2**64
     mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
@@ -830,12 +794,10 @@ def setup(device="auto", seed=0):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     for seed_all in (random.seed, np.random.seed, torch.manual_seed):  # DDP copies rank 0's initial weights
         seed_all(seed + rank)
-
     return Runtime(device, rank, world_size)
 
 
 def barrier(runtime):
-    """Under torchrun, wait until every rank gets here."""
     if runtime.distributed:
         dist.barrier()
 
@@ -880,7 +842,6 @@ def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
-
     for images, captions in loader:
         yield images.to(runtime.device, non_blocking=True), list(captions)
 
@@ -898,15 +859,13 @@ def learning_rate(step, total_steps, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training plumbing, 2: atomic checkpoints, run records (an exact --resume), codes in parts
-
-
 def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, fsync, rename over `path`: a crash leaves the old or new."""
+    """write(file) into `.NAME.tmp` beside `path`, fsync, rename over `path`: a crash leaves the old or new file.
+    NOTE: one fixed temporary name per target, so a killed write leaves at most one, which the next write of that
+    target overwrites; no two processes write one target (rank 0 writes checkpoints, each rank its own parts)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as file:
             write(file)
@@ -915,19 +874,6 @@ def atomic_write(path, write):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)  # only left if writing failed (a full disk, say)
-
-
-def remove_stale_temporaries(folder, name="*"):
-    """Delete the `.NAME.tmpPID` files atomic_write left in `folder` when killed, unless process PID still runs."""
-    for path in Path(folder).glob(f".{name}.tmp*"):
-        pid = path.name.rpartition(".tmp")[2]
-        try:
-            if pid.isdigit() and int(pid) != os.getpid():
-                os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except (PermissionError, OverflowError):  # another user's process; a number too large to be a pid
-            pass
 
 
 def keep_work_if_stopped(step, steps, runtime, save, out):
@@ -954,7 +900,6 @@ def save_checkpoint(path, kind, config, step, **state):
     """Atomically save plain data only: `kind`, the config as a dict, the step, the states (model=..., ...)."""
     payload = dict(kind=kind, config=dataclasses.asdict(config), step=step, **state)
     atomic_write(path, lambda file: torch.save(payload, file))
-    remove_stale_temporaries(Path(path).parent, Path(path).name)  # left by a process killed while saving
 
 
 def load_checkpoint(path, kind, required=("config", "model", "step")):
@@ -972,8 +917,8 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
-    missing = [key for key in required if key not in checkpoint]
-    check(not missing, f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
+    check(not (missing := [key for key in required if key not in checkpoint]),
+          f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
     check(isinstance(checkpoint.get("config", {}), dict) and type(checkpoint.get("step", 0)) is int,
           f"{path}: a malformed {kind} checkpoint (its config is not a dict or its step not an integer)")
     return checkpoint
@@ -1000,12 +945,11 @@ def load_state(module, state, path):
 
 
 def run_config(config, given, kind, validate, training, required=("config", "model", "step")):
-    """The config a command runs with, and the checkpoint it continues (None for a new run). A training run
+    """The config a command runs with, and the checkpoint it continues (None for a new run). A new training run
     records how it was started in OUT/config.json, before any work:
         {"file": "dalle.py", "kind": "dalle", "config": {every flag}, "resumed": [{"step": S, "changed": {...}}]}
-    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config, or, for a run stopped before its first
-    checkpoint (a staged one), with config.json's. Flags given with --resume go on top, printed and appended
-    to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
+    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config; flags given with it go on top, printed and
+    appended to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
     validate(config)
     out, file = Path(config.out), Path(inspect.getfile(type(config))).name
     kind_of = kind if callable(kind) else (lambda _: kind)
@@ -1023,14 +967,11 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     # the run's own record, unless --ckpt names a checkpoint elsewhere (whose config then gives OUT)
     record, recorded = read_record(record_path, file) if record_path.exists() and not config.ckpt else (None, None)
     path = Path(config.ckpt) if config.ckpt else out / "ckpt.pt"
-    checkpoint, step = None, 0
-    if path.exists() or record is None:
-        checkpoint = load_checkpoint(path, kind_of(config_from_dict(type(config), recorded, validate)
-                                                   if record else config), required)
-        saved = config_from_dict(type(config), checkpoint["config"], validate)
-        step = checkpoint["step"]
-    else:  # stopped before its first checkpoint: the flags it was started with
-        saved = config_from_dict(type(config), recorded, validate)
+    kind = kind_of(config_from_dict(type(config), recorded, validate) if record else config)
+    check(path.exists() or record is None,
+          f"{out} stopped before its first checkpoint, so there is nothing to resume: start it again without --resume")
+    checkpoint = load_checkpoint(path, kind, required)
+    saved, step = config_from_dict(type(config), checkpoint["config"], validate), checkpoint["step"]
     config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
     validate(config)
     changed = {name: getattr(config, name) for name in sorted(given - {"resume", "out", "ckpt"})
@@ -1079,7 +1020,6 @@ def parts_in(folder):
     found = {}
     for path in Path(folder).glob("part-*-of-*.pt"):
         if match := re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name):
-
             found.setdefault(int(match[2]), {})[int(match[1])] = path
     check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
                            f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
@@ -1093,7 +1033,6 @@ def write_parts(folder, runtime, make, kind, made_by):
     tokenizer, say): a folder of parts holding another value there is refused before anything is written."""
     if runtime.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder)  # a part half-written when its process was killed
     barrier(runtime)
     count, found = parts_in(folder)
     count = count or runtime.world_size
@@ -1121,6 +1060,12 @@ def write_parts(folder, runtime, make, kind, made_by):
 def read_parts(folder, kind, required, made_by):
     """A folder's parts, checked complete and all made by one maker (their `made_by` entry), joined in order:
     dict(kind, made_by: the maker, every other required key: tensors concatenated, lists chained)."""
+    def join(values):
+        """One entry of every part, joined: dicts key by key, tensors concatenated along dim 0, lists chained."""
+        if isinstance(values[0], dict):
+            return {key: join([value[key] for value in values]) for key in values[0]}
+        return torch.cat(values) if torch.is_tensor(values[0]) else [item for value in values for item in value]
+
     count, found = parts_in(folder)
     check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
     missing = [index for index in range(count) if index not in found]
@@ -1134,16 +1079,9 @@ def read_parts(folder, kind, required, made_by):
               f"{found[index]}: made by another {made_by} than {found[0].name}; write the folder again")
     try:
         return {"kind": kind, made_by: parts[0][made_by],
-                **{key: _join([part[key] for part in parts]) for key in required if key != made_by}}
+                **{key: join([part[key] for part in parts]) for key in required if key != made_by}}
     except (KeyError, TypeError, RuntimeError) as error:
         raise UsageError(f"{folder}: malformed parts ({type(error).__name__}: {reason(error)})") from None
-
-
-def _join(values):
-    """One entry of every part, joined: dicts key by key, tensors concatenated along dim 0, lists chained."""
-    if isinstance(values[0], dict):
-        return {key: _join([value[key] for value in values]) for key in values[0]}
-    return torch.cat(values) if torch.is_tensor(values[0]) else [item for value in values for item in value]
 
 
 def same_state(a, b):
@@ -1155,10 +1093,6 @@ def same_state(a, b):
     return a == b
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training plumbing, 3: the training loop's Ctrl-C, non-finite steps and metrics log
-
-
 class StopRequest:
     """SIGINT and SIGTERM become a flag the training loop checks between steps: no checkpoint mid-update."""
 
@@ -1166,11 +1100,8 @@ class StopRequest:
         self.requested, self.previous = False, {}
 
     def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave the signals alone
-                pass
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers; others leave them
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -1185,11 +1116,10 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Leaves out the update of a step whose loss or gradient norm is not finite; after `limit` such steps in
-    this process, the next stops the run (one line, exit 2, keeping the last checkpoint, which is a good one).
-    A skipped step still uses up its batch, learning rate and noise, so --resume stays exact; the buffers of
-    `modules` (batch-norm statistics, EMA codebooks) go back to the copy remember() took. Under torchrun the
-    verdict is summed over ranks, so every rank skips the same steps."""
+    """Leaves out the update of a step whose loss or gradient norm is not finite and puts the buffers of `modules`
+    (batch-norm statistics, EMA codebooks) back as remember() copied them; the step still uses up its batch,
+    learning rate and noise, so --resume stays exact. After `limit` such steps in this process, the next stops the
+    run (one line, exit 2; the last checkpoint is kept). Under torchrun every rank skips the same steps."""
 
     def __init__(self, *modules, limit=10):
         self.modules, self.limit, self.skipped, self.saved = modules, limit, 0, []
@@ -1203,7 +1133,7 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def finite(self, step, *values):
-        """True when every value (tensors on one device) is finite. Else restore the buffers, warn and return
+        """True when every value (tensors on one device) is finite; else restore the buffers, warn and return
         False, or stop. `step` counts the steps before this one; messages say step + 1, as the logs do."""
         bad = torch.stack([~torch.isfinite(value).all() for value in values]).any().float()
         if dist.is_initialized():
@@ -1214,28 +1144,26 @@ class NonFiniteGuard:
             buffer.copy_(saved)
         self.skipped += 1
         shown = ", ".join(f"{value.float().item():.4g}" if value.numel() == 1 else "..." for value in values)
-        check(self.skipped <= self.limit, f"step {step + 1}: the loss or gradient norm is not finite ({shown}) "
-              f"after {self.limit} skipped steps; stopped without saving, so the last checkpoint is kept "
-              "(try a lower --lr, or look for bad data)")
+        problem = f"step {step + 1}: the loss or gradient norm is not finite ({shown})"
+        check(self.skipped <= self.limit, f"{problem} after {self.limit} skipped steps; stopped without saving, so "
+                                          "the last checkpoint is kept (try a lower --lr, or look for bad data)")
         if not dist.is_initialized() or dist.get_rank() == 0:
-            warn(f"step {step + 1}: the loss or gradient norm is not finite ({shown}); its update is skipped "
-                 f"({self.skipped} of at most {self.limit})")
+            warn(f"{problem}; its update is skipped ({self.skipped} of at most {self.limit})")
         return False
 
 
 def _record_step(line):
-    """The step of one metrics.jsonl line, or None for a blank line or one cut short by a crash."""
+    """The step of one metrics.jsonl line; infinity (never kept) for a blank line or one cut short by a crash."""
     try:
         record = json.loads(line)
     except ValueError:
-        return None
-    return record.get("step", 0) if isinstance(record, dict) else None
+        return math.inf
+    return record.get("step", 0) if isinstance(record, dict) else math.inf
 
 
 class Logger:
-    """Metrics as OUT/metrics.jsonl (rank 0 only), and a progress line with step, loss, it/s and ETA. On resume,
-    the records after the checkpoint's step and any line cut short are dropped, so the file reads as if the run
-    had never stopped; the temporary files a killed run left in OUT are deleted."""
+    """Metrics as OUT/metrics.jsonl (rank 0 only) and a progress line with step, loss, it/s and ETA. On resume the
+    records after the checkpoint's step and any line cut short are dropped: the file reads as if never stopped."""
 
     def __init__(self, out, total_steps, start_step=0, enabled=True):
         self.total_steps, self.enabled = total_steps, enabled
@@ -1243,10 +1171,9 @@ class Logger:
         self.path = Path(out) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(out)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
-            records = [(line, _record_step(line)) for line in self.path.read_text(errors="replace").splitlines()]
-            kept = [line for line, step in records if step is not None and step <= start_step]
+            lines = self.path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if _record_step(line) <= start_step]
             atomic_write(self.path, lambda file: file.write("".join(f"{line}\n" for line in kept).encode()))
 
     def log(self, step, **metrics):
@@ -1326,7 +1253,6 @@ def read_labelled(folder, image_size, classes=None):
             images.append(image)
             labels.append(classes.index(path.relative_to(dataset.root).parts[0]))
             captions.append(dataset.caption_choices(path))
-
     check(images, f"{folder}: no usable image")
     return torch.stack(images), torch.tensor(labels), classes, captions
 
@@ -1342,11 +1268,6 @@ def frechet_distance(a, b):
     root = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T  # S1^(1/2)
     cross = torch.linalg.eigvalsh(root @ s2 @ root).clamp(min=0).sqrt().sum()  # Tr (S1 S2)^(1/2)
     return max(float((a.mean(0) - b.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * cross), 0.0)  # >= 0
-
-
-def class_key(text):
-    """'Ankle_boot', 'ankle-boot', 'ankle boot' -> 'ankleboot': how a caption is compared with class names."""
-    return re.sub(r"[\s_\-]+", "", text).casefold()
 
 
 def train_judge(args):
@@ -1368,8 +1289,7 @@ def train_judge(args):
     sampler, logger = iter(InfiniteSampler(len(images), args.seed)), Logger(Path(args.out).parent, steps)
     for step in range(steps):
         index = torch.tensor([next(sampler) for _ in range(args.batch_size)])  # (B,)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, 2e-3, min(100, steps // 10))
+        optimizer.param_groups[0]["lr"] = learning_rate(step, steps, 2e-3, min(100, steps // 10))
         logits, _ = model.train()(images[index].to(runtime.device).float() / 255)
         loss = torch.nn.functional.cross_entropy(logits, labels[index].to(runtime.device))
         optimizer.zero_grad(set_to_none=True)
@@ -1384,6 +1304,10 @@ def train_judge(args):
 
 
 def score_judge(args):
+    def class_key(text):
+        """'Ankle_boot', 'ankle-boot', 'ankle boot' -> 'ankleboot': how a caption is compared with class names."""
+        return re.sub(r"[\s_\-]+", "", text).casefold()
+
     runtime = setup(args.device, 0)
     saved = load_checkpoint(args.judge, "judge")
     config = config_from_dict(JudgeConfig, saved["config"], validate_judge)

@@ -1242,7 +1242,8 @@ def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
     assert logged[-1]["top_restarts_total"] > 0 and logged[-1]["bottom_restarts_total"] > 0  # restarts included
 
 
-def test_vqvae2_prior_resume_after_a_kill_before_its_first_checkpoint(tiny_shapes, tmp_path, monkeypatch):
+def test_vqvae2_prior_killed_before_its_first_checkpoint_starts_again_and_resumes_as_a_prior(tiny_shapes, tmp_path,
+                                                                                             monkeypatch, capsys):
     vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--steps", "2",
                  "--out", str(tmp_path / "a")])
     vqvae2.main(["--encode", str(tiny_shapes), "--ckpt", str(tmp_path / "a" / "ckpt.pt")])
@@ -1253,10 +1254,14 @@ def test_vqvae2_prior_resume_after_a_kill_before_its_first_checkpoint(tiny_shape
         patch.setattr(vqvae2, "batches", die)
         with pytest.raises(Killed):
             vqvae2.main(prior + ["--out", str(tmp_path / "killed")])
-    vqvae2.main(["--resume", "--out", str(tmp_path / "killed")])  # the priors' flags, not the autoencoder's
+    capsys.readouterr()
+    assert_clean_error(in_process(capsys, vqvae2, "--resume", "--out", tmp_path / "killed"), "without --resume")
+    vqvae2.main(prior + ["--out", str(tmp_path / "killed")])  # started again: a new run
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "killed"))
-    assert b["kind"] == "vqvae2-prior" and (b["step"], b["config"]["prior_width"], b["config"]["lr"]) == (3, 8, 0.001)
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    vqvae2.main(["--resume", "--steps", "4", "--out", str(tmp_path / "killed")])  # as a prior, not an autoencoder
+    b = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
+    assert b["kind"] == "vqvae2-prior" and (b["step"], b["config"]["prior_width"], b["config"]["lr"]) == (4, 8, 0.001)
 
 
 def test_vqvae2_two_nodes_on_shards(tiny_shards, tmp_path):
@@ -1297,10 +1302,10 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
     # a stopped encoding: one process writes the missing part only, and what it writes is the same
     first = (tmp_path / "parts" / names[0]).stat().st_mtime_ns
     (tmp_path / "parts" / names[1]).unlink()
-    (tmp_path / "parts" / f".{names[1]}.tmp999999999").write_bytes(b"half")  # left by a SIGKILL
+    (tmp_path / "parts" / f".{names[1]}.tmp").write_bytes(b"half")  # left by a SIGKILL
     resumed = in_process(capsys, vqvae2, *encode, "--out", tmp_path / "parts")
     assert resumed.returncode == 0, resumed.stderr
-    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names  # the temporary is gone
+    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == names  # the temporary was written over
     assert (tmp_path / "parts" / names[0]).stat().st_mtime_ns == first
     again = torch.load(tmp_path / "parts" / names[1], weights_only=True)
     assert torch.equal(again["train"]["bottom"], halves[1]["train"]["bottom"])
@@ -1521,8 +1526,7 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_with(tiny_shapes, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny_shapes, tmp_path, monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
             "1", "--warmup", "1", "--code-drop", "0.25", "--text-shift"]  # none of them the default
     dalle.main(args + ["--out", str(tmp_path / "straight")])
@@ -1536,12 +1540,14 @@ def test_dalle_resume_after_a_kill_in_any_stage_uses_the_flags_it_was_started_wi
                 dalle.main(args + ["--out", str(out)])
         assert not (out / "ckpt.pt").exists() and (out / "codes.pt").exists() == (stage == 3)
         capsys.readouterr()
-        dalle.main(["--resume", "--out", str(out)])
-        assert f"resuming {out} from step 0 with the flags it was started with\n" in capsys.readouterr().out
+        assert_clean_error(in_process(capsys, dalle, "--resume", "--out", out), "start it again without --resume")
+        dalle.main(args + ["--out", str(out)])
+        stdout = capsys.readouterr().out
+        assert ("stage 1/3" in stdout, "stage 2/3" in stdout) == (stage == 1, stage <= 2), stdout  # finished: kept
         resumed = torch.load(out / "ckpt.pt", weights_only=True)
-        assert resumed["config"] == {**straight["config"], "out": str(out), "resume": True}
+        assert resumed["config"] == {**straight["config"], "out": str(out)}
         assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
-        record = json.loads((out / "config.json").read_text())  # written once, at the start, and kept
+        record = json.loads((out / "config.json").read_text())
         assert record["config"] == {**straight["config"], "out": str(out)} and record["resumed"] == []
 
 
@@ -2088,18 +2094,21 @@ def test_resume_records_what_it_overrides_and_refuses_what_it_cannot_continue(ti
         patch.setattr(vae, "batches", die)
         with pytest.raises(Killed):
             vae.main(args)
-    capsys.readouterr()
+    capsys.readouterr()  # killed before its first checkpoint: nothing to resume, so it starts again
+    assert_clean_error(in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae"),
+                       "stopped before its first checkpoint", "start it again without --resume")
+    assert in_process(capsys, vae, *args).returncode == 0
     resumed = in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae")
     assert resumed.returncode == 0, resumed.stderr
-    assert "from step 0 with the flags it was started with, except --steps 4 (was 3)\n" in resumed.stdout
+    assert "from step 3 with the flags it was started with, except --steps 4 (was 3)\n" in resumed.stdout
     record = json.loads((tmp_path / "vae" / "config.json").read_text())
-    assert record["config"]["steps"] == 3 and record["resumed"] == [dict(step=0, changed=dict(steps=4))]
+    assert record["config"]["steps"] == 3 and record["resumed"] == [dict(step=3, changed=dict(steps=4))]
     saved = torch.load(tmp_path / "vae" / "ckpt.pt", weights_only=True)
     assert (saved["step"], saved["config"]["latent_dim"], saved["config"]["width"]) == (4, 4, 8)
     again = in_process(capsys, vae, "--resume", "--steps", 6, "--out", tmp_path / "vae")  # a second change
     assert again.returncode == 0 and "from step 4" in again.stdout, again.stderr
     changes = json.loads((tmp_path / "vae" / "config.json").read_text())["resumed"]
-    assert changes == [dict(step=0, changed=dict(steps=4)), dict(step=4, changed=dict(steps=6))]
+    assert changes == [dict(step=3, changed=dict(steps=4)), dict(step=4, changed=dict(steps=6))]
 
     assert_clean_error(in_process(capsys, dalle, "--resume", "--out", tmp_path / "vae"), "is a vae.py run")
     (tmp_path / "refused").mkdir()
@@ -2166,12 +2175,12 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tiny_sha
     assert steps == sorted(steps) and steps[-1] < 30, steps  # every run moved on, none reached the end
     with open(out / "metrics.jsonl", "a") as file:
         file.write('{"step": 29, "loss": 3')  # a record cut short, as a kill in the middle of a write leaves it
-    (out / f".samples_000012.png.tmp{process.pid}").write_bytes(b"half a grid")  # its process has ended
-    (out / f".samples.png.tmp{os.getppid()}").write_bytes(b"being written")  # its process still runs
+    (out / ".ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves them
+    (out / ".samples_000030.png.tmp").write_bytes(b"half a grid")
     vae.main(["--resume", "--out", str(out)])
-    assert not list(out.glob(".ckpt.pt.tmp*"))  # the half-written file is gone
-    assert [path.name for path in out.glob(".*.tmp*")] == [f".samples.png.tmp{os.getppid()}"]  # so is the grid's
-    (out / f".samples.png.tmp{os.getppid()}").unlink()
+    assert not list(out.glob(".*.tmp*"))  # the next write of each file went through its temporary
+    with Image.open(out / "samples_000030.png") as grid:
+        grid.load()  # a whole grid, written over its leftover temporary
 
     def records(folder):  # every record, in order, without the wall-clock time
         return [{k: v for k, v in json.loads(line).items() if k != "time"}
