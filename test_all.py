@@ -617,7 +617,7 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
     assert "warning: skipping" in trained.stderr and "broken.png" in trained.stderr
     real, _, _, captions = data.read_labelled(test, 16)
     samples = write_samples(tmp_path / "samples", real[:20], [lines[0] for lines in captions[:20]])
-    scored = run(ROOT / "data.py", "judge", "score", tmp_path / "j.pt", samples, "--real", test)
+    scored = in_process(capsys, data, "judge", "score", tmp_path / "j.pt", samples, "--real", test)
     assert scored.returncode == 0, scored.stderr
     assert [line.split()[0] for line in scored.stdout.splitlines()] == ["samples", "class", "FD", "floor"]
     assert "20 other real images" in scored.stdout
@@ -915,7 +915,7 @@ def test_vae_training_lowers_held_out_loss(tiny_shapes, tmp_path):
     assert final["test_iw_nll"] < final["test_neg_elbo"]
 
 
-def test_vae_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path):
+def test_vae_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys):
     common = ["--train", tiny_shapes, "--image-size", 16, "--batch-size", 8, "--width", 8, "--iw", 2,
               "--log-every", 1, "--device", "cpu"]
     trained = run(ROOT / "vae.py", *common, "--steps", 3, "--save-every", 2, "--out", tmp_path / "a")
@@ -923,20 +923,20 @@ def test_vae_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path):
     assert "IW-NLL (K=2)" in trained.stdout
     for name in ("ckpt.pt", "metrics.jsonl", "config.json", "samples_000003.png", "reconstructions_000002.png"):
         assert (tmp_path / "a" / name).is_file(), name
-    again = run(ROOT / "vae.py", *common, "--steps", 3, "--out", tmp_path / "a")
+    again = in_process(capsys, vae, *common, "--steps", 3, "--out", tmp_path / "a")
     assert_clean_error(again, "exists", "--resume")  # never overwrite a run by accident
-    resumed = run(ROOT / "vae.py", "--resume", "--steps", 5, "--out", tmp_path / "a")
+    resumed = in_process(capsys, vae, "--resume", "--steps", 5, "--out", tmp_path / "a")
     assert resumed.returncode == 0, resumed.stderr
     assert "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 5
 
-    sampled = run(ROOT / "vae.py", "--sample", 4, "--ckpt", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "s")
+    sampled = in_process(capsys, vae, "--sample", 4, "--ckpt", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     assert Image.open(tmp_path / "s" / "samples.png").size == (2 * 18 + 2, 2 * 18 + 2)
     assert Image.open(tmp_path / "s" / "interpolation.png").size[0] == 10 * 18 + 2
-    evaluated = run(ROOT / "vae.py", "--eval", "--ckpt", tmp_path / "a" / "ckpt.pt", "--iw", 3)
+    evaluated = in_process(capsys, vae, "--eval", "--ckpt", tmp_path / "a" / "ckpt.pt", "--iw", 3)
     assert evaluated.returncode == 0 and "IW-NLL (K=3)" in evaluated.stdout, evaluated.stderr
-    done = run(ROOT / "vae.py", "--resume", "--out", tmp_path / "a")
+    done = in_process(capsys, vae, "--resume", "--out", tmp_path / "a")
     assert_clean_error(done, "already", "--steps")
 
 
@@ -954,27 +954,30 @@ def test_vae_stop_signal_saves_and_resume_continues_exactly(tiny_shapes, tmp_pat
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 7
 
 
-def test_vae_cli_bad_inputs(tmp_path, tiny_shapes):
+def test_vae_cli_bad_inputs(tmp_path, tiny_shapes, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/vae, stays in tmp_path
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"")
     (tmp_path / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not really")
-    assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "no such folder")
-    assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "empty"), "no usable image")
-    assert_clean_error(run(ROOT / "vae.py", "--train", "shapes:0"), "N from 1 to 1,000,000")
-    assert_clean_error(run(ROOT / "vae.py", "--train", tmp_path / "broken"), "no usable image")
-    assert_clean_error(run(ROOT / "vae.py", "--steps", "abc"), "invalid int")
-    assert_clean_error(run(ROOT / "vae.py", "--steps", "-3"), "--steps")
-    assert_clean_error(run(ROOT / "vae.py", "--image-size", "20"), "--image-size")
-    assert_clean_error(run(ROOT / "vae.py", "--device", "tpu"), "--device")
-    assert_clean_error(run(ROOT / "vae.py", "--device", "cuda:0"), "no CUDA device")
-    assert_clean_error(run(ROOT / "vae.py", "--sample", 4, "--ckpt", tmp_path / "none.pt"), "no such checkpoint")
+    missing = run(ROOT / "vae.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run")  # as a script
+    assert_clean_error(missing, "no such folder")
+    assert not (tmp_path / "no_run").exists()  # a new run that bad input stopped leaves nothing
+    assert_clean_error(in_process(capsys, vae, "--train", tmp_path / "empty"), "no usable image")
+    assert_clean_error(in_process(capsys, vae, "--train", "shapes:0"), "N from 1 to 1,000,000")
+    assert_clean_error(in_process(capsys, vae, "--train", tmp_path / "broken"), "no usable image")
+    assert_clean_error(in_process(capsys, vae, "--steps", "abc"), "invalid int")
+    assert_clean_error(in_process(capsys, vae, "--steps", "-3"), "--steps")
+    assert_clean_error(in_process(capsys, vae, "--image-size", "20"), "--image-size")
+    assert_clean_error(in_process(capsys, vae, "--device", "tpu"), "--device")
+    assert_clean_error(in_process(capsys, vae, "--device", "cuda:0"), "no CUDA device")
+    assert_clean_error(in_process(capsys, vae, "--sample", 4, "--ckpt", tmp_path / "none.pt"), "no such checkpoint")
     data.save_checkpoint(tmp_path / "gan.pt", "dcgan", vae.Config(), 1, model={})
-    assert_clean_error(run(ROOT / "vae.py", "--sample", 4, "--ckpt", tmp_path / "gan.pt"), "dcgan checkpoint")
+    assert_clean_error(in_process(capsys, vae, "--sample", 4, "--ckpt", tmp_path / "gan.pt"), "dcgan checkpoint")
     torch.save({"kind": "vae", "payload": Exploit(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
-    assert_clean_error(run(ROOT / "vae.py", "--eval", "--ckpt", tmp_path / "evil.pt"), "could run code")
+    assert_clean_error(in_process(capsys, vae, "--eval", "--ckpt", tmp_path / "evil.pt"), "could run code")
     assert not (tmp_path / "pwned").exists()
-    assert_clean_error(run(ROOT / "vae.py", "--resume", "--out", tmp_path / "norun"), "no such checkpoint")
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "norun"), "no such checkpoint")
 
 
 def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
@@ -1162,7 +1165,8 @@ def test_vqvae2_training_lowers_the_loss(tiny_shapes, tmp_path):
     assert held_out[-1] > held_out[0]
 
 
-def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path):
+def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default --out stays in tmp_path
     common = ["--train", tiny_shapes, *TINY_VQVAE2, "--batch-size", 8, "--log-every", 1, "--window", 2]
     trained = run(ROOT / "vqvae2.py", *common, "--steps", 3, "--save-every", 2, "--out", tmp_path / "a")
     assert trained.returncode == 0, trained.stderr
@@ -1170,13 +1174,13 @@ def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path):
     for name in ("ckpt.pt", "metrics.jsonl", "config.json", "reconstructions_000002.png", "reconstructions_000003.png"):
         assert (tmp_path / "a" / name).is_file(), name
     assert Image.open(tmp_path / "a" / "reconstructions_000003.png").size == (4 * 18 + 2, 18 + 2)  # 2 held out: 2 pairs
-    assert_clean_error(run(ROOT / "vqvae2.py", *common, "--steps", 3, "--out", tmp_path / "a"), "exists", "--resume")
-    resumed = run(ROOT / "vqvae2.py", "--resume", "--steps", 5, "--out", tmp_path / "a")
+    assert_clean_error(in_process(capsys, vqvae2, *common, "--steps", 3, "--out", tmp_path / "a"), "exists", "--resume")
+    resumed = in_process(capsys, vqvae2, "--resume", "--steps", 5, "--out", tmp_path / "a")
     assert resumed.returncode == 0, resumed.stderr
     assert "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 5
 
-    encoded = run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--ckpt", tmp_path / "a" / "ckpt.pt")
+    encoded = in_process(capsys, vqvae2, "--encode", tiny_shapes, "--ckpt", tmp_path / "a" / "ckpt.pt")
     assert encoded.returncode == 0, encoded.stderr
     codes = torch.load(tmp_path / "a" / "codes.pt", weights_only=True)  # plain data only
     train_set, test_set = data.load_train_test(str(tiny_shapes), "", 16)
@@ -1192,27 +1196,27 @@ def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path):
 
     prior = ["--train-prior", tmp_path / "a" / "codes.pt", "--prior-width", 8, "--prior-layers", 2,
              "--batch-size", 8, "--log-every", 1, "--save-every", 2, "--device", "cpu"]
-    priors = run(ROOT / "vqvae2.py", *prior, "--steps", 2)
+    priors = in_process(capsys, vqvae2, *prior, "--steps", 2)
     assert priors.returncode == 0, priors.stderr
     assert "bits/code" in priors.stdout and (tmp_path / "a" / "prior" / "samples_000002.png").is_file()
-    resumed = run(ROOT / "vqvae2.py", *prior, "--steps", 3, "--resume")
+    resumed = in_process(capsys, vqvae2, *prior, "--steps", 3, "--resume")
     assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr
     records = [json.loads(line) for line in (tmp_path / "a" / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "top_bits" in r] == [1, 2, 3] and "test_top_bits" in records[-1]
-    sampled = run(ROOT / "vqvae2.py", "--sample", 4, "--ckpt", tmp_path / "a" / "prior" / "ckpt.pt", "--out", tmp_path / "s")
+    sampled = in_process(capsys, vqvae2, "--sample", 4, "--ckpt", tmp_path / "a" / "prior" / "ckpt.pt", "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     assert Image.open(tmp_path / "s" / "samples.png").size == (2 * 18 + 2, 2 * 18 + 2)
-    evaluated = run(ROOT / "vqvae2.py", "--eval", "--ckpt", tmp_path / "a" / "ckpt.pt", "--test", tiny_shapes)
+    evaluated = in_process(capsys, vqvae2, "--eval", "--ckpt", tmp_path / "a" / "ckpt.pt", "--test", tiny_shapes)
     assert evaluated.returncode == 0 and "held-out (48 images)" in evaluated.stdout, evaluated.stderr
 
-    assert_clean_error(run(ROOT / "vqvae2.py", "--sample", 4, "--ckpt", tmp_path / "a" / "ckpt.pt"),
+    assert_clean_error(in_process(capsys, vqvae2, "--sample", 4, "--ckpt", tmp_path / "a" / "ckpt.pt"),
                        "vqvae2 checkpoint, not a vqvae2-prior checkpoint")
-    assert_clean_error(run(ROOT / "vqvae2.py", "--train-prior", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "p"),
+    assert_clean_error(in_process(capsys, vqvae2, "--train-prior", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "p"),
                        "not a vqvae2-codes")
-    assert_clean_error(run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--sample", 2), "cannot be combined")
-    assert_clean_error(run(ROOT / "vqvae2.py", "--encode", tiny_shapes, "--ckpt", tmp_path / "none.pt"),
+    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shapes, "--sample", 2), "cannot be combined")
+    assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shapes, "--ckpt", tmp_path / "none.pt"),
                        "no such checkpoint")
-    assert_clean_error(run(ROOT / "vqvae2.py", "--image-size", 20), "--image-size")
+    assert_clean_error(in_process(capsys, vqvae2, "--image-size", 20), "--image-size")
 
 
 def test_vqvae2_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
@@ -1641,7 +1645,8 @@ def test_dalle_training_lowers_the_loss():
     assert abs(gain[2]) < 1e-4  # the empty caption is the padded one: it cannot raise anything
 
 
-def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
+def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default --out stays in tmp_path
     common = ["--train", tiny_shapes, *TINY_DALLE, "--log-every", 2, "--save-every", 3, "--out", tmp_path / "run"]
     trained = run(ROOT / "dalle.py", *common, "--steps", 3)
     assert trained.returncode == 0, trained.stderr
@@ -1651,8 +1656,8 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     assert state["bottom_appearance"].abs().sum() > 0 and "bottom_silhouette.0.weight" in state  # measured and saved
-    assert_clean_error(run(ROOT / "dalle.py", *common, "--steps", 3), "exists", "--resume")
-    resumed = run(ROOT / "dalle.py", "--resume", "--steps", 5, "--out", tmp_path / "run")
+    assert_clean_error(in_process(capsys, dalle, *common, "--steps", 3), "exists", "--resume")
+    resumed = in_process(capsys, dalle, "--resume", "--steps", 5, "--out", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr
     assert "stage 1/3" not in resumed.stdout and "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -1661,7 +1666,7 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
     ckpt = tmp_path / "run" / "ckpt.pt"
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("a small red square at the top\n\n一个红色的圆\n".encode() + b"\xff bad bytes\n")
-    sampled = run(ROOT / "dalle.py", "--sample", "a large blue circle at the center", "--prompts", prompts,
+    sampled = in_process(capsys, dalle, "--sample", "a large blue circle at the center", "--prompts", prompts,
                   "--ckpt", ckpt, "-n", 3, "--keep", 2, "--nearest", "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
@@ -1675,19 +1680,19 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path):
                            capture_output=True, text=True, timeout=120)  # captions from standard input
     assert piped.returncode == 0, piped.stderr
     assert len(list((tmp_path / "i" / "samples").glob("*.png"))) == 2 * 2  # the blank line is no caption
-    evaluated = run(ROOT / "dalle.py", "--eval", "--ckpt", ckpt, "--test", tiny_shapes, "--guidance", 2)
+    evaluated = in_process(capsys, dalle, "--eval", "--ckpt", ckpt, "--test", tiny_shapes, "--guidance", 2)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "48 test captions, guidance 2" in evaluated.stdout and "seen " in evaluated.stdout  # a folder of shapes
-    reranked = run(ROOT / "dalle.py", "--eval", "--ckpt", ckpt, "--test", tiny_shapes, "-n", 3, "--keep", 2)
+    reranked = in_process(capsys, dalle, "--eval", "--ckpt", ckpt, "--test", tiny_shapes, "-n", 3, "--keep", 2)
     assert reranked.returncode == 0, reranked.stderr
     assert "the best 2 of 3 samples of each" in reranked.stdout and "overall   n=96 " in reranked.stdout
 
-    assert_clean_error(run(ROOT / "dalle.py", "--sample", "x", "--ckpt", tmp_path / "run" / "codes.pt"),
+    assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", tmp_path / "run" / "codes.pt"),
                        "not a dalle checkpoint")
-    assert_clean_error(run(ROOT / "dalle.py", "--prompts", tmp_path / "none.txt", "--ckpt", ckpt), "no such file")
-    assert_clean_error(run(ROOT / "dalle.py", "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
-    assert_clean_error(run(ROOT / "dalle.py", "--width", 30, "--heads", 4), "--width")
-    assert_clean_error(run(ROOT / "dalle.py", "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
+    assert_clean_error(in_process(capsys, dalle, "--prompts", tmp_path / "none.txt", "--ckpt", ckpt), "no such file")
+    assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
+    assert_clean_error(in_process(capsys, dalle, "--width", 30, "--heads", 4), "--width")
+    assert_clean_error(in_process(capsys, dalle, "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
 
 
 def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
