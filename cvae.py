@@ -279,7 +279,7 @@ def train(config, runtime, checkpoint=None):
         print(f"cvae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} training "
               f"images, {len(test_set)} held out, device {device}, {runtime.world_size} process(es), from step {step}")
     network = DistributedDataParallel(model) if runtime.distributed else model
-    logger = Logger(out, config.steps, step, runtime.is_main)  # creates OUT
+    logger = Logger(out, config.steps, step, runtime.is_main, config)  # creates OUT
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
     guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 

@@ -438,7 +438,7 @@ def train(config, runtime, checkpoint=None):
               f"{runtime.world_size} process(es), from step {step}", flush=True)
     network = torch.compile(model) if config.compile else model
     network = DistributedDataParallel(network) if runtime.distributed else network
-    logger, guard = Logger(out, config.steps, step, runtime.is_main), NonFiniteGuard()
+    logger, guard = Logger(out, config.steps, step, runtime.is_main, config), NonFiniteGuard()
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
 
     def save():

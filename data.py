@@ -8,7 +8,6 @@ Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, 
     python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
     python data.py score DIR                                                  # score them from pixels
     python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
-    python data.py shard DIR OUT --per-shard 10000                            # a folder to tar shards
     python data.py emoji PACKAGE OUT --size 64 --background black             # Twemoji, captioned, split
     python data.py judge train DIR --out JUDGE.pt [--test TEST_DIR]           # a classifier of DIR/<class>/
     python data.py judge score JUDGE.pt SAMPLES --real TEST_DIR [--json]      # class accuracy, FD, floor
@@ -58,7 +57,6 @@ def run_cli(main, argv=None):
     """Run `main(argv)`, then leave torchrun's group. A UsageError or an OSError (an --out that is a file, a
     full disk) becomes one line on stderr and exit status 2, never a traceback; Ctrl-C exits with 130."""
     status = 0
-    _new_records.clear()
     try:
         try:
             main(argv)
@@ -67,22 +65,15 @@ def run_cli(main, argv=None):
     except (UsageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 2
-        for path, fresh in _new_records:  # bad input that stopped a new run before any work leaves nothing
-            if path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]:
-                path.unlink()
-                if fresh:
-                    path.parent.rmdir()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
-    _new_records.clear()
     gc.collect()  # the frames of a failed run are free now: see teardown()
     if status:
         sys.exit(status)
 
 
 _warned: set[str] = set()
-_new_records = []  # (config.json, whether its folder is new) written by this process for a new run
 
 
 def warn(message):
@@ -291,7 +282,8 @@ def shard_paths(name):
 class ShardDataset(Dataset):
     """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample is
     the regular files of one tar sharing a KEY (the member name up to the first dot of its last part): KEY.png
-    (or .jpg, ...) and its caption KEY.txt, read as a folder's are; a broken image is skipped.
+    (or .jpg, ...) and its caption KEY.txt, else the name of its folder, read as a folder's are (so `tar cf
+    OUT.tar -C FOLDER .` holds what FOLDER does); a broken image is skipped.
     NOTE: WebDataset streams shards (an IterableDataset). We keep where each member's bytes lie, so a sample is
     one seek and the dataset stays map-style: len(), the held-out split and an exact --resume work as for a
     folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
@@ -307,8 +299,8 @@ class ShardDataset(Dataset):
                         key, _, extension = base.partition(".")
                         extension = "." + extension.lower()
                         places = images if extension in IMAGE_EXTENSIONS else captions if extension == ".txt" else None
-                        if places is not None and not member.isfile():
-                            warn(f"skipping {path}: {member.name!r} is not a regular file")
+                        if places is not None and not (member.isfile() and (member.size or places is captions)):
+                            warn(f"skipping {path}: {member.name!r} is not a regular file, or empty")
                         elif places is not None:
                             places.setdefault(folder + slash + key, (member.offset_data, member.size))
             except (tarfile.TarError, OSError) as error:
@@ -345,32 +337,9 @@ class ShardDataset(Dataset):
             except OSError as error:
                 warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
                 lines = []
-            return image.float() / 255.0, random.choice(lines) if lines else ""
+            lines = lines or [Path(key).parent.name.replace("_", " ")]  # else its folder's name, if any
+            return image.float() / 255.0, random.choice(lines)
         raise UsageError(f"{self.paths[0]} ...: no usable image (every one failed to decode)")
-
-
-def write_shards(folder, out, per_shard, seed=0):
-    """Pack a folder's images, each with every caption ImageTextFolder would draw from, into OUT/000000.tar, ...
-    of `per_shard` samples, shuffled (seed) so every shard mixes the classes; bytes as they are, mtime 0 (the same
-    folder gives the same bytes). Returns the number of shards."""
-    source, out = ImageTextFolder(folder, None), Path(out)
-    check(per_shard > 0, f"--per-shard {per_shard}: must be positive")
-    check(not (out.is_dir() and any(out.glob("*.tar"))), f"{out}: already holds .tar files; choose an empty folder")
-    paths = random.Random(seed).sample(source.paths, len(source.paths))
-
-    def write(file, first):
-        with tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as archive:
-            for number in range(first, min(first + per_shard, len(paths))):
-                caption = "".join(line + "\n" for line in source.caption_choices(paths[number])).encode()
-                for name, content in ((f"{number:08d}{paths[number].suffix.lower()}", paths[number].read_bytes()),
-                                      (f"{number:08d}.txt", caption)):
-                    member = tarfile.TarInfo(name)
-                    member.size, member.mode = len(content), 0o644
-                    archive.addfile(member, io.BytesIO(content))
-
-    for shard, first in enumerate(range(0, len(paths), per_shard)):
-        atomic_write(out / f"{shard:06d}.tar", lambda file: write(file, first))
-    return math.ceil(len(paths) / per_shard)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -916,7 +885,9 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
         detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
-    check(found == kind, f"{path}: this is a {str(found)[:40]} checkpoint, not a {kind} checkpoint")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    check(found in kinds, f"{path}: this is a {str(found)[:40]} checkpoint, not a {' or '.join(kinds)} checkpoint")
+    kind = found
     check(not (missing := [key for key in required if key not in checkpoint]),
           f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
     check(isinstance(checkpoint.get("config", {}), dict) and type(checkpoint.get("step", 0)) is int,
@@ -945,69 +916,27 @@ def load_state(module, state, path):
 
 
 def run_config(config, given, kind, validate, training, required=("config", "model", "step")):
-    """The config a command runs with, and the checkpoint it continues (None for a new run). A new training run
-    records how it was started in OUT/config.json, before any work:
-        {"file": "dalle.py", "kind": "dalle", "config": {every flag}, "resumed": [{"step": S, "changed": {...}}]}
-    --resume continues OUT/ckpt.pt (or --ckpt) with its saved config; flags given with it go on top, printed and
-    appended to config.json with their step. `kind`: the checkpoint kind, or a function of the config giving it."""
+    """The config a command runs with, and the checkpoint it continues (None for a new run). --resume continues
+    OUT/ckpt.pt (or --ckpt) with its saved config; the flags given with it go on top and are printed. `kind`: the
+    checkpoint kind, or a tuple of them (one file writes several). Logger writes the run's flags to config.json."""
     validate(config)
-    out, file = Path(config.out), Path(inspect.getfile(type(config))).name
-    kind_of = kind if callable(kind) else (lambda _: kind)
-    record_path, is_main = out / "config.json", os.environ.get("RANK", "0") == "0"
+    out = Path(config.out)
     if not config.resume:
-        if training:
-            check(not (out / "ckpt.pt").exists(),
-                  f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
-            if is_main:
-                fresh = not out.exists()
-                write_record(record_path, dict(file=file, kind=kind_of(config), config=dataclasses.asdict(config),
-                                               resumed=[]))
-                _new_records.append((record_path, fresh))  # run_cli takes it back if bad input stops the run
+        check(not training or not (out / "ckpt.pt").exists(),
+              f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
         return config, None
-    # the run's own record, unless --ckpt names a checkpoint elsewhere (whose config then gives OUT)
-    record, recorded = read_record(record_path, file) if record_path.exists() and not config.ckpt else (None, None)
-    path = Path(config.ckpt) if config.ckpt else out / "ckpt.pt"
-    kind = kind_of(config_from_dict(type(config), recorded, validate) if record else config)
-    check(path.exists() or record is None,
-          f"{out} stopped before its first checkpoint, so there is nothing to resume: start it again without --resume")
-    checkpoint = load_checkpoint(path, kind, required)
-    saved, step = config_from_dict(type(config), checkpoint["config"], validate), checkpoint["step"]
+    check(config.ckpt or (out / "ckpt.pt").exists() or not out.is_dir(),
+          f"{out} holds no ckpt.pt (stopped before its first checkpoint?): start it again without --resume")
+    checkpoint = load_checkpoint(config.ckpt or out / "ckpt.pt", kind, required)
+    saved = config_from_dict(type(config), checkpoint["config"], validate)
     config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
     validate(config)
-    changed = {name: getattr(config, name) for name in sorted(given - {"resume", "out", "ckpt"})
-               if getattr(config, name) != getattr(saved, name)}
-    if is_main:
-        flags = [f"--{name.replace('_', '-')} {value} (was {getattr(saved, name)})" for name, value in changed.items()]
-        print(f"resuming {config.out} from step {step} with the flags it was started with"
-              + (f", except {', '.join(flags)}" if flags else ""), flush=True)
-        record_path = Path(config.out) / "config.json"
-        if record is None and record_path.exists():
-            record, _ = read_record(record_path, file)
-        if training and (changed or record is None):
-            record = record or dict(file=file, kind=kind_of(saved), config=dataclasses.asdict(saved), resumed=[])
-            write_record(record_path, {**record, "resumed": record["resumed"] + [dict(step=step, changed=changed)]})
+    changed = [f"--{name.replace('_', '-')} {getattr(config, name)} (was {getattr(saved, name)})"
+               for name in sorted(given - {"resume", "out", "ckpt"}) if getattr(config, name) != getattr(saved, name)]
+    if os.environ.get("RANK", "0") == "0":
+        print(f"resuming {config.out} from step {checkpoint['step']} with the flags it was started with"
+              + (f", except {', '.join(changed)}" if changed else ""), flush=True)
     return config, checkpoint
-
-
-def write_record(path, record):
-    atomic_write(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
-
-
-def read_record(path, file):
-    """OUT/config.json as run_config wrote it -> (the record, its config with each resumed change applied)."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: not a readable run record ({type(error).__name__})") from None
-    check(isinstance(record, dict) and isinstance(record.get("config"), dict) and isinstance(record.get("file"), str)
-          and isinstance(record.get("resumed"), list), f"{path}: not a run record that --resume can continue")
-    check(record["file"] == file, f"{Path(path).parent} is a {record['file'][:40]} run: continue it with "
-                                  f"python {record['file'][:40]} --resume --out {Path(path).parent}")
-    config = dict(record["config"])
-    for change in record["resumed"]:
-        check(isinstance(change, dict) and isinstance(change.get("changed"), dict), f"{path}: a malformed run record")
-        config.update(change["changed"])
-    return record, config
 
 
 def part_indices(dataset, part, count):
@@ -1162,15 +1091,19 @@ def _record_step(line):
 
 
 class Logger:
-    """Metrics as OUT/metrics.jsonl (rank 0 only) and a progress line with step, loss, it/s and ETA. On resume the
-    records after the checkpoint's step and any line cut short are dropped: the file reads as if never stopped."""
+    """Metrics as OUT/metrics.jsonl (rank 0 only) and a progress line with step, loss, it/s and ETA; the run's flags
+    (`config`) as OUT/config.json. On resume the records after the checkpoint's step and any line cut short are
+    dropped, so metrics.jsonl reads as if never stopped, and config.json holds the flags as resumed."""
 
-    def __init__(self, out, total_steps, start_step=0, enabled=True):
+    def __init__(self, out, total_steps, start_step=0, enabled=True, config=None):
         self.total_steps, self.enabled = total_steps, enabled
         self.last_step, self.last_time, self.start_time = start_step, time.time(), time.time()
         self.path = Path(out) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if enabled and config:
+            atomic_write(Path(out) / "config.json", lambda file: file.write(json.dumps(dataclasses.asdict(
+                config), indent=1).encode()))
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
             lines = self.path.read_text(errors="replace").splitlines()
             kept = [line for line in lines if _record_step(line) <= start_step]
@@ -1344,7 +1277,7 @@ def score_judge(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: python data.py shapes|score|idx|shard|emoji|judge
+# Command line: python data.py shapes|score|idx|emoji|judge
 
 
 def main(argv=None):
@@ -1364,11 +1297,6 @@ def main(argv=None):
     idx.add_argument("labels", help="IDX labels file (.gz or plain)")
     idx.add_argument("out", help="output folder: OUT/<class name>/<index>.png")
     idx.add_argument("--names", default=",".join(map(str, range(10))), help="class names, label 0 first")
-    shard = commands.add_parser("shard", help="pack a folder of images (+ same-stem .txt captions) into tar shards")
-    shard.add_argument("folder", help="folder of images, as --train reads it")
-    shard.add_argument("out", help="output folder: OUT/000000.tar, OUT/000001.tar, ...")
-    shard.add_argument("--per-shard", type=int, default=10000, help="samples per shard")
-    shard.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in")
     emoji = commands.add_parser("emoji", help="Twemoji (npm emoji-datasource-twitter) to captioned train/test folders")
     emoji.add_argument("package", help="the unpacked npm package: emoji.json and img/twitter/64/*.png")
     emoji.add_argument("out", help="output folder: OUT/{train,test}/<category>/<stem>.png + .txt")
@@ -1414,8 +1342,6 @@ def main(argv=None):
         print(f"wrote {args.n} images to {Path(args.out)}")
     elif args.command == "score":
         print(format_score(score_report(*read_pairs(args.folder))))
-    elif args.command == "shard":
-        print(f"wrote {write_shards(args.folder, args.out, args.per_shard, args.seed)} shard(s): --train {args.out}")
     else:
         count = idx_to_folder(args.images, args.labels, args.out, args.names.split(","))
         print(f"wrote {count} images to {args.out}")

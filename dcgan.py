@@ -301,7 +301,7 @@ def train(config, runtime, checkpoint=None):
         print(f"dcgan{' (caption-conditioned)' * config.cond}: G {millions[0]:.2f}M, D {millions[1]:.2f}M parameters, "
               f"{len(train_set)} training images, device {device}, {runtime.world_size} process(es), from step {step}")
     G_network, D_network = (DistributedDataParallel(network) if runtime.distributed else network for network in (G, D))
-    logger = Logger(out, config.steps, step, runtime.is_main)
+    logger = Logger(out, config.steps, step, runtime.is_main, config)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
     guard = NonFiniteGuard(G, D)  # a NaN or infinite loss skips its step; too many stop the run
 

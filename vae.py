@@ -238,7 +238,7 @@ def train(config, runtime, checkpoint=None):
               f"{len(train_set)} training images, {len(test_set)} held out, device {device}, "
               f"{runtime.world_size} process(es), from step {step}")
     network = DistributedDataParallel(model) if runtime.distributed else model
-    logger = Logger(out, config.steps, step, runtime.is_main)
+    logger = Logger(out, config.steps, step, runtime.is_main, config)
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
     guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 

@@ -426,7 +426,7 @@ def start(model, optimizer, config, runtime, checkpoint, train_set, what):
     flags = inspect.signature(DistributedDataParallel).parameters
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in flags else "broadcast_buffers"
     network = DistributedDataParallel(model, **{no_sync: False}) if runtime.distributed else model
-    return step, network, Logger(config.out, config.steps, step, runtime.is_main), \
+    return step, network, Logger(config.out, config.steps, step, runtime.is_main, config), \
         batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
 
 
@@ -652,8 +652,9 @@ def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
     if config.train_prior and "out" not in given:
         config.out = str(Path(config.train_prior).parent / "prior")
-    config, checkpoint = run_config(config, given, lambda c: "vqvae2-prior" if c.train_prior else "vqvae2", validate,
-                                    training=not (config.sample or config.eval or config.encode))
+    kind = "vqvae2-prior" if config.train_prior else ("vqvae2", "vqvae2-prior")  # --resume of either, by its --out
+    config, checkpoint = run_config(config, given, kind, validate, training=not (config.sample or config.eval or
+                                                                                 config.encode))
     runtime = setup(config.device, config.seed)
     if config.sample:  # from the priors of a prior checkpoint, decoded by its tokenizer
         path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
