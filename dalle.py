@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import vqvae2
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, UsageError, autocast, barrier, batches, check,
-                  config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate, load_checkpoint,
-                  load_state, load_test, parse_caption, parse_config, parts_in, restore, run_cli, run_config,
-                  save_checkpoint, save_grid, score_report, setup, step_generator, warn_if_cut, write_pairs)
+from data import (PAD, TEXT_VOCAB, CodesDataset, Logger, NonFiniteGuard, StopRequest, UsageError, autocast, barrier,
+                  batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
+                  load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption, parse_config,
+                  parts_in, restore, run_cli, run_config, save_checkpoint, save_grid, score_report, setup, split_codes,
+                  step_generator, warn_if_cut, write_codes, write_pairs)
 
 
 @dataclasses.dataclass
@@ -251,7 +252,7 @@ def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0,
 
 def to_images(tokenizer, codes):
     """codes (B, Nt + Nb) -> images (B, 3, S, S) in [0, 1] through the VQ-VAE-2 decoder, 256 at a time."""
-    return torch.cat([tokenizer.decode(*vqvae2.split_codes(chunk, tokenizer)) for chunk in codes.split(256)])
+    return torch.cat([tokenizer.decode(*split_codes(chunk, tokenizer)) for chunk in codes.split(256)])
 
 
 @torch.no_grad()
@@ -343,7 +344,7 @@ def code_appearance(model, tokenizer, codes, chunk=256):
     counts = [torch.zeros(len(appearance), device=appearance.device) for appearance, _ in levels]  # (K,)
     for piece in codes.split(chunk):
         images = 2 * to_images(tokenizer, piece.to(model.top_appearance.device)) - 1  # (B, 3, S, S) in [-1, 1]
-        for (appearance, shape), ids, total, count in zip(levels, vqvae2.split_codes(piece, tokenizer), sums, counts):
+        for (appearance, shape), ids, total, count in zip(levels, split_codes(piece, tokenizer), sums, counts):
             p = tokenizer.image_size // shape[0]  # a code covers p x p pixels
             patches = F.unfold(images, p, stride=p).transpose(1, 2).flatten(0, 1)  # (B, 3 p p, H W) -> (B H W, 3 p p)
             ids = ids.flatten().to(appearance.device).long()  # (B H W,), raster order like unfold's
@@ -404,14 +405,15 @@ def prepare_codes(config, runtime):
             codes_path = out / "codes"  # a folder of parts: one process or several continue it alike
         count, found = parts_in(codes_path) if codes_path.is_dir() else (0, {})
     if config.codes or codes_path.is_file() or (count and len(found) == count):
-        codes = vqvae2.load_codes(codes_path)
+        codes = load_codes(codes_path)
     else:
         if runtime.is_main:
             print(f"stage 2/3: encoding the dataset with {path}", flush=True)
-        codes = vqvae2.encode_dataset(vqvae2.Config(encode=config.train, test=config.test, ckpt=str(path),
-                                                    out=str(codes_path)), runtime, out_given=True)
+        tokenizer = vqvae2.VQVAE2.from_checkpoint(path, runtime.device)
+        splits = load_train_test(config.train, config.test, tokenizer.image_size)
+        codes = write_codes(tokenizer, dict(zip(("train", "test"), splits)), codes_path, runtime)
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], runtime.device, codes_path)
-    return tokenizer, vqvae2.CodesDataset(codes["train"]), vqvae2.CodesDataset(codes["test"])
+    return tokenizer, CodesDataset(codes["train"]), CodesDataset(codes["test"])
 
 
 def parameter_groups(model, weight_decay):
@@ -546,7 +548,7 @@ def sample_or_score(config, given, runtime):
     if not (config.sample or config.prompts):  # --eval
         if saved.codes and not config.test:
             check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
-            captions = vqvae2.load_codes(saved.codes)["test"]["captions"]
+            captions = load_codes(saved.codes)["test"]["captions"]
         else:
             test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
             captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
@@ -565,7 +567,7 @@ def sample_or_score(config, given, runtime):
         places = [Path(saved.codes)] if saved.codes else [path.parent / "codes.pt", path.parent / "codes"]
         codes_path = next((place for place in places if place.exists()), places[0])  # the codes the run trained on
         check(codes_path.exists(), f"--nearest needs the run's codes, {codes_path}, which are not there")
-        train_codes = vqvae2.CodesDataset(vqvae2.load_codes(codes_path)["train"]).codes.to(device)  # (N, Nt + Nb)
+        train_codes = CodesDataset(load_codes(codes_path)["train"]).codes.to(device)  # (N, Nt + Nb)
         distance, index = torch.cat([(chunk[:, None] != train_codes[None]).sum(-1)  # (B, N)
                                      for chunk in codes.split(16)]).min(1)  # (B,) each
         images = torch.stack([images, to_images(tokenizer, train_codes[index])], 1).flatten(0, 1)  # (2B, 3, S, S)

@@ -771,6 +771,11 @@ def barrier(runtime):
         dist.barrier()
 
 
+def broadcast_from_first_rank(*tensors):  # under torchrun, copy rank 0's tensors to every rank, in place
+    for tensor in tensors if dist.is_initialized() else ():
+        dist.broadcast(tensor, 0)
+
+
 def teardown():
     """Leave torchrun's process group. NOTE: DDP sits in a reference cycle, so uncollected its gradient reducer
     is freed at interpreter exit, racing gloo's threads: 15 of 30 two-process runs aborted (SIGABRT) after
@@ -939,6 +944,71 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     return config, checkpoint
 
 
+# Codes: a dataset encoded by a tokenizer (vqvae2.py), in one file or, under torchrun, a folder of parts
+
+CODES = "vqvae2-codes"  # the kind of a codes file or part: dict(tokenizer, train, test[, part, parts])
+
+
+@torch.no_grad()
+def encode_split(tokenizer, dataset, indices, device, batch_size=500):
+    """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (tokenizer.top_shape, tokenizer.bottom_shape)]
+    captions, state = [], random.getstate()
+    for first in range(0, len(indices), batch_size):
+        items = []
+        for index in indices[first: first + batch_size]:
+            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
+            items.append(dataset[index])
+        for level, ids in zip(levels, tokenizer.encode(torch.stack([image for image, _ in items]).to(device))):
+            level.append(ids.to(torch.int16).cpu())
+        captions += [caption for _, caption in items]
+    random.setstate(state)
+    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
+
+
+def write_codes(tokenizer, splits, out, runtime):
+    """Encode splits {name: dataset} into one codes file `out`; under torchrun, or into a folder already there, into
+    a folder of parts OUT/part-INDEX-of-COUNT.pt, each a contiguous run of each split. Every rank writes its parts
+    (rank, rank + W, ...); COUNT: the parts already there, else the processes, so any number of them continues a
+    stopped job by writing the missing ones. -> the codes (load_codes)."""
+    out, state = Path(out), tokenizer.state()
+
+    def encode(part, count):
+        return dict(kind=CODES, tokenizer=state, **{name: encode_split(tokenizer, dataset, part_indices(
+            dataset, part, count), runtime.device) for name, dataset in splits.items()})
+
+    if not (in_parts := runtime.distributed or out.is_dir()):
+        codes = encode(0, 1)
+        atomic_write(out, lambda file: torch.save(codes, file))
+    else:
+        check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
+        if runtime.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(runtime)
+        count, found = parts_in(out)
+        count = count or runtime.world_size
+        check(not found or same_state(load_checkpoint(next(iter(found.values())), CODES, ("tokenizer",))["tokenizer"],
+                                      state), f"{out}: its parts were made by another tokenizer; remove them or choose "
+                                              "another --out")  # one part read is enough: load_codes checks them all
+        for part in range(runtime.rank, count, runtime.world_size):
+            if not (path := out / f"part-{part:05d}-of-{count:05d}.pt").exists():  # else written whole earlier
+                atomic_write(path, lambda file: torch.save(dict(encode(part, count), part=part, parts=count), file))
+        # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
+        # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part.
+        waited = 0
+        while (there := len(parts_in(out)[1])) < count:
+            time.sleep(1)
+            waited += 1
+            if waited % 60 == 0:  # a slow rank and a dead one on another machine look alike: say what it waits for
+                print(f"rank {runtime.rank}: waiting for the other ranks' parts in {out} ({there} of {count} there)",
+                      flush=True)
+        codes = load_codes(out)  # every part there, all from one tokenizer: this one
+    if runtime.is_main:
+        print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out"
+              f"{f', in {parts_in(out)[0]} parts' if in_parts else ''} -> {out}")
+    return codes
+
+
 def part_indices(dataset, part, count):
     """The indices of `dataset` in part `part` of `count`: a contiguous run (on shards, mostly whole shards)."""
     return [i for i in range(len(dataset)) if count * i // len(dataset) == part]
@@ -952,65 +1022,35 @@ def parts_in(folder):
             found.setdefault(int(match[2]), {})[int(match[1])] = path
     check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
                            f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
-    return next(iter(found.items()), (0, {}))
+    count, found = next(iter(found.items()), (0, {}))
+    return count, {index: path for index, path in found.items() if index < count}
 
 
-def write_parts(folder, runtime, make, kind, made_by):
-    """Every rank writes its parts (rank, rank + W, ...), folder/part-INDEX-of-COUNT.pt holding make(index, count)
-    (a dict), then waits for all. COUNT: the parts already there, else the processes, so any number of them
-    continues a stopped job by writing the missing parts. made_by = (key, value), what makes them (the
-    tokenizer, say): a folder of parts holding another value there is refused before anything is written."""
-    if runtime.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-    barrier(runtime)
-    count, found = parts_in(folder)
-    count = count or runtime.world_size
-    if found:  # one part read is enough: read_parts checks that they all agree
-        key, maker = made_by
-        check(same_state(load_checkpoint(next(iter(found.values())), kind, required=(key,))[key], maker),
-              f"{folder}: its parts were made by another {key}; remove them or choose another --out")
-    for index in range(runtime.rank, count, runtime.world_size):
-        path = folder / f"part-{index:05d}-of-{count:05d}.pt"
-        if not path.exists():  # else written whole (atomic_write) by an earlier run
-            part = dict(make(index, count), part=index, parts=count)
-            atomic_write(path, lambda file: torch.save(part, file))
-    # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
-    # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part. It
-    # cannot tell a slow rank from a dead one on another machine, so it says every minute what it waits for.
-    waited = 0
-    while (there := sum(index < count for index in parts_in(folder)[1])) < count:
-        time.sleep(1)
-        waited += 1
-        if waited % 60 == 0:
-            print(f"rank {runtime.rank}: waiting for the other ranks' parts in {folder} ({there} of {count} there)",
-                  flush=True)
-
-
-def read_parts(folder, kind, required, made_by):
-    """A folder's parts, checked complete and all made by one maker (their `made_by` entry), joined in order:
-    dict(kind, made_by: the maker, every other required key: tensors concatenated, lists chained)."""
-    def join(values):
-        """One entry of every part, joined: dicts key by key, tensors concatenated along dim 0, lists chained."""
-        if isinstance(values[0], dict):
-            return {key: join([value[key] for value in values]) for key in values[0]}
-        return torch.cat(values) if torch.is_tensor(values[0]) else [item for value in values for item in value]
-
-    count, found = parts_in(folder)
-    check(count, f"{folder}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
+def load_codes(path):
+    """A codes file, or a folder of its parts (checked complete and made by one tokenizer, joined in order).
+    -> dict(kind, tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    if not Path(path).is_dir():
+        codes = load_checkpoint(path, CODES, required=("tokenizer", "train", "test"))
+        check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
+        return codes
+    count, found = parts_in(path)
+    check(count, f"{path}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
     missing = [index for index in range(count) if index not in found]
-    check(not missing, f"{folder}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
+    check(not missing, f"{path}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
                        "run the encoding again to write the missing ones")
-    parts = [load_checkpoint(found[index], kind, required) for index in range(count)]
+    parts = [load_checkpoint(found[index], CODES, ("tokenizer", "train", "test")) for index in range(count)]
     for index, part in enumerate(parts):
         check(part.get("part") == index and part.get("parts") == count,
               f"{found[index]}: its contents are not part {index} of {count}")
-        check(same_state(part[made_by], parts[0][made_by]),
-              f"{found[index]}: made by another {made_by} than {found[0].name}; write the folder again")
-    try:
-        return {"kind": kind, made_by: parts[0][made_by],
-                **{key: join([part[key] for part in parts]) for key in required if key != made_by}}
+        check(same_state(part["tokenizer"], parts[0]["tokenizer"]),
+              f"{found[index]}: made by another tokenizer than {found[0].name}; write the folder again")
+    try:  # each split's tensors concatenated along dim 0, its captions chained
+        return dict(kind=CODES, tokenizer=parts[0]["tokenizer"], **{split: {
+            key: torch.cat([part[split][key] for part in parts]) if key != "captions" else
+            [caption for part in parts for caption in part[split][key]] for key in ("top", "bottom", "captions")}
+            for split in ("train", "test")})
     except (KeyError, TypeError, RuntimeError) as error:
-        raise UsageError(f"{folder}: malformed parts ({type(error).__name__}: {reason(error)})") from None
+        raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
 
 
 def same_state(a, b):
@@ -1020,6 +1060,26 @@ def same_state(a, b):
     if torch.is_tensor(a) or torch.is_tensor(b):
         return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
     return a == b
+
+
+class CodesDataset(Dataset):
+    """One split of a codes file as (top and bottom codes flattened into one (Ht Wt + Hb Wb,) tensor, caption)."""
+
+    def __init__(self, split):
+        self.codes = torch.cat([split["top"].flatten(1), split["bottom"].flatten(1)], 1).long()  # (N, Ht Wt + Hb Wb)
+        self.captions = split["captions"]
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, index):
+        return self.codes[index], self.captions[index]
+
+
+def split_codes(codes, tokenizer):
+    """(B, Ht Wt + Hb Wb) -> top (B, Ht, Wt), bottom (B, Hb, Wb)."""
+    top_size = tokenizer.top_shape[0] * tokenizer.top_shape[1]
+    return codes[:, :top_size].view(-1, *tokenizer.top_shape), codes[:, top_size:].view(-1, *tokenizer.bottom_shape)
 
 
 class StopRequest:

@@ -1534,7 +1534,7 @@ def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     # killed while the tokenizer trains, while the dataset is encoded, and before the transformer's first save
-    for stage, (module, name) in enumerate([(vqvae2, "batches"), (vqvae2, "encode_split"), (dalle, "batches")], 1):
+    for stage, (module, name) in enumerate([(vqvae2, "batches"), (data, "encode_split"), (dalle, "batches")], 1):
         out = tmp_path / f"killed_in_stage_{stage}"
         with monkeypatch.context() as patch:
             patch.setattr(module, name, die)

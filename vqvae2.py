@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import random
 from pathlib import Path
 
 import torch
@@ -31,12 +30,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 
-from data import (Logger, NonFiniteGuard, StopRequest, atomic_write, autocast, batches, check, config_from_dict,
-                  keep_work_if_stopped, learning_rate, load_checkpoint, load_state, load_test, load_train_test,
-                  parse_config, part_indices, parts_in, read_parts, restore, run_cli, run_config, save_checkpoint,
-                  save_grid, setup, step_generator, write_parts)
+from data import (CodesDataset, Logger, NonFiniteGuard, StopRequest, autocast, batches, broadcast_from_first_rank,
+                  check, config_from_dict, keep_work_if_stopped, learning_rate, load_checkpoint, load_codes, load_state,
+                  load_test, load_train_test, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid,
+                  setup, split_codes, step_generator, write_codes)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
 # once; the bottom grid is Hb x Wb = S/4 x S/4, the top grid Ht x Wt = S/8 x S/8.
@@ -103,8 +101,8 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(codebook_size))  # N, EMA of assignment counts (K,)
         self.register_buffer("embed_sum", self.codebook.clone())  # m, EMA of assigned vector sums (K, D)
 
-    def lookup(self, ids):  # k (B, H, W) -> e_k (B, D, H, W)
-        return self.codebook[ids.long()].permute(0, 3, 1, 2)  # (B, H, W, D) -> (B, D, H, W)
+    def lookup(self, ids):  # k (B, H, W) -> e_k (B, H, W, D) -> (B, D, H, W)
+        return self.codebook[ids.long()].permute(0, 3, 1, 2)
 
     def forward(self, z_e):
         """-> z_q (straight-through), k (B, H, W), commitment ||z_e - sg[z_q]||^2 averaged over B, D, H, W.
@@ -356,11 +354,6 @@ class Priors(nn.Module):
 # of shapes poorly (README).
 
 
-def broadcast_from_first_rank(*tensors):  # under torchrun, copy rank 0's tensors to every rank, in place
-    for tensor in tensors if dist.is_initialized() else ():
-        dist.broadcast(tensor, 0)
-
-
 class VectorQuantizer(EMAQuantizer):
     """The EMA quantiser with a codebook that stays alive. NOTE: the paper starts from a random codebook and
     leaves unused codes where they are; we start from the first batch's encoder outputs and move codes unused
@@ -487,8 +480,7 @@ def train(config, runtime, checkpoint=None):
 
 
 def training_metrics(model, loss, mse, commitments, runtime):
-    """The loss terms; per level the codes used in the last window and the restarts so far; under torchrun the
-    codebooks' spread across ranks (0 when they agree)."""
+    """Loss terms; per level the codes used in the last window, the restarts so far; the spread across ranks."""
     metrics = dict(loss=loss.item(), mse=mse.item(), psnr=-10 * math.log10(max(mse.item(), 1e-12)))
     quantizers = (model.quantize_top, model.quantize_bottom)
     for name, quantizer, commitment in zip(("top", "bottom"), quantizers, commitments):
@@ -504,9 +496,8 @@ def training_metrics(model, loss, mse, commitments, runtime):
 
 @torch.no_grad()
 def report(model, test_set, device, logger=None, step=None, grid=None, batch_size=250):
-    """Held-out MSE of decode(encode(x)) (averaged over pixels, channels and images, [0, 1] units), PSNR =
-    10 log10(1 / MSE) and each level's fraction of codes in use, logged and printed; with `grid`, the first
-    32 held-out images beside their reconstructions."""
+    """Held-out MSE of decode(encode(x)) (a mean over pixels, channels, images; [0, 1] units), PSNR = 10 log10(1 /
+    MSE), each level's fraction of codes in use; with `grid`, 32 held-out images beside their reconstructions."""
     squared_error, first_batch = 0.0, None
     seen = torch.zeros(2, model.config.codebook_size, dtype=torch.bool, device=device)  # codes in use, (2, K)
     for first in range(0, len(test_set), batch_size):
@@ -535,8 +526,8 @@ def train_prior(config, runtime, checkpoint=None):
     train_set, test_set = CodesDataset(codes["train"]), CodesDataset(codes["test"])
     priors = Priors(tokenizer, config).to(device)
     optimizer = torch.optim.Adam(priors.parameters(), lr=config.lr)
-    what = f"vqvae2 priors: {len(train_set)} training code grids, {len(test_set)} held out"
-    step, network, logger, data = start(priors, optimizer, config, runtime, checkpoint, train_set, what)
+    step, network, logger, data = start(priors, optimizer, config, runtime, checkpoint, train_set, "vqvae2 priors: "
+                                        f"{len(train_set)} training code grids, {len(test_set)} held out")
     guard = NonFiniteGuard()  # a NaN or infinite loss skips its update; too many stop the run
 
     def save():
@@ -569,83 +560,9 @@ def train_prior(config, runtime, checkpoint=None):
     keep_work_if_stopped(step, config.steps, runtime, save, config.out)  # Ctrl-C or SIGTERM: save, exit 130
 
 
-@torch.no_grad()
 def write_samples(priors, tokenizer, count, path, seed, device):  # top codes, then bottom codes, then pixels
-    images = tokenizer.decode(*priors.sample(count, torch.Generator(device).manual_seed(seed)))
-    save_grid(images, path, nrow=int(math.ceil(math.sqrt(count))))
-
-
-@torch.no_grad()
-def encode_split(model, dataset, indices, device, batch_size=500):
-    """The codes and captions of dataset[i], i in `indices`: top (N, Ht, Wt), bottom (N, Hb, Wb) int16."""
-    levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (model.top_shape, model.bottom_shape)]
-    captions, state = [], random.getstate()
-    for first in range(0, len(indices), batch_size):
-        items = []
-        for index in indices[first: first + batch_size]:
-            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
-            items.append(dataset[index])
-        for level, ids in zip(levels, model.encode(torch.stack([image for image, _ in items]).to(device))):
-            level.append(ids.to(torch.int16).cpu())
-        captions += [caption for _, caption in items]
-    random.setstate(state)
-    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
-
-
-def encode_dataset(config, runtime, out_given):
-    """Encode both splits with --ckpt into one codes file; under torchrun, or into a folder already there, into
-    a folder of parts, one per process, of which a rerun writes only the missing ones. -> the codes (load_codes)."""
-    path = config.ckpt or str(Path(config.out) / "ckpt.pt")
-    model = VQVAE2.from_checkpoint(path, runtime.device)
-    out = Path(config.out) if out_given else Path(path).parent / ("codes" if runtime.distributed else "codes.pt")
-    splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
-
-    def encode(index, count):  # part `index` of `count`
-        return dict(kind="vqvae2-codes", tokenizer=model.state(), **{
-            name: encode_split(model, dataset, part_indices(dataset, index, count), runtime.device)
-            for name, dataset in splits.items()})
-
-    if in_parts := runtime.distributed or out.is_dir():
-        check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
-        write_parts(out, runtime, encode, "vqvae2-codes", made_by=("tokenizer", model.state()))
-        codes = load_codes(out)  # every part there, all from one tokenizer: this one
-    else:
-        codes = encode(0, 1)
-        atomic_write(out, lambda file: torch.save(codes, file))
-    if runtime.is_main:
-        print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out"
-              f"{f', in {parts_in(out)[0]} parts' if in_parts else ''} -> {out}")
-    return codes
-
-
-def load_codes(path):
-    """A codes file from --encode, or a folder of its parts (complete, from one tokenizer, joined in order).
-    -> dict(tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
-    if Path(path).is_dir():
-        return read_parts(path, "vqvae2-codes", ("tokenizer", "train", "test"), made_by="tokenizer")
-    codes = load_checkpoint(path, "vqvae2-codes", required=("tokenizer", "train", "test"))
-    check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
-    return codes
-
-
-class CodesDataset(Dataset):
-    """One split of a codes file as (top and bottom codes flattened into one (Ht Wt + Hb Wb,) tensor, caption)."""
-
-    def __init__(self, split):
-        self.codes = torch.cat([split["top"].flatten(1), split["bottom"].flatten(1)], 1).long()  # (N, Ht Wt + Hb Wb)
-        self.captions = split["captions"]
-
-    def __len__(self):
-        return len(self.codes)
-
-    def __getitem__(self, index):
-        return self.codes[index], self.captions[index]
-
-
-def split_codes(codes, tokenizer):
-    """(B, Ht Wt + Hb Wb) -> top (B, Ht, Wt), bottom (B, Hb, Wb)."""
-    top_size = tokenizer.top_shape[0] * tokenizer.top_shape[1]
-    return codes[:, :top_size].view(-1, *tokenizer.top_shape), codes[:, top_size:].view(-1, *tokenizer.bottom_shape)
+    save_grid(tokenizer.decode(*priors.sample(count, torch.Generator(device).manual_seed(seed))), path,
+              nrow=int(math.ceil(math.sqrt(count))))
 
 
 def main(argv=None):
@@ -653,8 +570,7 @@ def main(argv=None):
     if config.train_prior and "out" not in given:
         config.out = str(Path(config.train_prior).parent / "prior")
     kind = "vqvae2-prior" if config.train_prior else ("vqvae2", "vqvae2-prior")  # --resume of either, by its --out
-    config, checkpoint = run_config(config, given, kind, validate, training=not (config.sample or config.eval or
-                                                                                 config.encode))
+    config, checkpoint = run_config(config, given, kind, validate, not (config.sample or config.eval or config.encode))
     runtime = setup(config.device, config.seed)
     if config.sample:  # from the priors of a prior checkpoint, decoded by its tokenizer
         path = config.ckpt or str(Path(config.out) / "prior" / "ckpt.pt")
@@ -668,8 +584,12 @@ def main(argv=None):
     elif config.eval:  # on the run's held-out images, or --test
         model = VQVAE2.from_checkpoint(config.ckpt or str(Path(config.out) / "ckpt.pt"), runtime.device)
         report(model, load_test(model.config.train, config.test or model.config.test, model.image_size), runtime.device)
-    elif config.encode:
-        encode_dataset(config, runtime, "out" in given)
+    elif config.encode:  # both splits into one codes file; under torchrun, or into a folder there, into parts
+        path = config.ckpt or str(Path(config.out) / "ckpt.pt")
+        model = VQVAE2.from_checkpoint(path, runtime.device)
+        splits = dict(zip(("train", "test"), load_train_test(config.encode, config.test, model.image_size)))
+        write_codes(model, splits, config.out if "out" in given else Path(path).parent / (
+            "codes" if runtime.distributed else "codes.pt"), runtime)
     elif config.train_prior:
         train_prior(config, runtime, checkpoint)
     else:
