@@ -2,7 +2,8 @@
 
 Sections, in the order a model file meets them: errors and the CLI; images, folders and tar shards; the
 `shapes` benchmark and its scorer; byte-level text; dataset preparation (IDX, Twemoji); grids; training
-plumbing (datasets, device, torchrun, sampler, checkpoints, run records, codes in parts, logging); the judge.
+plumbing (datasets, device, torchrun, sampler, checkpoints, --resume, logging); codes, in one file or parts
+(vqvae2.py, dalle.py); the judge.
 Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, W width, T tokens.
 
     python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
@@ -680,8 +681,8 @@ def write_pairs(folder, images, captions, names=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training plumbing: datasets by name, device, torchrun, sampler, schedule; atomic checkpoints, run records (an
-# exact --resume), codes in parts; the training loop's Ctrl-C, non-finite steps and metrics log
+# Training plumbing: datasets by name, device, torchrun, sampler, schedule; atomic checkpoints and an exact
+# --resume; the training loop's Ctrl-C, non-finite steps and metrics log
 
 
 def shapes_size(name):
@@ -944,144 +945,6 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     return config, checkpoint
 
 
-# Codes: a dataset encoded by a tokenizer (vqvae2.py), in one file or, under torchrun, a folder of parts
-
-CODES = "vqvae2-codes"  # the kind of a codes file or part: dict(tokenizer, train, test[, part, parts])
-
-
-@torch.no_grad()
-def encode_split(tokenizer, dataset, indices, device, batch_size=500):
-    """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
-    levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (tokenizer.top_shape, tokenizer.bottom_shape)]
-    captions, state = [], random.getstate()
-    for first in range(0, len(indices), batch_size):
-        items = []
-        for index in indices[first: first + batch_size]:
-            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
-            items.append(dataset[index])
-        for level, ids in zip(levels, tokenizer.encode(torch.stack([image for image, _ in items]).to(device))):
-            level.append(ids.to(torch.int16).cpu())
-        captions += [caption for _, caption in items]
-    random.setstate(state)
-    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
-
-
-def write_codes(tokenizer, splits, out, runtime):
-    """Encode splits {name: dataset} into one codes file `out`; under torchrun, or into a folder already there, into
-    a folder of parts OUT/part-INDEX-of-COUNT.pt, each a contiguous run of each split. Every rank writes its parts
-    (rank, rank + W, ...); COUNT: the parts already there, else the processes, so any number of them continues a
-    stopped job by writing the missing ones. -> the codes (load_codes)."""
-    out, state = Path(out), tokenizer.state()
-
-    def encode(part, count):
-        return dict(kind=CODES, tokenizer=state, **{name: encode_split(tokenizer, dataset, part_indices(
-            dataset, part, count), runtime.device) for name, dataset in splits.items()})
-
-    if not (in_parts := runtime.distributed or out.is_dir()):
-        codes = encode(0, 1)
-        atomic_write(out, lambda file: torch.save(codes, file))
-    else:
-        check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
-        if runtime.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        barrier(runtime)
-        count, found = parts_in(out)
-        count = count or runtime.world_size
-        check(not found or same_state(load_checkpoint(next(iter(found.values())), CODES, ("tokenizer",))["tokenizer"],
-                                      state), f"{out}: its parts were made by another tokenizer; remove them or choose "
-                                              "another --out")  # one part read is enough: load_codes checks them all
-        for part in range(runtime.rank, count, runtime.world_size):
-            if not (path := out / f"part-{part:05d}-of-{count:05d}.pt").exists():  # else written whole earlier
-                atomic_write(path, lambda file: torch.save(dict(encode(part, count), part=part, parts=count), file))
-        # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
-        # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part.
-        waited = 0
-        while (there := len(parts_in(out)[1])) < count:
-            time.sleep(1)
-            waited += 1
-            if waited % 60 == 0:  # a slow rank and a dead one on another machine look alike: say what it waits for
-                print(f"rank {runtime.rank}: waiting for the other ranks' parts in {out} ({there} of {count} there)",
-                      flush=True)
-        codes = load_codes(out)  # every part there, all from one tokenizer: this one
-    if runtime.is_main:
-        print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out"
-              f"{f', in {parts_in(out)[0]} parts' if in_parts else ''} -> {out}")
-    return codes
-
-
-def part_indices(dataset, part, count):
-    """The indices of `dataset` in part `part` of `count`: a contiguous run (on shards, mostly whole shards)."""
-    return [i for i in range(len(dataset)) if count * i // len(dataset) == part]
-
-
-def parts_in(folder):
-    """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
-    found = {}
-    for path in Path(folder).glob("part-*-of-*.pt"):
-        if match := re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name):
-            found.setdefault(int(match[2]), {})[int(match[1])] = path
-    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
-                           f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
-    count, found = next(iter(found.items()), (0, {}))
-    return count, {index: path for index, path in found.items() if index < count}
-
-
-def load_codes(path):
-    """A codes file, or a folder of its parts (checked complete and made by one tokenizer, joined in order).
-    -> dict(kind, tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
-    if not Path(path).is_dir():
-        codes = load_checkpoint(path, CODES, required=("tokenizer", "train", "test"))
-        check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
-        return codes
-    count, found = parts_in(path)
-    check(count, f"{path}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
-    missing = [index for index in range(count) if index not in found]
-    check(not missing, f"{path}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
-                       "run the encoding again to write the missing ones")
-    parts = [load_checkpoint(found[index], CODES, ("tokenizer", "train", "test")) for index in range(count)]
-    for index, part in enumerate(parts):
-        check(part.get("part") == index and part.get("parts") == count,
-              f"{found[index]}: its contents are not part {index} of {count}")
-        check(same_state(part["tokenizer"], parts[0]["tokenizer"]),
-              f"{found[index]}: made by another tokenizer than {found[0].name}; write the folder again")
-    try:  # each split's tensors concatenated along dim 0, its captions chained
-        return dict(kind=CODES, tokenizer=parts[0]["tokenizer"], **{split: {
-            key: torch.cat([part[split][key] for part in parts]) if key != "captions" else
-            [caption for part in parts for caption in part[split][key]] for key in ("top", "bottom", "captions")}
-            for split in ("train", "test")})
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
-
-
-def same_state(a, b):
-    """Whether two plain-data states (a tokenizer's config and weights, say) are equal, tensors bit for bit."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_state(a[key], b[key]) for key in a)
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
-
-
-class CodesDataset(Dataset):
-    """One split of a codes file as (top and bottom codes flattened into one (Ht Wt + Hb Wb,) tensor, caption)."""
-
-    def __init__(self, split):
-        self.codes = torch.cat([split["top"].flatten(1), split["bottom"].flatten(1)], 1).long()  # (N, Ht Wt + Hb Wb)
-        self.captions = split["captions"]
-
-    def __len__(self):
-        return len(self.codes)
-
-    def __getitem__(self, index):
-        return self.codes[index], self.captions[index]
-
-
-def split_codes(codes, tokenizer):
-    """(B, Ht Wt + Hb Wb) -> top (B, Ht, Wt), bottom (B, Hb, Wb)."""
-    top_size = tokenizer.top_shape[0] * tokenizer.top_shape[1]
-    return codes[:, :top_size].view(-1, *tokenizer.top_shape), codes[:, top_size:].view(-1, *tokenizer.bottom_shape)
-
-
 class StopRequest:
     """SIGINT and SIGTERM become a flag the training loop checks between steps: no checkpoint mid-update."""
 
@@ -1184,6 +1047,147 @@ class Logger:
             eta = int((self.total_steps - step) / max(rate, 1e-9))
             eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
             print(f"step {step}/{self.total_steps} | {values} | {rate:.2f} it/s | ETA {eta}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Codes: a dataset encoded by a tokenizer (vqvae2.py), in one file or, under torchrun, a folder of parts
+
+
+CODES = "vqvae2-codes"  # the kind of a codes file or part: dict(tokenizer, train, test[, part, parts])
+
+
+@torch.no_grad()
+def encode_split(tokenizer, dataset, indices, device, batch_size=500):
+    """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (tokenizer.top_shape, tokenizer.bottom_shape)]
+    captions, state = [], random.getstate()
+    for first in range(0, len(indices), batch_size):
+        items = []
+        for index in indices[first: first + batch_size]:
+            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
+            items.append(dataset[index])
+        for level, ids in zip(levels, tokenizer.encode(torch.stack([image for image, _ in items]).to(device))):
+            level.append(ids.to(torch.int16).cpu())
+        captions += [caption for _, caption in items]
+    random.setstate(state)
+    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
+
+
+def write_codes(tokenizer, splits, out, runtime):
+    """Encode splits {name: dataset} into one codes file `out`; under torchrun, or into a folder already there, into
+    a folder of parts OUT/part-INDEX-of-COUNT.pt, each a contiguous run of each split. Every rank writes its parts
+    (rank, rank + W, ...); COUNT: the parts already there, else the processes, so any number of them continues a
+    stopped job by writing the missing ones. -> the codes (load_codes)."""
+    out, state = Path(out), tokenizer.state()
+
+    def encode(part, count):
+        return dict(kind=CODES, tokenizer=state, **{name: encode_split(tokenizer, dataset, part_indices(
+            dataset, part, count), runtime.device) for name, dataset in splits.items()})
+
+    if not (in_parts := runtime.distributed or out.is_dir()):
+        codes = encode(0, 1)
+        atomic_write(out, lambda file: torch.save(codes, file))
+    else:
+        check(not out.is_file(), f"--out {out} is a file; under torchrun --encode writes a folder of parts")
+        if runtime.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(runtime)
+        count, found = parts_in(out)
+        count = count or runtime.world_size
+        if found:  # one part read is enough: load_codes checks that they all agree
+            maker = load_checkpoint(next(iter(found.values())), CODES, ("tokenizer",))["tokenizer"]
+            check(same_state(maker, state), f"{out}: its parts were made by another tokenizer; remove them or choose "
+                                            "another --out")
+        for part in range(runtime.rank, count, runtime.world_size):
+            if not (path := out / f"part-{part:05d}-of-{count:05d}.pt").exists():  # else written whole earlier
+                atomic_write(path, lambda file: torch.save(dict(encode(part, count), part=part, parts=count), file))
+        # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
+        # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part.
+        waited = 0
+        while (there := len(parts_in(out)[1])) < count:
+            time.sleep(1)
+            waited += 1
+            if waited % 60 == 0:  # a slow rank and a dead one on another machine look alike: say what it waits for
+                print(f"rank {runtime.rank}: waiting for the other ranks' parts in {out} ({there} of {count} there)",
+                      flush=True)
+        codes = load_codes(out)  # every part there, all from one tokenizer: this one
+    if runtime.is_main:
+        print(f"codes: {len(codes['train']['captions'])} train, {len(codes['test']['captions'])} held out"
+              f"{f', in {parts_in(out)[0]} parts' if in_parts else ''} -> {out}")
+    return codes
+
+
+def part_indices(dataset, part, count):
+    """The indices of `dataset` in part `part` of `count`: a contiguous run (on shards, mostly whole shards)."""
+    return [i for i in range(len(dataset)) if count * i // len(dataset) == part]
+
+
+def parts_in(folder):
+    """(count, {index: path}) of the part files part-INDEX-of-COUNT.pt in a folder; (0, {}) if none."""
+    found = {}
+    for path in Path(folder).glob("part-*-of-*.pt"):
+        if match := re.fullmatch(r"part-(\d+)-of-(\d+)\.pt", path.name):
+            found.setdefault(int(match[2]), {})[int(match[1])] = path
+    check(len(found) <= 1, f"{folder}: holds parts of {len(found)} encodings "
+                           f"(of {' and of '.join(map(str, sorted(found)))} parts); keep one set")
+    count, found = next(iter(found.items()), (0, {}))
+    return count, {index: path for index, path in found.items() if index < count}
+
+
+def load_codes(path):
+    """A codes file, or a folder of its parts (checked complete and made by one tokenizer, joined in order).
+    -> dict(kind, tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    if not Path(path).is_dir():
+        codes = load_checkpoint(path, CODES, required=("tokenizer", "train", "test"))
+        check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
+        return codes
+    count, found = parts_in(path)
+    check(count, f"{path}: no codes in it (part-00000-of-00002.pt, ... from vqvae2.py --encode under torchrun)")
+    missing = [index for index in range(count) if index not in found]
+    check(not missing, f"{path}: incomplete, {len(found)} of {count} parts (missing: {str(missing)[1:-1][:40]}); "
+                       "run the encoding again to write the missing ones")
+    parts = [load_checkpoint(found[index], CODES, ("tokenizer", "train", "test")) for index in range(count)]
+    for index, part in enumerate(parts):
+        check(part.get("part") == index and part.get("parts") == count,
+              f"{found[index]}: its contents are not part {index} of {count}")
+        check(same_state(part["tokenizer"], parts[0]["tokenizer"]),
+              f"{found[index]}: made by another tokenizer than {found[0].name}; write the folder again")
+    try:  # each split's tensors concatenated along dim 0, its captions chained
+        return dict(kind=CODES, tokenizer=parts[0]["tokenizer"], **{split: {
+            key: torch.cat([part[split][key] for part in parts]) if key != "captions" else
+            [caption for part in parts for caption in part[split][key]] for key in ("top", "bottom", "captions")}
+            for split in ("train", "test")})
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
+
+
+def same_state(a, b):
+    """Whether two plain-data states (a tokenizer's config and weights, say) are equal, tensors bit for bit."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[key], b[key]) for key in a)
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+class CodesDataset(Dataset):
+    """One split of a codes file as (top and bottom codes flattened into one (Ht Wt + Hb Wb,) tensor, caption)."""
+
+    def __init__(self, split):
+        self.codes = torch.cat([split["top"].flatten(1), split["bottom"].flatten(1)], 1).long()  # (N, Ht Wt + Hb Wb)
+        self.captions = split["captions"]
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, index):
+        return self.codes[index], self.captions[index]
+
+
+def split_codes(codes, tokenizer):
+    """(B, Ht Wt + Hb Wb) -> top (B, Ht, Wt), bottom (B, Hb, Wb)."""
+    top_size = tokenizer.top_shape[0] * tokenizer.top_shape[1]
+    return codes[:, :top_size].view(-1, *tokenizer.top_shape), codes[:, top_size:].view(-1, *tokenizer.bottom_shape)
 
 
 # ----------------------------------------------------------------------------------------------------
