@@ -349,7 +349,7 @@ def test_shards_round_trip_to_the_folder_dataset(tmp_path, capsys):
     Image.new("RGB", (16, 16), (9, 9, 9)).save(folder / "uncaptioned.png")
     Image.new("RGB", (16, 16), (0, 0, 90)).save(folder / "two.png")
     (folder / "two.txt").write_bytes(b"first line\n\n  second line \n")
-    (folder / "empty.png").write_bytes(b"")  # skipped with a warning when sharding, as when training
+    (folder / "empty.png").write_bytes(b"")  # skipped with a warning, in the folder and in the shard
 
     (tmp_path / "shards").mkdir()
     with tarfile.open(tmp_path / "shards" / "000000.tar", "w") as archive:  # tar cf shards/000000.tar -C folder .
