@@ -893,7 +893,7 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     kinds = kind if isinstance(kind, tuple) else (kind,)
     check(found in kinds, f"{path}: this is a {str(found)[:40]} checkpoint, not a {' or '.join(kinds)} checkpoint")
-    kind = found
+    kind = found  # the kind it is, for the messages below
     check(not (missing := [key for key in required if key not in checkpoint]),
           f"{path}: incomplete {kind} checkpoint (no {', '.join(missing)})")
     check(isinstance(checkpoint.get("config", {}), dict) and type(checkpoint.get("step", 0)) is int,

@@ -101,8 +101,8 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(codebook_size))  # N, EMA of assignment counts (K,)
         self.register_buffer("embed_sum", self.codebook.clone())  # m, EMA of assigned vector sums (K, D)
 
-    def lookup(self, ids):  # k (B, H, W) -> e_k (B, H, W, D) -> (B, D, H, W)
-        return self.codebook[ids.long()].permute(0, 3, 1, 2)
+    def lookup(self, ids):  # k (B, H, W) -> e_k (B, D, H, W)
+        return self.codebook[ids.long()].permute(0, 3, 1, 2)  # (B, H, W, D) -> (B, D, H, W)
 
     def forward(self, z_e):
         """-> z_q (straight-through), k (B, H, W), commitment ||z_e - sg[z_q]||^2 averaged over B, D, H, W.
