@@ -1100,7 +1100,8 @@ def write_codes(tokenizer, splits, out, runtime):
                                             "another --out")
         for part in range(runtime.rank, count, runtime.world_size):
             if not (path := out / f"part-{part:05d}-of-{count:05d}.pt").exists():  # else written whole earlier
-                atomic_write(path, lambda file: torch.save(dict(encode(part, count), part=part, parts=count), file))
+                codes = dict(encode(part, count), part=part, parts=count)
+                atomic_write(path, lambda file: torch.save(codes, file))
         # NOTE: the wait for the other ranks' parts watches the folder instead of calling dist.barrier(), which
         # NCCL gives up on after 10 minutes: a rank with nothing left to redo may wait for a whole part.
         waited = 0
