@@ -1520,7 +1520,7 @@ def test_dalle_code_drop_leaves_out_whole_codes_in_and_out_in_training_only():
 
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
-            "--save-every", "100", "--warmup", "1", "--dropout", "0.2", "--drop-key", "0.2"]  # their masks resume too
+            "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     # a Ctrl-C while step 3 runs
     ctrl_c_then_resume(monkeypatch, dalle, args, tmp_path / "stopped", batch=2, saved_step=3)
