@@ -548,7 +548,7 @@ def sample_or_score(config, given, runtime):
     if not (config.sample or config.prompts):  # --eval
         if saved.codes and not config.test:
             check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
-            captions = load_codes(saved.codes)["test"]["captions"]
+            captions = CodesDataset(load_codes(saved.codes)["test"]).captions
         else:
             test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
             captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]

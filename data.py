@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -223,10 +224,17 @@ def caption_lines(content):
     return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
 
 
+def pick_caption(lines, every=False):
+    """One of an image's captions at random (drawn again at every access), or with `every` all, one per line."""
+    return "\n".join(lines) if every else random.choice(lines) if lines else ""
+
+
 class ImageTextFolder(Dataset):
     """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str). Caption: a
     random non-blank line of the same-stem `.txt` file; else the name of its subfolder of `root` (`red_apple/
     x.png` -> "red apple"); else "". A file that does not decode is skipped with a warning; the next one is used."""
+
+    every_caption = False  # see pick_caption
 
     def __init__(self, root, image_size):
         self.root, self.image_size, self.broken, self.paths = Path(root), image_size, set(), []
@@ -258,8 +266,7 @@ class ImageTextFolder(Dataset):
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
             if path not in self.broken and (image := try_load(path, self.image_size)) is not None:
-                lines = self.caption_choices(path)
-                return image.float() / 255.0, random.choice(lines) if lines else ""  # drawn again at every access
+                return image.float() / 255.0, pick_caption(self.caption_choices(path), self.every_caption)
             self.broken.add(path)
         raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
 
@@ -288,6 +295,8 @@ class ShardDataset(Dataset):
     NOTE: WebDataset streams shards (an IterableDataset). We keep where each member's bytes lie, so a sample is
     one seek and the dataset stays map-style: len(), the held-out split and an exact --resume work as for a
     folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
+
+    every_caption = False  # see pick_caption
 
     def __init__(self, paths, image_size):
         self.paths, self.image_size, self.broken, self.samples = [str(path) for path in paths], image_size, set(), []
@@ -339,7 +348,7 @@ class ShardDataset(Dataset):
                 warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
                 lines = []
             lines = lines or [Path(key).parent.name.replace("_", " ")]  # else its folder's name, if any
-            return image.float() / 255.0, random.choice(lines)
+            return image.float() / 255.0, pick_caption(lines, self.every_caption)
         raise UsageError(f"{self.paths[0]} ...: no usable image (every one failed to decode)")
 
 
@@ -817,7 +826,10 @@ def batches(dataset, batch_size, runtime, seed=0, start_step=0):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
-    for images, captions in loader:
+    iterator = iter(loader)
+    for step in itertools.count(start_step):  # an image's caption, of several: a function of (seed, rank, step)
+        random.seed((seed * 1000 + runtime.rank) * 100_000_000 + step)
+        images, captions = next(iterator)
         yield images.to(runtime.device, non_blocking=True), list(captions)
 
 
@@ -1058,18 +1070,17 @@ CODES = "vqvae2-codes"  # the kind of a codes file or part: dict(tokenizer, trai
 
 @torch.no_grad()
 def encode_split(tokenizer, dataset, indices, device, batch_size=500):
-    """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions);
+    an image's captions all, one per line (CodesDataset draws one at every access)."""
     levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (tokenizer.top_shape, tokenizer.bottom_shape)]
-    captions, state = [], random.getstate()
+    captions, base = [], getattr(dataset, "dataset", dataset)  # a Subset's dataset
     for first in range(0, len(indices), batch_size):
-        items = []
-        for index in indices[first: first + batch_size]:
-            random.seed(index)  # of several captions, the one drawn depends on the index alone: parts agree
-            items.append(dataset[index])
+        base.every_caption = True
+        items = [dataset[index] for index in indices[first: first + batch_size]]
+        base.every_caption = False
         for level, ids in zip(levels, tokenizer.encode(torch.stack([image for image, _ in items]).to(device))):
             level.append(ids.to(torch.int16).cpu())
         captions += [caption for _, caption in items]
-    random.setstate(state)
     return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
 
 
@@ -1172,17 +1183,19 @@ def same_state(a, b):
 
 
 class CodesDataset(Dataset):
-    """One split of a codes file as (top and bottom codes flattened into one (Ht Wt + Hb Wb,) tensor, caption)."""
+    """One split of a codes file as (top and bottom codes flattened into one (Ht Wt + Hb Wb,) tensor, caption): one
+    of the image's captions at random. `captions`: the first of each image's (its name, in a Twemoji folder)."""
 
     def __init__(self, split):
         self.codes = torch.cat([split["top"].flatten(1), split["bottom"].flatten(1)], 1).long()  # (N, Ht Wt + Hb Wb)
-        self.captions = split["captions"]
+        self.lines = [caption.split("\n") for caption in split["captions"]]
+        self.captions = [lines[0] for lines in self.lines]
 
     def __len__(self):
         return len(self.codes)
 
     def __getitem__(self, index):
-        return self.codes[index], self.captions[index]
+        return self.codes[index], random.choice(self.lines[index])
 
 
 def split_codes(codes, tokenizer):

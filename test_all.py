@@ -813,6 +813,35 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] == pytest.approx(0.1, abs=0.01)
 
 
+def test_codes_keep_every_caption_and_training_draws_one_as_a_function_of_the_step(tmp_path):
+    for i in range(6):  # six images, each with a name and a short name
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"name {i}\n\nshort {i}\n")
+
+    class Tokenizer:  # what encode_split needs of a VQ-VAE-2
+        top_shape, bottom_shape = (1, 1), (2, 2)
+
+        def encode(self, images):  # (B, 3, S, S) -> top (B, 1, 1), bottom (B, 2, 2): the red level, twice
+            red = (images[:, 0, :2, :2] * 5).round().long()  # (B, 2, 2)
+            return red[:, :1, :1], red
+
+    dataset = data.ImageTextFolder(tmp_path, 8)
+    split = data.encode_split(Tokenizer(), dataset, list(range(6)), "cpu")
+    assert split["captions"] == [f"name {i}\nshort {i}" for i in range(6)]  # every line, in the file's order
+    assert dataset[0][1] in ("name 0", "short 0")  # the folder itself still gives one line
+    codes = data.CodesDataset(split)
+    assert codes.captions == [f"name {i}" for i in range(6)]  # the first line names an image in evaluations
+    assert codes.codes[:, 0].tolist() == [round(40 * i / 255 * 5) for i in range(6)]
+    assert {codes[2][1] for _ in range(40)} == {"name 2", "short 2"}
+    runtime = data.Runtime(torch.device("cpu"))
+    full = [captions for _, (_, captions) in zip(range(9), data.batches(codes, 2, runtime, seed=1))]
+    resumed = [captions for _, (_, captions) in zip(range(4), data.batches(codes, 2, runtime, seed=1, start_step=5))]
+    assert resumed == full[5:]  # the same lines drawn, so --resume continues exactly
+    drawn = [caption for captions in full for caption in captions]
+    assert {caption.split()[0] for caption in drawn} == {"name", "short"}
+    assert {caption.split()[1] for caption in drawn} == {str(i) for i in range(6)}
+
+
 def test_codes_parts_cut_datasets_in_order(tiny_shards):
     folder = data.Subset(list(range(10)), list(range(10)))
     shards = data.load_dataset(str(tiny_shards), 16)  # 4 shards of 12
