@@ -16,7 +16,6 @@ caption gain, not CLIP; a small model; and the section "Beyond the paper" below 
 import dataclasses
 import math
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import vqvae2
 from data import (PAD, TEXT_VOCAB, CodesDataset, Logger, NonFiniteGuard, StopRequest, UsageError, autocast, barrier,
                   batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
                   load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption, parse_config,
-                  parts_in, restore, run_cli, run_config, save_checkpoint, save_grid, score_report, setup, split_codes,
-                  step_generator, warn_if_cut, write_codes, write_pairs)
+                  parts_in, read_prompts, restore, run_cli, run_config, save_checkpoint, save_grid, score_report, setup,
+                  split_codes, step_generator, warn_if_cut, write_codes, write_pairs)
 
 
 @dataclasses.dataclass
@@ -52,7 +51,7 @@ class Config:
     appearance: bool = True  # code descriptions (Beyond the paper)
     silhouette: bool = True  # silhouettes too (Beyond the paper)
     code_drop: float = 0.0  # code dropout (Beyond the paper)
-    text_shift: bool = False  # caption shift (Beyond the paper)
+    summary: bool = False  # pooled caption summary (Beyond the paper)
     steps: int = 1800  # optimizer steps
     batch_size: int = 32  # sequences per step and process
     lr: float = 2e-3  # peak learning rate of AdamW
@@ -156,6 +155,7 @@ class DALLE(nn.Module):
         self.norm = nn.LayerNorm(C)
         self.text_head, self.top_head, self.bottom_head = (nn.Linear(C, V, bias=False) for V in vocabularies)
         add_code_descriptions(self, config, top_codebook_size, bottom_codebook_size)  # Beyond the paper
+        self.summary = CaptionSummary(C) if config.summary else None  # Beyond the paper
         for name, parameter in self.named_parameters():  # GPT-2 initialisation, as in nanoGPT
             if parameter.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * config.layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
@@ -178,6 +178,11 @@ class DALLE(nn.Module):
         bottom = (self.bottom_row[:, None] + self.bottom_column[None]).flatten(0, 1)  # (Nb, C)
         positions = torch.cat([self.text_position, top, bottom])  # (L, C): learned, row + column for the codes
         x = torch.cat(pieces, 1) + positions[start: stop]  # (B, L', C)
+        if self.summary is not None and stop >= self.text_len:  # Beyond the paper: s(y) added at positions T-1 ..
+            summary = self.summary(tokens[:, :self.text_len]) if start == 0 else cache[-1]  # (B, C), then cached
+            x[:, max(self.text_len - 1 - start, 0):] += summary[:, None]  # (B, L', C)
+            if cache is not None:
+                cache[-1] = summary
         for i, block in enumerate(self.blocks):
             x = block(x, cache[i] if cache is not None else None, start)
         return self.norm(x)
@@ -193,7 +198,7 @@ class DALLE(nn.Module):
     def new_cache(self, batch, device, dtype):
         C, H = self.norm.normalized_shape[0], self.blocks[0].attention.heads
         return [(torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype),
-                 torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype)) for _ in self.blocks]
+                 torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype)) for _ in self.blocks] + [None]
 
 
 def losses(model, tokens):
@@ -354,14 +359,22 @@ def code_appearance(model, tokenizer, codes, chunk=256):
         appearance.copy_(total / count.clamp(min=1)[:, None])  # a code never used: zeros, a mid-grey patch
 
 
-def shift_captions(text, generator):
-    """Move each caption (B, T) right by s pad bytes, s uniform over 0 .. its padding. NOTE: the paper's captions start
-    at position 0; with learned positions a shift shows each word at many. Off by default: it costs on Fashion-MNIST."""
-    B, T = text.shape
-    length = (text != PAD).sum(1)  # (B,) caption bytes; the padding trails them
-    s = (torch.rand(B, device=text.device, generator=generator) * (T - length + 1)).long()  # (B,) in 0 .. T - length
-    index = (torch.arange(T, device=text.device) - s[:, None]) % T  # (B, T): output j reads input j - s
-    return text.gather(1, index)  # (B, T), the first s bytes wrapped around from the padding
+class CaptionSummary(nn.Module):
+    """Caption bytes (B, T) -> s(y) (B, C): byte embeddings, 1-D convolutions dilated 1, 2, 4, the max over the bytes.
+    NOTE: the paper reads a caption by attention alone, which on a small set learns names by heart; s(y), added at
+    every image position, holds its words wherever they sit ("... face"), so new names are read (README: Twemoji)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.embedding, self.out = nn.Embedding(TEXT_VOCAB, width), nn.Linear(width, width)
+        self.convolutions = nn.ModuleList(nn.Conv1d(width, width, 3, padding=d, dilation=d) for d in (1, 2, 4))
+
+    def forward(self, text):
+        mask = (text != PAD).unsqueeze(1).float()  # (B, 1, T)
+        h = self.embedding(text).transpose(1, 2) * mask  # (B, T, C) -> (B, C, T), pads zero like the convolution's
+        for convolution in self.convolutions:
+            h = F.relu(convolution(h)) * mask  # pads stay zero, below every ReLU feature
+        return self.out(h.amax(2))  # max over the bytes: (B, C)
 
 
 @torch.no_grad()
@@ -456,7 +469,6 @@ def train(config, runtime, checkpoint=None):
             torch.manual_seed(generator.initial_seed())  # dropout masks: a function of the step, for --resume
             z, captions = next(data)  # (B, Nt + Nb) codes
             y = encode_text(captions, config.text_len).to(device)  # (B, T) caption bytes
-            y = shift_captions(y, generator) if config.text_shift else y  # Beyond the paper
             dropped = torch.rand(len(y), device=y.device, generator=generator) < 0.1  # (B,): p_uncond = 0.1 (guidance)
             tokens = torch.cat([torch.where(dropped[:, None], torch.full_like(y, PAD), y), z], 1)  # (B, L)
             with autocast(device):
@@ -483,8 +495,7 @@ def train(config, runtime, checkpoint=None):
                 paused += time.time() - evaluation_start
     keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
-        print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s of it held-out "
-              "evaluation)")
+        print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s evaluating)")
         report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
 
 
@@ -553,12 +564,7 @@ def sample_or_score(config, given, runtime):
             test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
             captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
         return report(model, tokenizer, captions, config, device, out)
-    captions = list(config.sample)
-    if config.prompts:
-        check(config.prompts == "-" or Path(config.prompts).is_file(), f"--prompts {config.prompts}: no such file")
-        content = sys.stdin.buffer.read() if config.prompts == "-" else Path(config.prompts).read_bytes()
-        captions += [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
-        check(len(captions) > len(config.sample), f"--prompts {config.prompts}: no captions in it")
+    captions = list(config.sample) + (read_prompts(config.prompts) if config.prompts else [])
     warn_if_cut(captions, model.text_len)
     images, captions, codes = generate(model, tokenizer, captions, config, device)
     write_pairs(out / "samples", images, captions)

@@ -556,6 +556,14 @@ def encode_text(captions, length):
     return tokens
 
 
+def read_prompts(path):
+    """The captions of a prompt file, one a non-blank line ('-': standard input)."""
+    check(path == "-" or Path(path).is_file(), f"--prompts {path}: no such file")
+    captions = caption_lines(sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes())
+    check(captions, f"--prompts {path}: no captions in it")
+    return captions
+
+
 def warn_if_cut(captions, length):
     """Say which captions are longer than the `length` bytes a model reads (it sees their start only)."""
     for caption in captions:

@@ -1393,7 +1393,7 @@ TINY_DALLE = ["--image-size", 16, "--vqvae-steps", 6, TINY_TOKENIZER, "--width",
 
 def tiny_dalle(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    config = dalle.Config(width=32, layers=2, heads=4, text_len=12)
+    config = dalle.Config(width=32, layers=2, heads=4, text_len=12, summary=True)  # every addition on
     model = dalle.DALLE(config, (2, 2), (4, 4), 24, 40).to(dtype).eval()  # L = 12 + 4 + 16 = 32
     for parameter in model.parameters():  # the zero-initialised position embeddings get values too
         parameter.data += 0.02 * torch.randn_like(parameter)
@@ -1436,6 +1436,16 @@ def test_dalle_has_no_future_leakage():
         assert not torch.allclose(per_position[:, t:], reference[:, t:])
 
 
+def test_dalle_caption_summary_reads_words_wherever_they_sit():
+    summary = tiny_dalle(torch.float64).summary
+    text = data.encode_text(["dog face", "face", "dog"], 12)  # (3, 12)
+    shifted = torch.cat([torch.full((3, 3), data.PAD), text[:, :9]], 1)  # the same captions 3 bytes later
+    assert torch.allclose(summary(shifted), summary(text), atol=1e-12)
+    assert not torch.allclose(summary(text[:1]), summary(text[1:2]))
+    # the empty caption (guidance's unconditional half) gets the bias alone
+    assert torch.allclose(summary(torch.full((1, 12), data.PAD)), summary.out.bias[None])
+
+
 def test_dalle_drop_key_is_causal_never_empty_and_off_at_evaluation():
     torch.manual_seed(0)
     model = dalle.DALLE(dalle.Config(width=32, layers=2, heads=4, text_len=12, dropout=0.0, drop_key=0.99),
@@ -1469,24 +1479,6 @@ def test_dalle_keep_mask_and_dropout_have_the_right_rates():
     dropped = dalle.dropout(x, 0.2, True)
     assert set(dropped.unique().tolist()) == {0.0, 1.25} and abs(dropped.mean().item() - 1) < 0.02
     assert torch.equal(dalle.dropout(x, 0.2, False), x) and torch.equal(dalle.dropout(x, 0.0, True), x)
-
-
-def test_dalle_shift_captions_moves_whole_captions_within_their_padding():
-    captions = ["a small red triangle at the top", "x" * 50, "", "abc"]  # 31 bytes, cut to 40, dropped, 3
-    text = data.encode_text(captions, 40)  # (4, 40)
-    generator = torch.Generator().manual_seed(0)
-    starts = {i: set() for i in range(4)}
-    for _ in range(1000):
-        shifted = dalle.shift_captions(text, generator)
-        assert shifted.shape == text.shape and decode_text(shifted) == decode_text(text)
-        for i in range(4):
-            kept = (shifted[i] != data.PAD).nonzero()[:, 0]
-            start = kept[0].item() if len(kept) else 0
-            assert torch.equal(shifted[i, start:start + len(kept)], text[i, :len(kept)])  # one block, in order
-            starts[i].add(start)
-    assert starts[0] == set(range(40 - 31 + 1)) and starts[3] == set(range(40 - 3 + 1))  # every shift it has room for
-    assert starts[1] == {0}  # a caption cut to the full length has no room
-    assert (dalle.shift_captions(text[2:3], generator) == data.PAD).all()  # a dropped caption stays dropped
 
 
 def test_dalle_code_appearance_is_the_mean_decoded_patch_and_reaches_only_its_code():
@@ -1559,7 +1551,7 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
 
 def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny_shapes, tmp_path, monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
-            "1", "--warmup", "1", "--code-drop", "0.25", "--text-shift"]  # none of them the default
+            "1", "--warmup", "1", "--code-drop", "0.25", "--summary"]  # none of them the default
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     # killed while the tokenizer trains, while the dataset is encoded, and before the transformer's first save
