@@ -1084,8 +1084,10 @@ def encode_split(tokenizer, dataset, indices, device, batch_size=500):
     captions, base = [], getattr(dataset, "dataset", dataset)  # a Subset's dataset
     for first in range(0, len(indices), batch_size):
         base.every_caption = True
-        items = [dataset[index] for index in indices[first: first + batch_size]]
-        base.every_caption = False
+        try:
+            items = [dataset[index] for index in indices[first: first + batch_size]]
+        finally:  # the dataset draws one caption again, even after a failed read
+            base.every_caption = False
         for level, ids in zip(levels, tokenizer.encode(torch.stack([image for image, _ in items]).to(device))):
             level.append(ids.to(torch.int16).cpu())
         captions += [caption for _, caption in items]

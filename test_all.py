@@ -1709,6 +1709,8 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", tmp_path / "run" / "codes.pt"),
                        "not a dalle checkpoint")
     assert_clean_error(in_process(capsys, dalle, "--prompts", tmp_path / "none.txt", "--ckpt", ckpt), "no such file")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert_clean_error(in_process(capsys, dalle, "--prompts", tmp_path / "blank.txt", "--ckpt", ckpt), "no captions")
     assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
     assert_clean_error(in_process(capsys, dalle, "--width", 30, "--heads", 4), "--width")
     assert_clean_error(in_process(capsys, dalle, "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
