@@ -78,7 +78,7 @@ def run_cli(main, argv=None):
 _warned: set[str] = set()
 
 
-def warn(message):
+def warn(message):  # each distinct warning once
     if message not in _warned:
         _warned.add(message)
         print(f"warning: {message}", file=sys.stderr)
@@ -89,14 +89,7 @@ def check(condition, message):
         raise UsageError(message)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):  # help shows the defaults
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
     def error(self, message):  # argparse prints usage plus the error; we keep it to one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -208,6 +201,8 @@ def load_image(path, image_size=None):
 
 def reason(error):
     """An exception as one short line, for a warning."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
@@ -229,12 +224,28 @@ def pick_caption(lines, every=False):
     return "\n".join(lines) if every else random.choice(lines) if lines else ""
 
 
-class ImageTextFolder(Dataset):
-    """Every image under `root` (recursively) as (image (3, S, S) float in [0, 1], caption str). Caption: a
-    random non-blank line of the same-stem `.txt` file; else the name of its subfolder of `root` (`red_apple/
-    x.png` -> "red apple"); else "". A file that does not decode is skipped with a warning; the next one is used."""
+class CaptionedImages(Dataset):
+    """(image (3, S, S) float in [0, 1], caption str) pairs; a subclass reads item i (`read`) and names it (`name`).
+    An image that does not decode is skipped, named in a warning once; the next one is used."""
 
     every_caption = False  # see pick_caption
+
+    def __getitem__(self, index):
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            if i not in self.broken:
+                try:
+                    image, lines = self.read(i)  # uint8 (3, S, S), caption lines
+                    return image.float() / 255.0, pick_caption(lines, self.every_caption)
+                except Exception as error:  # corrupt or truncated: skip it, never stop a long run
+                    self.broken.add(i)
+                    warn(f"skipping {self.name(i)}: {reason(error)}")
+        raise UsageError(f"{self.name(0)}: no usable image (every file failed to decode)")
+
+
+class ImageTextFolder(CaptionedImages):
+    """Every image under `root` (recursively). Caption: a random non-blank line of the same-stem `.txt` file; else
+    the name of its subfolder of `root` (`red_apple/x.png` -> "red apple"); else ""."""
 
     def __init__(self, root, image_size):
         self.root, self.image_size, self.broken, self.paths = Path(root), image_size, set(), []
@@ -251,6 +262,12 @@ class ImageTextFolder(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def name(self, index):
+        return self.paths[index]
+
+    def read(self, index):
+        return load_image(self.paths[index], self.image_size), self.caption_choices(self.paths[index])
+
     def caption_choices(self, path):
         """Every caption an image can get: the non-blank lines of its .txt file, else its subfolder's name."""
         text_path = path.with_suffix(".txt")
@@ -261,14 +278,6 @@ class ImageTextFolder(Dataset):
             except OSError as error:
                 warn(f"cannot read caption {text_path} ({error.strerror or reason(error)}); it is left out")
         return [path.parent.name.replace("_", " ")] if path.parent != self.root else []
-
-    def __getitem__(self, index):
-        for attempt in range(len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]
-            if path not in self.broken and (image := try_load(path, self.image_size)) is not None:
-                return image.float() / 255.0, pick_caption(self.caption_choices(path), self.every_caption)
-            self.broken.add(path)
-        raise UsageError(f"{self.root}: no usable image (every file failed to decode)")
 
 
 COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -287,16 +296,13 @@ def shard_paths(name):
     return tars
 
 
-class ShardDataset(Dataset):
-    """The samples of tar shards as (image (3, S, S) float in [0, 1], caption str), in shard order. A sample is
-    the regular files of one tar sharing a KEY (the member name up to the first dot of its last part): KEY.png
-    (or .jpg, ...) and its caption KEY.txt, else the name of its folder, read as a folder's are (so `tar cf
-    OUT.tar -C FOLDER .` holds what FOLDER does); a broken image is skipped.
+class ShardDataset(CaptionedImages):
+    """The samples of tar shards, in shard order. A sample is the regular files of one tar sharing a KEY (the member
+    name up to the first dot of its last part): KEY.png (or .jpg, ...) and its caption KEY.txt, else the name of
+    its folder, read as a folder's are (so `tar cf OUT.tar -C FOLDER .` holds what FOLDER does).
     NOTE: WebDataset streams shards (an IterableDataset). We keep where each member's bytes lie, so a sample is
     one seek and the dataset stays map-style: len(), the held-out split and an exact --resume work as for a
     folder. Member names are dictionary keys, never paths; links, folders and devices are skipped."""
-
-    every_caption = False  # see pick_caption
 
     def __init__(self, paths, image_size):
         self.paths, self.image_size, self.broken, self.samples = [str(path) for path in paths], image_size, set(), []
@@ -322,6 +328,10 @@ class ShardDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def name(self, index):
+        shard, key = self.samples[index][:2]
+        return f"{self.paths[shard]}: {key!r}"
+
     def _read(self, shard, place):
         with open(self.paths[shard], "rb") as file:  # opened per read: safe in forked DataLoader workers
             file.seek(place[0])
@@ -330,26 +340,15 @@ class ShardDataset(Dataset):
             raise OSError(f"the tar ends {place[1] - len(content)} bytes early")
         return content
 
-    def __getitem__(self, index):
-        for attempt in range(len(self.samples)):
-            shard, key, image_place, caption_place = self.samples[(index + attempt) % len(self.samples)]
-            if (shard, key) in self.broken:
-                continue
-            try:
-                image = load_image(io.BytesIO(self._read(shard, image_place)), self.image_size)
-            except Exception as error:  # corrupt or truncated: skip it, never stop a long run
-                self.broken.add((shard, key))
-                problem = "not an image" if isinstance(error, UnidentifiedImageError) else reason(error)
-                warn(f"skipping {self.paths[shard]}: {key!r}: {problem}")
-                continue
-            try:
-                lines = caption_lines(self._read(shard, caption_place)) if caption_place else []
-            except OSError as error:
-                warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
-                lines = []
-            lines = lines or [Path(key).parent.name.replace("_", " ")]  # else its folder's name, if any
-            return image.float() / 255.0, pick_caption(lines, self.every_caption)
-        raise UsageError(f"{self.paths[0]} ...: no usable image (every one failed to decode)")
+    def read(self, index):
+        shard, key, image_place, caption_place = self.samples[index]
+        image = load_image(io.BytesIO(self._read(shard, image_place)), self.image_size)
+        try:
+            lines = caption_lines(self._read(shard, caption_place)) if caption_place else []
+        except OSError as error:
+            warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
+            lines = []
+        return image, lines or [Path(key).parent.name.replace("_", " ")]  # else its folder's name, if any
 
 
 # ----------------------------------------------------------------------------------------------------
