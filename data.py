@@ -89,7 +89,14 @@ def check(condition, message):
         raise UsageError(message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):  # help shows the defaults
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message):  # argparse prints usage plus the error; we keep it to one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

@@ -545,6 +545,9 @@ def test_data_cli_shapes_and_score(tmp_path):
     assert "overall   n=20    all 100.0%" in scored.stdout and "held_out" in scored.stdout
     assert_clean_error(run(ROOT / "data.py", "score", tmp_path / "missing"), "no such folder")
     assert_clean_error(run(ROOT / "data.py", "shapes", tmp_path, "--n", "many"), "invalid int")
+    helped = run(ROOT / "data.py", "shapes", "--help").stdout  # the defaults shown, the usage lines kept as written
+    assert "number of images (default: 1000)" in helped
+    assert "\n    python data.py score DIR " in run(ROOT / "data.py", "--help").stdout
 
 
 # ----------------------------------------------------------------------------------------------------
