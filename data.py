@@ -232,8 +232,9 @@ def pick_caption(lines, every=False):
 
 
 class CaptionedImages(Dataset):
-    """(image (3, S, S) float in [0, 1], caption str) pairs; a subclass reads item i (`read`) and names it (`name`).
-    An image that does not decode is skipped, named in a warning once; the next one is used."""
+    """(image (3, S, S) float in [0, 1], caption str) pairs; a subclass reads item i (`read`), names it (`name`)
+    and starts `broken`, an empty set. An item that does not decode joins it, named in a warning once; the next
+    one is used."""
 
     every_caption = False  # see pick_caption
 
