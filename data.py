@@ -17,6 +17,7 @@ Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import gzip
@@ -1371,6 +1372,36 @@ def score_judge(args):
         f"floor           {report['floor']:.3f} ({len(floor)} other real images against the same {len(reference)})"]))
 
 
+def nearest_samples(args):
+    """A reference for `judge score`: for each caption of PROMPTS, the -n training images whose captions share the
+    most words with it, weighted by rarity (cosine of TF-IDF word counts), written as --sample writes its images.
+    It is what a model that copied training images by caption would score; it draws nothing new."""
+    check(args.n > 0, "-n must be positive")
+    dataset = ImageTextFolder(args.folder, args.image_size)
+
+    def vector(text, idf):  # word -> TF-IDF weight, of unit length
+        counts = {word: text.count(word) * idf.get(word, 0.0) for word in set(text)}
+        norm = math.sqrt(sum(weight * weight for weight in counts.values())) or 1.0
+        return {word: weight / norm for word, weight in counts.items()}
+
+    texts = [re.findall(r"\w+", " ".join(dataset.caption_choices(path)).casefold()) for path in dataset.paths]
+    document_frequency = collections.Counter(word for text in texts for word in set(text))
+    idf = {word: math.log(len(texts) / count) for word, count in document_frequency.items()}
+    vectors = [vector(text, idf) for text in texts]
+    images, captions = [], []
+    for caption in read_prompts(args.prompts):
+        query = vector(re.findall(r"\w+", caption.casefold()), idf)
+        similarity = torch.tensor([sum(query.get(word, 0.0) * weight for word, weight in v.items()) for v in vectors])
+        found = 0
+        for i in similarity.argsort(descending=True, stable=True).tolist():  # ties: the folder's order
+            if found < args.n and (image := try_load(dataset.paths[i], args.image_size)) is not None:
+                images.append(image.float() / 255)
+                captions.append(caption + "\n")
+                found += 1
+    write_pairs(args.out, torch.stack(images), captions)
+    print(f"wrote {len(images)} training images for {len(images) // args.n} captions to {args.out}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line: python data.py shapes|score|idx|emoji|judge
 
@@ -1415,12 +1446,18 @@ def main(argv=None):
     judge_score.add_argument("samples", help="folder of NNNN.png + NNNN.txt (caption) pairs")
     judge_score.add_argument("--real", required=True, help="real images, TEST_DIR/<class name>/<image>")
     judge_score.add_argument("--json", action="store_true", help="print the figures as one JSON line instead")
+    judge_nearest = actions.add_parser("nearest", help="a reference: training images of the most similar captions")
+    judge_nearest.add_argument("folder", help="captioned training images")
+    judge_nearest.add_argument("prompts", help="a caption file, one a line")
+    judge_nearest.add_argument("out", help="folder for NNNN.png + NNNN.txt pairs, as --sample writes them")
+    judge_nearest.add_argument("-n", type=int, default=4, help="images per caption")
+    judge_nearest.add_argument("--image-size", type=int, default=64, help="side S images are resized to")
     for action in (judge_train, judge_score):
         action.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
 
     if args.command == "judge":
-        (train_judge if args.action == "train" else score_judge)(args)
+        {"train": train_judge, "score": score_judge, "nearest": nearest_samples}[args.action](args)
     elif args.command == "emoji":
         counts, skipped = emoji_to_folder(args.package, args.out, args.size, args.background, args.test_fraction)
         for category in sorted({category for _, category in counts}):

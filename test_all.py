@@ -635,6 +635,30 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
                        "not classes of this judge")
 
 
+
+def test_judge_nearest_copies_the_training_images_of_the_most_similar_captions(tmp_path, capsys):
+    images = {"flags/a": ("flag: France", 10), "flags/b": ("flag: Japan", 20), "faces/c": ("grinning face\ngrin", 30),
+              "faces/d": ("sad face", 40), "food/e": ("red apple", 50), "food/f": ("green apple", 60)}
+    for stem, (caption, value) in images.items():
+        (tmp_path / "train" / stem).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (value, value, value)).save(tmp_path / "train" / f"{stem}.png")
+        (tmp_path / "train" / f"{stem}.txt").write_text(caption + "\n")
+    (tmp_path / "train" / "flags" / "g.png").write_bytes(b"\x89PNG not really")  # skipped, named in a warning
+    (tmp_path / "train" / "flags" / "g.txt").write_text("flag: Germany\n")
+    (tmp_path / "names.txt").write_text("flag: Germany\nGRIN\ngrinning apple\nzebra\n")
+    result = in_process(capsys, data, "judge", "nearest", tmp_path / "train", tmp_path / "names.txt",
+                        tmp_path / "out", "-n", "2", "--image-size", "8")
+    assert result.returncode == 0 and "wrote 8 training images for 4 captions" in result.stdout, result.stderr
+    assert "skipping" in result.stderr and "g.png" in result.stderr
+    samples, captions = data.read_pairs(tmp_path / "out")
+    assert captions == ["flag: Germany"] * 2 + ["GRIN"] * 2 + ["grinning apple"] * 2 + ["zebra"] * 2
+    # a rare shared word outweighs a common one ("grinning" in 1 caption, "apple" in 2); ties and captions sharing
+    # no word ("zebra") follow the folder's order: faces c, d, flags a, b, food e, f
+    assert samples[:, 0, 0, 0].tolist() == [10, 20, 30, 40, 30, 50, 30, 40]
+    assert_clean_error(in_process(capsys, data, "judge", "nearest", tmp_path / "train", tmp_path / "names.txt",
+                                  tmp_path / "out", "-n", "0"), "-n must be positive")
+
+
 # ----------------------------------------------------------------------------------------------------
 # data.py: text, IDX, Twemoji, grids
 
