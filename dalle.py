@@ -51,6 +51,7 @@ class Config:
     appearance: bool = True  # code descriptions (Beyond the paper)
     silhouette: bool = True  # silhouettes too (Beyond the paper)
     code_drop: float = 0.0  # code dropout (Beyond the paper)
+    code_noise: float = 0.0  # input codes made random (Beyond the paper)
     summary: bool = False  # pooled caption summary (Beyond the paper)
     steps: int = 1800  # optimizer steps
     batch_size: int = 32  # sequences per step and process
@@ -81,8 +82,8 @@ def validate(config):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
     check(config.width % config.heads == 0, "--width must be a multiple of --heads")
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    check(all(0 <= p < 1 for p in (config.dropout, config.drop_key, config.code_drop)),
-          "--dropout, --drop-key and --code-drop must be in [0, 1)")
+    check(all(0 <= p < 1 for p in (config.dropout, config.drop_key, config.code_drop, config.code_noise)),
+          "--dropout, --drop-key, --code-drop and --code-noise must be in [0, 1)")
     check(min(config.warmup, config.top_k, config.guidance) >= 0 and 0 < config.top_p <= 1,
           "--warmup, --top-k and --guidance must not be negative, --top-p must be in (0, 1]")
     check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
@@ -201,10 +202,11 @@ class DALLE(nn.Module):
                  torch.zeros(batch, H, self.length, C // H, device=device, dtype=dtype)) for _ in self.blocks] + [None]
 
 
-def losses(model, tokens):
+def losses(model, tokens, inputs=None):
     """tokens (B, L) -> (CE_text, scalar; -log p(z_i | y, z_<i) of every image token, (B, Nt + Nb)), in nats.
-    Training averages the latter over the batch's B (Nt + Nb) image tokens; caption_gain sums it."""
-    text_logits, image_logits = model(tokens)  # (B, T-1, 257), [(B, Nt, Kt), (B, Nb, Kb)]
+    Training averages the latter over the batch's B (Nt + Nb) image tokens; caption_gain sums it. `inputs`
+    (B, L), if given, is what the model reads in place of tokens (--code-noise); tokens stay the targets."""
+    text_logits, image_logits = model(tokens if inputs is None else inputs)  # (B, T-1, 257), [(B, Nt, Kt), ...]
     T = text_logits.shape[1] + 1
     # CE_text = -1/(B (T-1)) sum_b sum_{t=2..T} log p(y_t | y_<t): the mean over the batch's predicted bytes
     text = F.cross_entropy(text_logits.flatten(0, 1).float(), tokens[:, 1:T].flatten())  # (B (T-1), 257) -> scalar
@@ -359,6 +361,21 @@ def code_appearance(model, tokenizer, codes, chunk=256):
         appearance.copy_(total / count.clamp(min=1)[:, None])  # a code never used: zeros, a mid-grey patch
 
 
+def noisy_codes(model, tokens, p, generator):
+    """tokens (B, L) with each image code replaced by a uniformly random code of its level with probability p.
+    NOTE: the paper reads every code as it is. Like word dropout (Bowman et al. 2016, arXiv:1511.06349) we hide
+    input codes (never the targets), a regulariser for small sets: on Twemoji it lowers the held-out image loss and
+    lifts the category accuracy of new names at temperature 1 (README: Twemoji)."""
+    if p == 0:
+        return tokens
+    T, Nt, z = model.text_len, model.top_count, tokens[:, model.text_len:]  # z: (B, Nt + Nb)
+    replace = torch.rand(z.shape, device=z.device, generator=generator) < p  # (B, Nt + Nb)
+    noise = torch.cat([torch.randint(0, embedding.num_embeddings, part.shape, device=z.device, generator=generator)
+                       for embedding, part in ((model.top_embedding, z[:, :Nt]), (model.bottom_embedding, z[:, Nt:]))],
+                      1)  # (B, Nt + Nb): a top code < Kt, then bottom codes < Kb
+    return torch.cat([tokens[:, :T], torch.where(replace, noise, z)], 1)  # (B, L)
+
+
 class CaptionSummary(nn.Module):
     """Caption bytes (B, T) -> s(y) (B, C): byte embeddings, 1-D convolutions dilated 1, 2, 4, the max over the bytes.
     NOTE: the paper reads a caption by attention alone, which on a small set learns names by heart; s(y), added at
@@ -472,7 +489,7 @@ def train(config, runtime, checkpoint=None):
             dropped = torch.rand(len(y), device=y.device, generator=generator) < 0.1  # (B,): p_uncond = 0.1 (guidance)
             tokens = torch.cat([torch.where(dropped[:, None], torch.full_like(y, PAD), y), z], 1)  # (B, L)
             with autocast(device):
-                text_loss, nll = losses(network, tokens)
+                text_loss, nll = losses(network, tokens, noisy_codes(model, tokens, config.code_noise, generator))
                 image_loss = nll.mean()  # CE_image: the mean over the batch's B (Nt + Nb) image tokens
                 loss = 1 / 8 * text_loss + 7 / 8 * image_loss  # paper sec. 2.2, each CE a mean over its tokens
                 loss.backward()

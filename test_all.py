@@ -1566,9 +1566,33 @@ def test_dalle_code_drop_leaves_out_whole_codes_in_and_out_in_training_only():
     assert torch.equal(plain_in, plain.bottom_embedding.weight) and torch.equal(plain_out, plain.bottom_head.weight)
 
 
+def test_dalle_noisy_codes_replace_input_codes_only_at_rate_p_within_each_codebook():
+    model = dalle.DALLE(dalle.Config(width=16, layers=1, heads=2, text_len=4, appearance=False), (2, 2), (4, 4), 8, 300)
+    y, top, bottom = torch.randint(0, 256, (500, 4)), torch.randint(0, 8, (500, 4)), torch.randint(0, 300, (500, 16))
+    tokens = torch.cat([y, top, bottom], 1)  # (B, T + Nt + Nb)
+    generator = torch.Generator().manual_seed(0)
+    assert dalle.noisy_codes(model, tokens, 0.0, generator) is tokens
+    noisy = dalle.noisy_codes(model, tokens, 0.4, generator)
+    assert torch.equal(noisy[:, :4], tokens[:, :4])  # the caption is never touched
+    assert noisy[:, 4:8].max() < 8 and noisy[:, 8:].max() >= 8  # each code from its own level's codebook
+    changed = (noisy[:, 8:] != tokens[:, 8:]).float().mean().item()  # a replacement may draw the same code: 1/300
+    assert abs(changed - 0.4 * 299 / 300) < 0.01, changed
+    model.eval()
+    with torch.no_grad():  # the targets stay the clean codes: the loss differs only through what the model reads
+        clean_text, clean = dalle.losses(model, tokens[:8])
+        text, nll = dalle.losses(model, tokens[:8], noisy[:8])
+        _, read_noisy = dalle.losses(model, noisy[:8])
+    assert torch.equal(text, clean_text) and not torch.equal(nll, clean) and not torch.equal(nll, read_noisy)
+    z = tokens[:8, 4:]
+    logits = model(noisy[:8])[1]
+    expected = -torch.cat([logit.log_softmax(-1).gather(-1, target[..., None])[..., 0]  # (8, N)
+                           for logit, target in zip(logits, z.split([4, 16], 1))], 1)  # (8, Nt + Nb)
+    assert torch.allclose(nll, expected, atol=1e-5)
+
+
 def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
-            "--save-every", "100", "--warmup", "1"]  # dropout and DropKey at their defaults
+            "--save-every", "100", "--warmup", "1", "--code-noise", "0.3"]  # dropout and DropKey at their defaults
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     # a Ctrl-C while step 3 runs
     ctrl_c_then_resume(monkeypatch, dalle, args, tmp_path / "stopped", batch=2, saved_step=3)
@@ -2324,8 +2348,8 @@ def poisoned(module, steps):
     if module is dalle:
         real_losses, calls = dalle.losses, iter(range(10**6))
 
-        def losses(model, tokens):
-            text, nll = real_losses(model, tokens)
+        def losses(model, tokens, inputs=None):
+            text, nll = real_losses(model, tokens, inputs)
             return (text * float("nan"), nll) if model.training and next(calls) in steps else (text, nll)
         return "losses", losses
     real_batches = module.batches
