@@ -1376,8 +1376,8 @@ def nearest_samples(args):
     """A reference for `judge score`: for each caption of PROMPTS, the -n training images whose captions share the
     most words with it, weighted by rarity (cosine of TF-IDF word counts), written as --sample writes its images.
     It is what a model that copied training images by caption would score; it draws nothing new."""
-    check(args.n > 0, "-n must be positive")
-    dataset = ImageTextFolder(args.folder, args.image_size)
+    check(args.n > 0 and args.image_size >= 8, "-n must be positive and --image-size at least 8")
+    dataset, prompts = ImageTextFolder(args.folder, args.image_size), read_prompts(args.prompts)
 
     def vector(text, idf):  # word -> TF-IDF weight, of unit length
         counts = {word: text.count(word) * idf.get(word, 0.0) for word in set(text)}
@@ -1389,17 +1389,16 @@ def nearest_samples(args):
     idf = {word: math.log(len(texts) / count) for word, count in document_frequency.items()}
     vectors = [vector(text, idf) for text in texts]
     images, captions = [], []
-    for caption in read_prompts(args.prompts):
+    for caption in prompts:
         query = vector(re.findall(r"\w+", caption.casefold()), idf)
         similarity = torch.tensor([sum(query.get(word, 0.0) * weight for word, weight in v.items()) for v in vectors])
-        found = 0
-        for i in similarity.argsort(descending=True, stable=True).tolist():  # ties: the folder's order
-            if found < args.n and (image := try_load(dataset.paths[i], args.image_size)) is not None:
-                images.append(image.float() / 255)
-                captions.append(caption + "\n")
-                found += 1
+        ranked = (try_load(dataset.paths[i], args.image_size)  # most similar first; ties in the folder's order
+                  for i in similarity.argsort(descending=True, stable=True).tolist())
+        picked = list(itertools.islice((image for image in ranked if image is not None), args.n))  # broken: skipped
+        images += [image.float() / 255 for image in picked]
+        captions += [caption + "\n"] * len(picked)
     write_pairs(args.out, torch.stack(images), captions)
-    print(f"wrote {len(images)} training images for {len(images) // args.n} captions to {args.out}")
+    print(f"wrote {len(images)} training images for {len(prompts)} captions to {args.out}")
 
 
 # ----------------------------------------------------------------------------------------------------
