@@ -1377,6 +1377,7 @@ def nearest_samples(args):
     most words with it, weighted by rarity (cosine of TF-IDF word counts), written as --sample writes its images.
     It is what a model that copied training images by caption would score; it draws nothing new."""
     check(args.n > 0 and args.image_size >= 8, "-n must be positive and --image-size at least 8")
+    check(args.prompts == "-" or Path(args.prompts).is_file(), f"{args.prompts}: no such caption file")
     dataset, prompts = ImageTextFolder(args.folder, args.image_size), read_prompts(args.prompts)
 
     def vector(text, idf):  # word -> TF-IDF weight, of unit length
