@@ -29,7 +29,7 @@ from data import (PAD, TEXT_VOCAB, CodesDataset, Logger, NonFiniteGuard, StopReq
                   batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
                   load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption, parse_config,
                   parts_in, read_prompts, restore, run_cli, run_config, save_checkpoint, save_grid, score_report, setup,
-                  split_codes, step_generator, warn_if_cut, write_codes, write_pairs)
+                  shapes_size, split_codes, step_generator, warn_if_cut, write_codes, write_pairs)
 
 
 @dataclasses.dataclass
@@ -53,6 +53,7 @@ class Config:
     code_drop: float = 0.0  # code dropout (Beyond the paper)
     code_noise: float = 0.0  # input codes made random (Beyond the paper)
     summary: bool = False  # pooled caption summary (Beyond the paper)
+    flip: bool = False  # mirrored training images too (Beyond the paper)
     steps: int = 1800  # optimizer steps
     batch_size: int = 32  # sequences per step and process
     lr: float = 2e-3  # peak learning rate of AdamW
@@ -88,6 +89,8 @@ def validate(config):
           "--warmup, --top-k and --guidance must not be negative, --top-p must be in (0, 1]")
     check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
     check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
+    check(not (config.codes and config.flip), "--flip encodes mirrored images; --codes are encoded already")
+    check(not (config.flip and shapes_size(config.train)), "--flip: shapes captions name left and right")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,6 +285,8 @@ def generate(model, tokenizer, captions, config, device):
 # NOTE: the paper states no regulariser; we use residual dropout and DropKey (Li et al. 2023, arXiv:2208.02646),
 # 0.2 each, without which our model memorises its training codes on shapes. DropKey hides each earlier key from
 # a query with probability p; its paper also drops the diagonal and lowers p with depth, we do neither.
+# NOTE: the paper trains on 250M pairs; on a small set we can also train on each image's mirror image (--flip, in
+# prepare_codes): on Twemoji it lowers the held-out image loss and the FD of new names' samples (README: Twemoji).
 # NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
 # 1.5) are the best measured on shapes, not on real images (README: --guidance 3 --temperature 1 there).
 
@@ -441,7 +446,8 @@ def prepare_codes(config, runtime):
             print(f"stage 2/3: encoding the dataset with {path}", flush=True)
         tokenizer = vqvae2.VQVAE2.from_checkpoint(path, runtime.device)
         splits = load_train_test(config.train, config.test, tokenizer.image_size)
-        codes = write_codes(tokenizer, dict(zip(("train", "test"), splits)), codes_path, runtime)
+        mirror = ("train",) if config.flip else ()  # Beyond the paper: each training image mirrored, twice the data
+        codes = write_codes(tokenizer, dict(zip(("train", "test"), splits)), codes_path, runtime, mirror)
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], runtime.device, codes_path)
     return tokenizer, CodesDataset(codes["train"]), CodesDataset(codes["test"])
 

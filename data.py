@@ -1085,33 +1085,36 @@ CODES = "vqvae2-codes"  # the kind of a codes file or part: dict(tokenizer, trai
 
 
 @torch.no_grad()
-def encode_split(tokenizer, dataset, indices, device, batch_size=500):
+def encode_split(tokenizer, dataset, indices, device, batch_size=500, mirror=False):
     """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions);
-    an image's captions all, one per line (CodesDataset draws one at every access)."""
+    an image's captions all, one per line (CodesDataset draws one at every access). mirror: then the same images
+    mirrored left to right, after them (2N in all)."""
     levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (tokenizer.top_shape, tokenizer.bottom_shape)]
     captions, base = [], getattr(dataset, "dataset", dataset)  # a Subset's dataset
-    for first in range(0, len(indices), batch_size):
+    for flip, first in [(flip, first) for flip in range(1 + mirror) for first in range(0, len(indices), batch_size)]:
         base.every_caption = True
         try:
             items = [dataset[index] for index in indices[first: first + batch_size]]
         finally:  # the dataset draws one caption again, even after a failed read
             base.every_caption = False
-        for level, ids in zip(levels, tokenizer.encode(torch.stack([image for image, _ in items]).to(device))):
+        images = torch.stack([image for image, _ in items])  # (B, 3, S, S)
+        for level, ids in zip(levels, tokenizer.encode((images.flip(-1) if flip else images).to(device))):
             level.append(ids.to(torch.int16).cpu())
         captions += [caption for _, caption in items]
     return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
 
 
-def write_codes(tokenizer, splits, out, runtime):
+def write_codes(tokenizer, splits, out, runtime, mirror=()):
     """Encode splits {name: dataset} into one codes file `out`; under torchrun, or into a folder already there, into
     a folder of parts OUT/part-INDEX-of-COUNT.pt, each a contiguous run of each split. Every rank writes its parts
     (rank, rank + W, ...); COUNT: the parts already there, else the processes, so any number of them continues a
-    stopped job by writing the missing ones. -> the codes (load_codes)."""
+    stopped job by writing the missing ones. The splits named in `mirror` get their mirror images too (dalle.py
+    --flip). -> the codes (load_codes)."""
     out, state = Path(out), tokenizer.state()
 
     def encode(part, count):
         return dict(kind=CODES, tokenizer=state, **{name: encode_split(tokenizer, dataset, part_indices(
-            dataset, part, count), runtime.device) for name, dataset in splits.items()})
+            dataset, part, count), runtime.device, mirror=name in mirror) for name, dataset in splits.items()})
 
     if not (in_parts := runtime.distributed or out.is_dir()):
         codes = encode(0, 1)

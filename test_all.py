@@ -869,6 +869,33 @@ def test_codes_keep_every_caption_and_training_draws_one_as_a_function_of_the_st
     assert {caption.split()[1] for caption in drawn} == {str(i) for i in range(6)}
 
 
+def test_codes_mirror_appends_each_image_flipped_left_to_right_with_its_captions(tmp_path):
+    for i in range(3):  # red in the left column only, a different amount in each image
+        image = Image.new("RGB", (8, 8))
+        image.paste((60 * (i + 1), 0, 0), (0, 0, 1, 8))
+        image.save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"name {i}\nshort {i}\n")
+
+    class Tokenizer:  # the red of the left and the right column: top (B, 1, 1), bottom (B, 1, 2)
+        top_shape, bottom_shape = (1, 1), (1, 2)
+
+        def encode(self, images):
+            columns = (images[:, 0, :1, [0, -1]] * 10).round().long()  # (B, 1, 2)
+            return columns[:, :, :1], columns
+
+    dataset = data.ImageTextFolder(tmp_path, 8)
+    plain = data.encode_split(Tokenizer(), dataset, [0, 1, 2], "cpu", batch_size=2)
+    both = data.encode_split(Tokenizer(), dataset, [0, 1, 2], "cpu", batch_size=2, mirror=True)
+    assert torch.equal(both["bottom"][:3], plain["bottom"]) and both["captions"] == plain["captions"] * 2
+    assert torch.equal(both["bottom"][3:], plain["bottom"].flip(-1))  # left and right swapped
+    assert plain["bottom"][:, 0, 0].tolist() == [round(60 * (i + 1) / 255 * 10) for i in range(3)]
+    assert plain["bottom"][:, 0, 1].tolist() == [0, 0, 0]
+    for config in (dalle.Config(codes="codes.pt", flip=True), dalle.Config(flip=True)):  # shapes name left and right
+        with pytest.raises(data.UsageError, match="--flip"):
+            dalle.validate(config)
+    dalle.validate(dalle.Config(train=str(tmp_path), flip=True))
+
+
 def test_codes_parts_cut_datasets_in_order(tiny_shards):
     folder = data.Subset(list(range(10)), list(range(10)))
     shards = data.load_dataset(str(tiny_shards), 16)  # 4 shards of 12
@@ -1602,9 +1629,12 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
 
 def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny_shapes, tmp_path, monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
-            "1", "--warmup", "1", "--code-drop", "0.25", "--summary"]  # none of them the default
+            "1", "--warmup", "1", "--code-drop", "0.25", "--summary", "--flip"]  # none of them the default
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    train = torch.load(tmp_path / "straight" / "codes.pt", weights_only=True)["train"]  # --flip: each image mirrored
+    half = len(train["captions"]) // 2
+    assert train["captions"][:half] == train["captions"][half:] and not torch.equal(*train["bottom"].split(half))
     # killed while the tokenizer trains, while the dataset is encoded, and before the transformer's first save
     for stage, (module, name) in enumerate([(vqvae2, "batches"), (data, "encode_split"), (dalle, "batches")], 1):
         out = tmp_path / f"killed_in_stage_{stage}"
