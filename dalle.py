@@ -286,7 +286,7 @@ def generate(model, tokenizer, captions, config, device):
 # 0.2 each, without which our model memorises its training codes on shapes. DropKey hides each earlier key from
 # a query with probability p; its paper also drops the diagonal and lowers p with depth, we do neither.
 # NOTE: the paper trains on 250M pairs; on a small set we can also train on each image's mirror image (--flip, in
-# prepare_codes): on Twemoji it lowers the held-out image loss and the FD of new names' samples (README: Twemoji).
+# prepare_codes): on Twemoji it lowers the held-out image loss and new names draw their category more often (README).
 # NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
 # 1.5) are the best measured on shapes, not on real images (README: --guidance 3 --temperature 1 there).
 
