@@ -1447,7 +1447,7 @@ TINY_DALLE = ["--image-size", 16, "--vqvae-steps", 6, TINY_TOKENIZER, "--width",
 
 def tiny_dalle(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    config = dalle.Config(width=32, layers=2, heads=4, text_len=12, summary=True)  # every addition on
+    config = dalle.Config(width=32, layers=2, heads=4, text_len=12, summary=True, adaln=True)  # every addition on
     model = dalle.DALLE(config, (2, 2), (4, 4), 24, 40).to(dtype).eval()  # L = 12 + 4 + 16 = 32
     for parameter in model.parameters():  # the zero-initialised position embeddings get values too
         parameter.data += 0.02 * torch.randn_like(parameter)
@@ -1488,6 +1488,24 @@ def test_dalle_has_no_future_leakage():
         # the output at position i predicts token i + 1: outputs at positions < t must not move
         assert torch.equal(per_position[:, :t], reference[:, :t])
         assert not torch.allclose(per_position[:, t:], reference[:, t:])
+
+
+def test_dalle_adaln_starts_as_the_plain_blocks_then_the_caption_scales_the_image_positions():
+    config = dalle.Config(width=32, layers=2, heads=4, text_len=12, summary=True)
+    plain, modulated = (dalle.DALLE(c, (2, 2), (4, 4), 24, 40).eval()
+                        for c in (config, dataclasses.replace(config, adaln=True)))
+    assert modulated.load_state_dict(plain.state_dict(), strict=False).missing_keys == [
+        f"modulation.{i}.{name}" for i in range(2) for name in ("weight", "bias")]
+    tokens = random_tokens(plain, 2)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(all_logits(plain, tokens), all_logits(modulated, tokens)))
+        for layer in modulated.modulation:  # adaLN-Zero: zero at first, anything once trained
+            layer.weight.normal_(0, 0.1)
+        before, after = all_logits(plain, tokens), all_logits(modulated, tokens)
+    assert torch.equal(before[0], after[0])  # the caption's bytes are predicted as before, from the bytes alone
+    assert not torch.allclose(before[1], after[1]) and not torch.allclose(before[2], after[2])
+    with pytest.raises(data.UsageError, match="--adaln"):
+        dalle.validate(dataclasses.replace(config, summary=False, adaln=True))
 
 
 def test_dalle_caption_summary_reads_words_wherever_they_sit():
@@ -1629,7 +1647,7 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
 
 def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny_shapes, tmp_path, monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
-            "1", "--warmup", "1", "--code-drop", "0.25", "--summary", "--flip"]  # none of them the default
+            "1", "--warmup", "1", "--code-drop", "0.25", "--summary", "--adaln", "--flip"]  # none of them the default
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     train = torch.load(tmp_path / "straight" / "codes.pt", weights_only=True)["train"]  # --flip: each image mirrored
