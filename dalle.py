@@ -306,7 +306,7 @@ def generate(model, tokenizer, captions, config, device):
 # prepare_codes): on Twemoji it lowers the held-out image loss and new names draw their category more often (README).
 # NOTE: the paper's blocks read the caption through attention alone; with --adaln, like DiT's adaLN-Zero (Peebles
 # & Xie 2023, arXiv:2212.09748), s(y) also sets a shift, scale and gate of each sublayer at the image positions,
-# zero at first (Block, hidden). On Twemoji it doubles the caption gap at 32 and 64 px (README: Twemoji).
+# zero at first (Block, hidden). On Twemoji it doubles the caption gap, not the category accuracy (README: Twemoji).
 # NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
 # 1.5) are the best measured on shapes, not on real images (README: --guidance 3 --temperature 1 there).
 
