@@ -9,8 +9,9 @@ Usage:
     python dalle.py --sample "a red circle" -n 16 --keep 4 --ckpt runs/dalle/ckpt.pt
     torchrun --nproc_per_node=2 dalle.py --train shapes                 # data parallel
 
-Deviations: bytes, not BPE; VQ-VAE-2 codes, not the dVAE; dense attention; guidance and reranking by
-caption gain, not CLIP; a small model; and the section "Beyond the paper" below (README: dalle.py).
+Deviations: bytes, not BPE; VQ-VAE-2 codes, not the dVAE; dense attention; guidance; a small model; reranking
+by a small CLIP trained beside the transformer (--reranker), else by caption gain; and the section "Beyond the
+paper" below (README: dalle.py).
 """
 
 import dataclasses
@@ -55,6 +56,7 @@ class Config:
     summary: bool = False  # pooled caption summary (Beyond the paper)
     adaln: bool = False  # the summary scales every block (Beyond the paper)
     flip: bool = False  # mirrored training images too (Beyond the paper)
+    reranker: bool = False  # train a small CLIP to rerank (sec. 2.5)
     steps: int = 1800  # optimizer steps
     batch_size: int = 32  # sequences per step and process
     lr: float = 2e-3  # peak learning rate of AdamW
@@ -68,7 +70,7 @@ class Config:
     sample: list[str] = dataclasses.field(default_factory=list)  # captions to draw from --ckpt
     prompts: str = ""  # a caption file, one a line ('-': stdin)
     n: int = 8  # images per caption
-    keep: int = 0  # keep the M of n of most caption gain
+    keep: int = 0  # keep the M of n ranked best (see --reranker)
     guidance: float = 1.5  # guidance scale s (1: none)
     temperature: float = 0.2  # sampling temperature (Beyond the paper)
     top_k: int = 0  # sample from the k likeliest (0: all)
@@ -277,24 +279,56 @@ def sample_codes(model, text, generator, guidance=1.0, temperature=1.0, top_k=0,
     return sequence[:len(text), T:]  # (B, Nt + Nb)
 
 
+@torch.no_grad()
 def to_images(tokenizer, codes):
     """codes (B, Nt + Nb) -> images (B, 3, S, S) in [0, 1] through the VQ-VAE-2 decoder, 256 at a time."""
     return torch.cat([tokenizer.decode(*split_codes(chunk, tokenizer)) for chunk in codes.split(256)])
 
 
+class Reranker(nn.Module):
+    """CLIP (Radford et al. 2021, arXiv:2103.00020), small: an image encoder f and a caption encoder g map to unit
+    vectors whose cosine, times a learned scale e^t, scores how well an image fits a caption (paper sec. 2.5)."""
+
+    def __init__(self, width):
+        super().__init__()
+        layers, channels = [], (3, 32, 64, 128, 128)  # 32 x 32 pixels -> 32, 16, 8, 4
+        for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+            layers += [nn.Conv2d(c_in, c_out, 3, 1 if i == 0 else 2, 1), nn.GroupNorm(8, c_out), nn.ReLU()]
+        self.image = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, width))  # f
+        self.text = CaptionSummary(width)  # g: the caption summary's architecture, its own weights
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t, CLIP's initial temperature 0.07
+
+    def forward(self, images, text):
+        """images (B, 3, S, S) in [0, 1], caption bytes (B, T) -> e^t cos(f(x_i), g(y_j)): (B, B)."""
+        if images.shape[-1] > 32:
+            images = F.interpolate(images, size=(32, 32), mode="area")  # (B, 3, 32, 32)
+        f = F.normalize(self.image(images * 2 - 1), dim=1)  # (B, C)
+        g = F.normalize(self.text(text), dim=1)  # (B, C)
+        return f @ g.T * self.log_scale.exp().clamp(max=100)  # (B, C) @ (C, B) -> (B, B), e^t capped at 100 as CLIP
+
+
+def contrastive_loss(logits, text):
+    """CLIP's symmetric cross-entropy over a batch's (B, B) image-caption scores, the mean over its 2B rows; pairs
+    whose captions are the same bytes (an image twice, or mirrored) are each other's positives, shared evenly."""
+    same = (text[:, None] == text[None]).all(-1).float()  # (B, B), symmetric
+    target = same / same.sum(1, keepdim=True)  # each row a distribution over its positives
+    return (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.float().T, target)) / 2
+
+
 @torch.no_grad()
-def generate(model, tokenizer, captions, config, device):
+def generate(model, tokenizer, captions, config, device, reranker=None):
     """n images per caption (the best `keep` of them with --keep): images, captions, their codes."""
     generator = torch.Generator(device).manual_seed(config.seed)
     text = encode_text([c for c in captions for _ in range(config.n)], model.text_len).to(device)  # (B n, T)
     codes = torch.cat([sample_codes(model, chunk, generator, config.guidance, config.temperature, config.top_k,
                                     config.top_p) for chunk in text.split(256)])  # (B n, Nt + Nb)
-    if config.keep:  # reranking, Beyond the paper: the M = keep of each caption's n of most caption gain
-        gain = torch.cat([caption_gain(model, text_chunk, codes_chunk)  # in chunks: (256, L) logits each
-                          for text_chunk, codes_chunk in zip(text.split(256), codes.split(256))]).view(-1, config.n)
-        best = gain.topk(config.keep, 1).indices + torch.arange(len(gain), device=device)[:, None] * config.n  # (B, M)
-        codes = codes[best.flatten()]  # (B M, Nt + Nb)
-    return to_images(tokenizer, codes), [c for c in captions for _ in range(config.keep or config.n)], codes
+    images = to_images(tokenizer, codes)  # (B n, 3, S, S)
+    if config.keep:  # reranking (sec. 2.5): the M = keep of each caption's n the reranker scores highest
+        score = torch.cat([reranker(x, y).diagonal() if reranker else caption_gain(model, y, z)  # (256,) each
+                           for x, y, z in zip(images.split(256), text.split(256), codes.split(256))]).view(-1, config.n)
+        best = (score.topk(config.keep, 1).indices + torch.arange(len(score), device=device)[:, None] * config.n)
+        images, codes = images[best.flatten()], codes[best.flatten()]  # (B M, ...)
+    return images, [c for c in captions for _ in range(config.keep or config.n)], codes
 
 
 # ====================================================================================================
@@ -307,8 +341,10 @@ def generate(model, tokenizer, captions, config, device):
 # NOTE: the paper's blocks read the caption through attention alone; with --adaln, like DiT's adaLN-Zero (Peebles
 # & Xie 2023, arXiv:2212.09748), s(y) also sets a shift, scale and gate of each sublayer at the image positions,
 # zero at first (Block, hidden). On Twemoji it doubles the caption gap, not the category accuracy (README: Twemoji).
-# NOTE: the paper samples at temperature 1 and reranks with CLIP; our defaults (temperature 0.2, guidance
-# 1.5) are the best measured on shapes, not on real images (README: --guidance 3 --temperature 1 there).
+# NOTE: the paper samples at temperature 1; our defaults (temperature 0.2, guidance 1.5) are the best measured on
+# shapes, not on real images (README: --guidance 3 --temperature 1 there).
+# NOTE: the paper reranks with a CLIP trained on 400M pairs, which we cannot download; --reranker trains a small one
+# beside the transformer (train) on the same images, decoded from their codes as samples are, at 32 x 32 pixels.
 
 
 def keep_mask(shape, p, device):
@@ -422,7 +458,7 @@ class CaptionSummary(nn.Module):
 @torch.no_grad()
 def caption_gain(model, text, codes):
     """sum over the Nt + Nb image tokens of log p(z_i | y, z_<i) - log p(z_i | no caption, z_<i): (B,).
-    NOTE: the paper reranks samples with CLIP, a network trained on 400M pairs; caption gain needs none."""
+    NOTE: the paper reranks samples with CLIP; without --reranker we rank by caption gain, which needs none."""
     both = torch.cat([torch.cat([text, codes], 1), torch.cat([torch.full_like(text, PAD), codes], 1)])  # (2B, L)
     conditional, unconditional = losses(model, both)[1].sum(1).chunk(2)  # NLL summed over image tokens: (B,) each
     return unconditional - conditional
@@ -486,22 +522,29 @@ def train(config, runtime, checkpoint=None):
                   tokenizer.bottom_codebook_size).to(device)
     if config.appearance and not checkpoint:  # (a checkpoint carries the appearances it was trained with)
         code_appearance(model, tokenizer, train_set.codes)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.045), lr=config.lr, betas=(0.9, 0.96), eps=1e-8,
+    reranker = Reranker(config.width).to(device) if config.reranker else None  # after the transformer's weights
+    groups = parameter_groups(model, 0.045) + (parameter_groups(reranker, 0.045) if reranker else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.96), eps=1e-8,
                                   fused=device.type == "cuda")  # weight decay, betas and eps from the paper (B.2)
     step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
+    if checkpoint and reranker:
+        load_state(reranker, checkpoint["reranker"], out / "ckpt.pt")
     if runtime.is_main:
-        print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "
+        extra = f" (reranker {sum(p.numel() for p in reranker.parameters()) / 1e6:.2f}M more)" if reranker else ""
+        print(f"stage 3/3: dalle transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+              f"{extra}, sequences of {config.text_len} bytes + {model.top_count} + {model.bottom_count} codes, "
               f"{len(train_set)} training, {len(test_set)} held out, device {device}, "
               f"{runtime.world_size} process(es), from step {step}", flush=True)
     network = torch.compile(model) if config.compile else model
     network = DistributedDataParallel(network) if runtime.distributed else network
+    contrast = DistributedDataParallel(reranker) if reranker and runtime.distributed else reranker
     logger, guard = Logger(out, config.steps, step, runtime.is_main, config), NonFiniteGuard()
     data = batches(train_set, config.batch_size, runtime, config.seed, start_step=step)
 
     def save():
         save_checkpoint(out / "ckpt.pt", "dalle", config, step, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state())
+                        optimizer=optimizer.state_dict(), tokenizer=tokenizer.state(),
+                        **(dict(reranker=reranker.state_dict()) if reranker else {}))
 
     start_time, start_step, paused = time.time(), step, 0.0  # `paused`: evaluation time, left out of the speed
     with StopRequest() as stop:
@@ -518,9 +561,11 @@ def train(config, runtime, checkpoint=None):
                 text_loss, nll = losses(network, tokens, noisy_codes(model, tokens, config.code_noise, generator))
                 image_loss = nll.mean()  # CE_image: the mean over the batch's B (Nt + Nb) image tokens
                 loss = 1 / 8 * text_loss + 7 / 8 * image_loss  # paper sec. 2.2, each CE a mean over its tokens
-                loss.backward()
+                rerank_loss = contrastive_loss(contrast(to_images(tokenizer, z), y), y) if reranker else 0 * loss
+                (loss + rerank_loss).backward()  # the reranker reads the batch's images as decoded (no gradient)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the gradient norm, clipped at 1
-            if guard.finite(step, loss, grad_norm):  # a NaN or infinite loss skips its update; too many stop the run
+            rerank_norm = nn.utils.clip_grad_norm_(reranker.parameters(), 1.0) if reranker else 0 * grad_norm
+            if guard.finite(step, loss + rerank_loss, grad_norm + rerank_norm):  # NaN or inf: skipped; the 11th stops
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -528,30 +573,37 @@ def train(config, runtime, checkpoint=None):
                 speed = ((step - start_step) * config.batch_size * runtime.world_size * (model.length - 1)
                          / (time.time() - start_time - paused))  # tokens per second
                 logger.log(step, loss=loss.item(), text_loss=text_loss.item(), image_loss=image_loss.item(),
-                           lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(), tokens_per_second=speed)
+                           lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(), tokens_per_second=speed,
+                           **(dict(rerank_loss=rerank_loss.item()) if reranker else {}))
                 logger.progress(step, text=text_loss.item(), image=image_loss.item(), tok_per_s=speed)
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
                 evaluation_start = time.time()
-                evaluate(model.eval(), tokenizer, test_set, config, device, logger, step)
-                model.train()
+                evaluate(model.eval(), tokenizer, test_set, config, device, logger, step, reranker)
+                model.train(), reranker and reranker.train()
                 save()
                 paused += time.time() - evaluation_start
     keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s evaluating)")
-        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step)
+        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step,
+               reranker and reranker.eval())
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, test_set, config, device, logger, step):
-    """Held-out text and image loss, the image loss a dropped caption adds (the caption gap), a grid."""
+def evaluate(model, tokenizer, test_set, config, device, logger, step, reranker=None):
+    """Held-out text and image loss, the image loss a dropped caption adds (the caption gap), a grid; with
+    --reranker, how often a caption's best-scored image among 256 held-out ones has its caption."""
     y, z = encode_text(test_set.captions[:256], model.text_len).to(device), test_set.codes[:256].to(device)
     text, nll = losses(model, torch.cat([y, z], 1))  # (256, L) = [y ; z]
     _, nll_dropped = losses(model, torch.cat([torch.full_like(y, PAD), z], 1))  # the same without their captions
     metrics = dict(text_loss=text.item(), image_loss=nll.mean().item(), caption_gap=(nll_dropped - nll).mean().item())
+    if reranker:
+        best = reranker.eval()(to_images(tokenizer, z), y).argmax(0)  # (images, captions) -> each caption's image
+        metrics["rerank_accuracy"] = (y[best] == y).all(1).float().mean().item()
     logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
     print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
-          f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token", flush=True)
+          f"nats/token, caption gap {metrics['caption_gap']:.3f} nats/image token"
+          + (f", reranker top-1 {metrics['rerank_accuracy']:.1%}" if reranker else ""), flush=True)
     write_samples(model, tokenizer, test_set.captions, config, device, Path(config.out) / f"samples_{step:06d}.png")
 
 
@@ -567,22 +619,23 @@ def write_samples(model, tokenizer, captions, config, device, path, count=16):
     save_grid(images, path, nrow=8, captions=captions)
 
 
-def report(model, tokenizer, captions, config, device, out, logger=None, step=None):
+def report(model, tokenizer, captions, config, device, out, logger=None, step=None, reranker=None):
     """On shapes: the scorer on a sample per caption (--keep M: the M best of n) at guidance 1 and --guidance."""
     if not all(parse_caption(caption) for caption in captions[:20]):
         write_samples(model, tokenizer, captions, config, device, out / "samples.png")
         return print(f"samples for held-out captions: {out / 'samples.png'}")
     for guidance in sorted({1.0, config.guidance}):
         start, scored = time.time(), dataclasses.replace(config, guidance=guidance, n=config.n if config.keep else 1)
-        images, labels, _ = generate(model, tokenizer, captions, scored, device)
+        images, labels, _ = generate(model, tokenizer, captions, scored, device, reranker)
         result = score_report(images.cpu(), labels)
-        each = f", the best {config.keep} of {config.n} samples of each by caption gain" if config.keep else ""
+        judge = "the reranker" if reranker else "caption gain"
+        each = f", the best {config.keep} of {config.n} samples of each by {judge}" if config.keep else ""
         print(f"shapes scorer on {len(captions)} test captions{each}, guidance {guidance:g} "
               f"({time.time() - start:.0f} s):\n" + format_score(result))
         if logger:
             logger.log(step, **{f"guidance_{guidance:g}_{name}_all": value["all"] for name, value in result.items()})
         if guidance == config.guidance:
-            save_grid(images[:32], out / "samples.png", nrow=8, captions=captions[:32])
+            save_grid(images[:32], out / "samples.png", nrow=8, captions=labels[:32])
             parts = [f"{name.replace('_', '-')} {100 * result[name]['all']:.1f}%" for name in ("seen", "held_out")
                      if name in result]
             print(f"faithfulness (guidance {guidance:g}): {', '.join(parts)}; sample grid: {out / 'samples.png'}")
@@ -599,6 +652,10 @@ def sample_or_score(config, given, runtime):
                   tokenizer.bottom_codebook_size).to(device)
     load_state(model, checkpoint["model"], path)
     model, out = model.eval(), Path(config.out) if "out" in given else path.parent
+    reranker = Reranker(saved.width).to(device).eval() if saved.reranker else None
+    if reranker:
+        check("reranker" in checkpoint, f"{path}: incomplete dalle checkpoint (no reranker)")
+        load_state(reranker, checkpoint["reranker"], path)
     if not (config.sample or config.prompts):  # --eval
         if saved.codes and not config.test:
             check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
@@ -606,10 +663,10 @@ def sample_or_score(config, given, runtime):
         else:
             test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
             captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
-        return report(model, tokenizer, captions, config, device, out)
+        return report(model, tokenizer, captions, config, device, out, reranker=reranker)
     captions = list(config.sample) + (read_prompts(config.prompts) if config.prompts else [])
     warn_if_cut(captions, model.text_len)
-    images, captions, codes = generate(model, tokenizer, captions, config, device)
+    images, captions, codes = generate(model, tokenizer, captions, config, device, reranker)
     write_pairs(out / "samples", images, captions)
     per_row, labels = config.keep or config.n, captions
     if config.nearest:  # beside each sample the training code grid nearest in Hamming distance: does it copy?

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -1635,14 +1636,20 @@ def test_dalle_noisy_codes_replace_input_codes_only_at_rate_p_within_each_codebo
     assert torch.allclose(nll, expected, atol=1e-5)
 
 
-def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch):
+def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "4", "--log-every", "1",
-            "--save-every", "100", "--warmup", "1", "--code-noise", "0.3"]  # dropout and DropKey at their defaults
+            "--save-every", "100", "--warmup", "1", "--code-noise", "0.3", "--reranker"]  # dropout, DropKey: defaults
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     # a Ctrl-C while step 3 runs
     ctrl_c_then_resume(monkeypatch, dalle, args, tmp_path / "stopped", batch=2, saved_step=3)
-    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in ("straight", "stopped"))
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a[part][key], b[part][key]) for part in ("model", "reranker") for key in a[part])
+    dalle.main([*args[:-1], "--vqvae", str(tmp_path / "straight" / "vqvae2" / "ckpt.pt"), "--out", str(tmp_path / "p")])
+    c = torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)  # without --reranker the transformer is the same
+    assert "reranker" not in c and all(torch.equal(a["model"][key], c["model"][key]) for key in c["model"])
+    capsys.readouterr()
+    scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "stopped" / "ckpt.pt", "-n", 3, "--keep", 2)
+    assert scored.returncode == 0 and "the best 2 of 3 samples of each by the reranker" in scored.stdout, scored
 
 
 def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny_shapes, tmp_path, monkeypatch, capsys):
@@ -1761,6 +1768,49 @@ def test_dalle_training_lowers_the_loss():
     gain = dalle.caption_gain(model.eval(), tokens[:4, :model.text_len], tokens[:4, model.text_len:])
     assert gain.shape == (4,) and (gain[[0, 1, 3]] > 1).all()
     assert abs(gain[2]) < 1e-4  # the empty caption is the padded one: it cannot raise anything
+
+
+def test_dalle_reranker_learns_which_caption_fits_which_image():
+    torch.manual_seed(0)
+    colours = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "white": (1, 1, 1)}
+    names, images = list(colours), torch.tensor(list(colours.values())).float()[:, :, None, None]  # (5, 3, 1, 1)
+    text = data.encode_text([f"a {name} square" for name in names], 24)  # (5, T)
+    reranker = dalle.Reranker(32)
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=3e-3)
+    for _ in range(60):
+        index = torch.randint(0, 5, (16,))  # repeats in a batch: the same caption's images are each other's positives
+        x = images[index].expand(-1, -1, 48, 48) * (0.8 + 0.2 * torch.rand(16, 1, 48, 48))  # 48 px: pooled to 32
+        loss = dalle.contrastive_loss(reranker(x, text[index]), text[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    scores = reranker.eval()(images.expand(-1, -1, 48, 48), text)  # (images, captions)
+    assert (scores.argmax(0) == torch.arange(5)).all() and (scores.argmax(1) == torch.arange(5)).all(), scores
+    # the loss: a perfect scorer nears 0; the same caption twice shares the positive evenly (its least: log 2 a row)
+    twice = data.encode_text(["a", "a", "b"], 4)
+    assert dalle.contrastive_loss(100 * torch.eye(3), data.encode_text(["a", "b", "c"], 4)) < 1e-6
+    shared = dalle.contrastive_loss(torch.tensor([[20., 20, 0], [20, 20, 0], [0, 0, 20]]), twice)
+    assert abs(shared - 2 / 3 * math.log(2)) < 1e-6
+    assert dalle.contrastive_loss(20 * torch.eye(3), twice) > 3  # a positive scored as a negative
+
+
+def test_dalle_keep_takes_the_samples_the_reranker_scores_highest():
+    torch.manual_seed(1)
+    tokenizer = tiny_vqvae2(16).eval()
+    model = dalle.DALLE(dalle.Config(width=32, layers=1, heads=2, text_len=12), tokenizer.top_shape,
+                        tokenizer.bottom_shape, 32, 32).eval()
+    reranker = dalle.Reranker(32).eval()
+    config = dalle.Config(n=5, guidance=2.0, temperature=1.0)
+    captions = ["a red circle", "a blue square"]
+    every, _, codes = dalle.generate(model, tokenizer, captions, config, "cpu")  # all n = 5 of each, seeded
+    kept, labels, kept_codes = dalle.generate(model, tokenizer, captions, dataclasses.replace(config, keep=2), "cpu",
+                                              reranker)
+    score = reranker(every, data.encode_text([c for c in captions for _ in range(5)], 12)).diagonal().view(2, 5)
+    best = score.topk(2, 1).indices + torch.tensor([[0], [5]])  # (2 captions, 2 kept)
+    assert torch.equal(kept_codes, codes[best.flatten()]) and torch.equal(kept, every[best.flatten()])
+    assert labels == ["a red circle"] * 2 + ["a blue square"] * 2 and len({tuple(c) for c in codes.tolist()}) == 10
+    _, _, gain_codes = dalle.generate(model, tokenizer, captions, dataclasses.replace(config, keep=2), "cpu")
+    assert not torch.equal(gain_codes, kept_codes)  # without a reranker, --keep ranks by caption gain
 
 
 def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, monkeypatch):
