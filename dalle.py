@@ -526,6 +526,8 @@ def train(config, runtime, checkpoint=None):
     groups = parameter_groups(model, 0.045) + (parameter_groups(reranker, 0.045) if reranker else [])
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.96), eps=1e-8,
                                   fused=device.type == "cuda")  # weight decay, betas and eps from the paper (B.2)
+    check(not checkpoint or ("reranker" in checkpoint) == config.reranker,
+          "--reranker cannot be switched on or off when resuming: start a new run")
     step = restore(checkpoint, config, model, optimizer)  # 0, or --resume's step with its states loaded
     if checkpoint and reranker:
         load_state(reranker, checkpoint["reranker"], out / "ckpt.pt")
@@ -579,14 +581,13 @@ def train(config, runtime, checkpoint=None):
             if runtime.is_main and (step % config.save_every == 0 or step == config.steps):
                 evaluation_start = time.time()
                 evaluate(model.eval(), tokenizer, test_set, config, device, logger, step, reranker)
-                model.train(), reranker and reranker.train()
+                model.train()
                 save()
                 paused += time.time() - evaluation_start
     keep_work_if_stopped(step, config.steps, runtime, save, out)  # Ctrl-C or SIGTERM: save, exit 130
     if runtime.is_main:
         print(f"trained {step - start_step} steps in {time.time() - start_time:.0f} s ({paused:.0f} s evaluating)")
-        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step,
-               reranker and reranker.eval())
+        report(model.eval(), tokenizer, test_set.captions, config, device, out, logger, step, reranker)
 
 
 @torch.no_grad()
@@ -598,7 +599,7 @@ def evaluate(model, tokenizer, test_set, config, device, logger, step, reranker=
     _, nll_dropped = losses(model, torch.cat([torch.full_like(y, PAD), z], 1))  # the same without their captions
     metrics = dict(text_loss=text.item(), image_loss=nll.mean().item(), caption_gap=(nll_dropped - nll).mean().item())
     if reranker:
-        best = reranker.eval()(to_images(tokenizer, z), y).argmax(0)  # (images, captions) -> each caption's image
+        best = reranker(to_images(tokenizer, z), y).argmax(0)  # (images, captions) -> each caption's image
         metrics["rerank_accuracy"] = (y[best] == y).all(1).float().mean().item()
     logger.log(step, **{f"test_{key}": value for key, value in metrics.items()})
     print(f"step {step}: held-out text {metrics['text_loss']:.3f}, image {metrics['image_loss']:.3f} "
@@ -652,7 +653,7 @@ def sample_or_score(config, given, runtime):
                   tokenizer.bottom_codebook_size).to(device)
     load_state(model, checkpoint["model"], path)
     model, out = model.eval(), Path(config.out) if "out" in given else path.parent
-    reranker = Reranker(saved.width).to(device).eval() if saved.reranker else None
+    reranker = Reranker(saved.width).to(device) if saved.reranker else None  # no dropout or batch norm: no eval()
     if reranker:
         check("reranker" in checkpoint, f"{path}: incomplete dalle checkpoint (no reranker)")
         load_state(reranker, checkpoint["reranker"], path)

@@ -1648,6 +1648,9 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
     c = torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)  # without --reranker the transformer is the same
     assert "reranker" not in c and all(torch.equal(a["model"][key], c["model"][key]) for key in c["model"])
     capsys.readouterr()
+    for out, flag in (("stopped", "--no-reranker"), ("p", "--reranker")):
+        assert_clean_error(in_process(capsys, dalle, "--resume", "--steps", 6, flag, "--out", tmp_path / out),
+                           "--reranker cannot be switched")
     scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "stopped" / "ckpt.pt", "-n", 3, "--keep", 2)
     assert scored.returncode == 0 and "the best 2 of 3 samples of each by the reranker" in scored.stdout, scored
 
