@@ -1870,8 +1870,8 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
 
 def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
     stdout = succeeded(torchrun("dalle.py", "--train", tiny_shapes, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
-                                "--log-every", 2, out=tmp_path))
-    assert "2 process(es)" in stdout and stdout.count("stage 3/3") == 1
+                                "--log-every", 2, "--reranker", out=tmp_path))  # two DDP modules, both in sync
+    assert "2 process(es)" in stdout and stdout.count("stage 3/3") == 1 and "reranker top-1" in stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
     assert sorted(path.name for path in (tmp_path / "codes").iterdir()) == [  # each rank encoded its own part
         "part-00000-of-00002.pt", "part-00001-of-00002.pt"] and not (tmp_path / "codes.pt").exists()
