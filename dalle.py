@@ -325,9 +325,11 @@ def generate(model, tokenizer, captions, config, device, reranker=None):
     images = to_images(tokenizer, codes)  # (B n, 3, S, S)
     if config.keep:  # reranking (sec. 2.5): the M = keep of each caption's n the reranker scores highest
         score = torch.cat([reranker(x, y).diagonal() if reranker else caption_gain(model, y, z)  # (256,) each
-                           for x, y, z in zip(images.split(256), text.split(256), codes.split(256))]).view(-1, config.n)
-        best = (score.topk(config.keep, 1).indices + torch.arange(len(score), device=device)[:, None] * config.n)
-        images, codes = images[best.flatten()], codes[best.flatten()]  # (B M, ...)
+                           for x, y, z in zip(images.split(256), text.split(256), codes.split(256))])  # (B n,)
+        score = score.view(-1, config.n)  # (B, n)
+        first = torch.arange(len(score), device=device)[:, None] * config.n  # (B, 1): each caption's first sample
+        best = score.topk(config.keep, 1).indices + first  # (B, M)
+        images, codes = images[best.flatten()], codes[best.flatten()]  # (B M, 3, S, S), (B M, Nt + Nb)
     return images, [c for c in captions for _ in range(config.keep or config.n)], codes
 
 
