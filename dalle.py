@@ -6,12 +6,14 @@ Paper:  Ramesh, Pavlov, Goh, Gray, Voss, Radford, Chen & Sutskever, "Zero-Shot T
 Usage:
     python dalle.py --train shapes                  # tokenizer, codes, transformer, score (runs/dalle)
     python dalle.py --resume --out runs/dalle       # continue a stopped run exactly
-    python dalle.py --sample "a red circle" -n 16 --keep 4 --ckpt runs/dalle/ckpt.pt
+    python dalle.py --sample "a red circle" -n 8 --ckpt runs/dalle/ckpt.pt
+    python dalle.py --train shapes --reranker --out runs/rerank   # with the paper's reranker (sec. 2.5)
+    python dalle.py --sample "a red circle" -n 16 --keep 4 --ckpt runs/rerank/ckpt.pt   # its best 4 of 16
     torchrun --nproc_per_node=2 dalle.py --train shapes                 # data parallel
 
 Deviations: bytes, not BPE; VQ-VAE-2 codes, not the dVAE; dense attention; guidance; a small model; reranking
-by a small CLIP trained beside the transformer (--reranker), else by caption gain; and the section "Beyond the
-paper" below (README: dalle.py).
+by a small CLIP trained beside the transformer on the user's images (--reranker), not one on 400M pairs; and
+the section "Beyond the paper" below (README: dalle.py).
 """
 
 import dataclasses
@@ -226,7 +228,7 @@ class DALLE(nn.Module):
 
 def losses(model, tokens, inputs=None):
     """tokens (B, L) -> (CE_text, scalar; -log p(z_i | y, z_<i) of every image token, (B, Nt + Nb)), in nats.
-    Training averages the latter over the batch's B (Nt + Nb) image tokens; caption_gain sums it. `inputs`
+    Training averages the latter over the batch's B (Nt + Nb) image tokens. `inputs`
     (B, L), if given, is what the model reads in place of tokens (--code-noise); tokens stay the targets."""
     text_logits, image_logits = model(tokens if inputs is None else inputs)  # (B, T-1, 257), [(B, Nt, Kt), ...]
     T = text_logits.shape[1] + 1
@@ -324,8 +326,8 @@ def generate(model, tokenizer, captions, config, device, reranker=None):
                                     config.top_p) for chunk in text.split(256)])  # (B n, Nt + Nb)
     images = to_images(tokenizer, codes)  # (B n, 3, S, S)
     if config.keep:  # reranking (sec. 2.5): the M = keep of each caption's n the reranker scores highest
-        score = torch.cat([reranker(x, y).diagonal() if reranker else caption_gain(model, y, z)  # (256,) each
-                           for x, y, z in zip(images.split(256), text.split(256), codes.split(256))])  # (B n,)
+        score = torch.cat([reranker(x, y).diagonal()  # (256,) each: e^t cos(f(x_i), g(y_i))
+                           for x, y in zip(images.split(256), text.split(256))])  # (B n,)
         score = score.view(-1, config.n)  # (B, n)
         first = torch.arange(len(score), device=device)[:, None] * config.n  # (B, 1): each caption's first sample
         best = score.topk(config.keep, 1).indices + first  # (B, M)
@@ -457,15 +459,6 @@ class CaptionSummary(nn.Module):
         return self.out(h.amax(2))  # max over the bytes: (B, C)
 
 
-@torch.no_grad()
-def caption_gain(model, text, codes):
-    """sum over the Nt + Nb image tokens of log p(z_i | y, z_<i) - log p(z_i | no caption, z_<i): (B,).
-    NOTE: the paper reranks samples with CLIP; without --reranker we rank by caption gain, which needs none."""
-    both = torch.cat([torch.cat([text, codes], 1), torch.cat([torch.full_like(text, PAD), codes], 1)])  # (2B, L)
-    conditional, unconditional = losses(model, both)[1].sum(1).chunk(2)  # NLL summed over image tokens: (B,) each
-    return unconditional - conditional
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training: stages 1 and 2 (tokenizer and codes) when needed, then stage 3, the transformer
 
@@ -518,6 +511,7 @@ def parameter_groups(model, weight_decay):
 
 def train(config, runtime, checkpoint=None):
     out, device = Path(config.out), runtime.device
+    check(config.reranker or not config.keep, "--keep ranks samples by the reranker: add --reranker")
     tokenizer, train_set, test_set = prepare_codes(config, runtime)  # stages 1 and 2
     torch.manual_seed(config.seed)  # stage 3: the same initial weights whether or not stages 1 and 2 ran here
     model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
@@ -631,8 +625,7 @@ def report(model, tokenizer, captions, config, device, out, logger=None, step=No
         start, scored = time.time(), dataclasses.replace(config, guidance=guidance, n=config.n if config.keep else 1)
         images, labels, _ = generate(model, tokenizer, captions, scored, device, reranker)
         result = score_report(images.cpu(), labels)
-        judge = "the reranker" if reranker else "caption gain"
-        each = f", the best {config.keep} of {config.n} samples of each by {judge}" if config.keep else ""
+        each = f", the best {config.keep} of {config.n} samples of each by the reranker" if config.keep else ""
         print(f"shapes scorer on {len(captions)} test captions{each}, guidance {guidance:g} "
               f"({time.time() - start:.0f} s):\n" + format_score(result))
         if logger:
@@ -656,6 +649,7 @@ def sample_or_score(config, given, runtime):
     load_state(model, checkpoint["model"], path)
     model, out = model.eval(), Path(config.out) if "out" in given else path.parent
     reranker = Reranker(saved.width).to(device) if saved.reranker else None  # no dropout or batch norm: no eval()
+    check(reranker or not config.keep, f"--keep ranks samples by the reranker; {path} was trained without --reranker")
     if reranker:
         check("reranker" in checkpoint, f"{path}: incomplete dalle checkpoint (no reranker)")
         load_state(reranker, checkpoint["reranker"], path)
