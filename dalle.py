@@ -228,8 +228,8 @@ class DALLE(nn.Module):
 
 def losses(model, tokens, inputs=None):
     """tokens (B, L) -> (CE_text, scalar; -log p(z_i | y, z_<i) of every image token, (B, Nt + Nb)), in nats.
-    Training averages the latter over the batch's B (Nt + Nb) image tokens. `inputs`
-    (B, L), if given, is what the model reads in place of tokens (--code-noise); tokens stay the targets."""
+    Training averages the latter over the batch's B (Nt + Nb) image tokens. `inputs` (B, L), if given, is what
+    the model reads in place of tokens (--code-noise); tokens stay the targets."""
     text_logits, image_logits = model(tokens if inputs is None else inputs)  # (B, T-1, 257), [(B, Nt, Kt), ...]
     T = text_logits.shape[1] + 1
     # CE_text = -1/(B (T-1)) sum_b sum_{t=2..T} log p(y_t | y_<t): the mean over the batch's predicted bytes

@@ -1865,7 +1865,8 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     assert_clean_error(in_process(capsys, dalle, "--width", 30, "--heads", 4), "--width")
     assert_clean_error(in_process(capsys, dalle, "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
     assert_clean_error(in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "-n", 2, "--keep", 1, "--out",
-                                  tmp_path / "no_run"), "add --reranker")  # before any stage runs
+                                  tmp_path / "no_run"), "add --reranker")
+    assert not (tmp_path / "no_run").exists()  # refused before any stage ran
 
 
 def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
