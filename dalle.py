@@ -118,18 +118,17 @@ class CausalSelfAttention(nn.Module):
         B, L, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, L, C)
         q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, C/H)
-        mask, causal = None, L > 1
+        mask = None  # None: plain causal attention (is_causal, below)
         if cache is not None:
             cache[0][:, :, start:start + L], cache[1][:, :, start:start + L] = k, v
             k, v = cache[0][:, :, :start + L], cache[1][:, :, :start + L]  # (B, H, start+L, C/H)
             if start > 0 and L > 1:  # new positions see the whole cache and the new ones up to themselves
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)  # (L, start+L)
-                causal = False
         if self.training and self.drop_key > 0 and cache is None:  # DropKey, Beyond the paper
-            mask, causal = keep_mask((B, self.heads, L, L), self.drop_key, x.device).tril_(), False  # (B, H, L, L)
+            mask = keep_mask((B, self.heads, L, L), self.drop_key, x.device).tril_()  # (B, H, L, L)
             mask.diagonal(dim1=2, dim2=3).fill_(True)  # each query always sees itself
         # softmax(q k^T / sqrt(C/H)) v, the softmax over each query's allowed keys (Vaswani et al. 2017, eq. 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)  # (B, H, L, C/H)
         return dropout(self.proj(y.transpose(1, 2).reshape(B, L, C)), self.dropout, self.training)  # (B, L, C)
 
 
@@ -144,13 +143,13 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, start=0, modulation=None):
         """modulation (Beyond the paper, --adaln): (shift, scale, gate) of the attention, then of the MLP, each
-        (B, L, C): x + gate * attention(scale * LN(x) + shift), the same for the MLP."""
+        (B, L, C), zero at first: x + (1 + gate) * attention((1 + scale) * LN(x) + shift), the same for the MLP."""
         if modulation is None:
             x = x + self.attention(self.norm1(x), cache, start)  # (B, L, C)
             return x + dropout(self.mlp(self.norm2(x)), self.dropout, self.training)  # (B, L, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
-        x = x + gate1 * self.attention(self.norm1(x) * scale1 + shift1, cache, start)  # (B, L, C)
-        return x + gate2 * dropout(self.mlp(self.norm2(x) * scale2 + shift2), self.dropout, self.training)
+        x = x + (1 + gate1) * self.attention(self.norm1(x) * (1 + scale1) + shift1, cache, start)  # (B, L, C)
+        return x + (1 + gate2) * dropout(self.mlp(self.norm2(x) * (1 + scale2) + shift2), self.dropout, self.training)
 
 
 class DALLE(nn.Module):
@@ -205,9 +204,8 @@ class DALLE(nn.Module):
         modulations = [None] * len(self.blocks)
         if self.modulation is not None and stop >= self.text_len:  # Beyond the paper: from position T-1 on
             image = (torch.arange(start, stop, device=x.device) >= self.text_len - 1)[:, None].to(x.dtype)  # (L', 1)
-            for i, layer in enumerate(self.modulation):
-                shift1, scale1, gate1, shift2, scale2, gate2 = (layer(F.silu(summary))[:, None] * image).chunk(6, 2)
-                modulations[i] = (shift1, 1 + scale1, 1 + gate1, shift2, 1 + scale2, 1 + gate2)  # 6 x (B, L', C)
+            modulations = [(layer(F.silu(summary))[:, None] * image).chunk(6, 2)  # 6 x (B, L', C), see Block
+                           for layer in self.modulation]
         for i, block in enumerate(self.blocks):
             x = block(x, cache[i] if cache is not None else None, start, modulations[i])
         return self.norm(x)
@@ -252,8 +250,8 @@ def pick(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1:
         sorted_logits, order = logits.sort(-1, descending=True)  # (B, K)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)  # (B, K)
-        remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses p
+        p = sorted_logits.softmax(-1)  # (B, K)
+        remove = p.cumsum(-1) - p >= top_p  # the mass before each token; keep the first token that crosses top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, -math.inf))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
 
@@ -327,8 +325,7 @@ def generate(model, tokenizer, captions, config, device, reranker=None):
     images = to_images(tokenizer, codes)  # (B n, 3, S, S)
     if config.keep:  # reranking (sec. 2.5): the M = keep of each caption's n the reranker scores highest
         score = torch.cat([reranker(x, y).diagonal()  # (256,) each: e^t cos(f(x_i), g(y_i))
-                           for x, y in zip(images.split(256), text.split(256))])  # (B n,)
-        score = score.view(-1, config.n)  # (B, n)
+                           for x, y in zip(images.split(256), text.split(256))]).view(-1, config.n)  # (B n,) -> (B, n)
         first = torch.arange(len(score), device=device)[:, None] * config.n  # (B, 1): each caption's first sample
         best = score.topk(config.keep, 1).indices + first  # (B, M)
         images, codes = images[best.flatten()], codes[best.flatten()]  # (B M, 3, S, S), (B M, Nt + Nb)
@@ -683,13 +680,12 @@ def sample_or_score(config, given, runtime):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    sampling = config.sample or config.prompts
-    config, checkpoint = run_config(config, given, "dalle", validate, training=not (sampling or config.eval))
+    training = not (config.sample or config.prompts or config.eval)
+    config, checkpoint = run_config(config, given, "dalle", validate, training)
     runtime = setup(config.device, config.seed)
-    if sampling or config.eval:
-        sample_or_score(config, given, runtime)
-    else:
-        train(config, runtime, checkpoint)
+    if training:
+        return train(config, runtime, checkpoint)
+    sample_or_score(config, given, runtime)
 
 
 if __name__ == "__main__":
