@@ -912,7 +912,11 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
         with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        with open(path, "rb") as file:  # a torch.save zip or a binary pickle; else an image renamed, say
+            header = file.read(2)
+        if "Unsupported operand" in str(error) and header[:1] != b"\x80" and header != b"PK":
+            raise UsageError(f"{path}: not a readable checkpoint (neither a torch.save file nor a pickle)") from None
         raise UsageError(f"{path}: refused, it holds Python objects that could run code "
                          "(only plain-data checkpoints are loaded)") from None
     except Exception as error:  # cut short, empty, not a checkpoint: the error's kind and first sentence

@@ -791,9 +791,10 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(data.UsageError, match="could run code"):
         data.load_checkpoint(tmp_path / "evil.pt", "vae")
     assert not marker.exists()
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(data.UsageError, match="not a readable checkpoint"):
-        data.load_checkpoint(tmp_path / "junk.pt", "vae")
+    for junk in (b"junk", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"):  # the second: an image renamed
+        (tmp_path / "junk.pt").write_bytes(junk)
+        with pytest.raises(data.UsageError, match="not a readable checkpoint"):
+            data.load_checkpoint(tmp_path / "junk.pt", "vae")
 
 
 class Exploit:
