@@ -1361,12 +1361,19 @@ def score_judge(args):
     logits, features = model.judge(samples, runtime.device)  # (N, classes), (N, 128)
     real_logits, real_features = model.judge(real, runtime.device)
     hits = (logits.argmax(1) == wanted)[wanted >= 0]
+    by_class = {classes[c]: (hits[wanted[wanted >= 0] == c].double().mean().item(), int((wanted == c).sum()))
+                for c in wanted[wanted >= 0].unique().tolist()}  # class -> (accuracy, samples)
+    caption_hits = {}  # a caption -> whether any of its samples is judged its class (what a reranker could pick)
+    for caption, hit in zip([c for c, w in zip(captions, wanted.tolist()) if w >= 0], hits.tolist()):
+        caption_hits[caption] = caption_hits.get(caption, False) or hit
     # the floor: as many real images as samples against the other real ones, or half against half
     n, floor_n = len(samples), min(len(samples), len(real) // 2)
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
     floor, reference = order[:floor_n], order[floor_n:]
     report = dict(samples=n, unnamed=n - len(hits), class_accuracy=hits.double().mean().item() if len(hits) else None,
                   real_accuracy=(real_logits.argmax(1) == real_labels).double().mean().item(),
+                  class_accuracy_by_class={name: accuracy for name, (accuracy, _) in by_class.items()},
+                  captions_with_a_hit=sum(caption_hits.values()) / len(caption_hits) if caption_hits else None,
                   fd=frechet_distance(features, real_features[reference]), reference=len(reference),
                   floor=frechet_distance(real_features[floor], real_features[reference]), floor_n=len(floor))
     unnamed = sorted({repr(caption[:40]) for caption, label in zip(captions, wanted.tolist()) if label < 0})
@@ -1375,6 +1382,10 @@ def score_judge(args):
         + (f" ({', '.join(unnamed[:3])}{', ...' * (len(unnamed) > 3)})" if unnamed else ""),
         "class accuracy  " + (f"{100 * report['class_accuracy']:.1f}% of {len(hits)}" if len(hits) else "-")
         + f" (the judge on the {len(real)} real images: {100 * report['real_accuracy']:.1f}%)",
+        "  by class      " + (", ".join(f"{name} {100 * accuracy:.1f}% of {count}" for name, (accuracy, count)
+                                       in sorted(by_class.items(), key=lambda item: -item[1][1])) or "-"),
+        "  by caption    " + (f"{100 * report['captions_with_a_hit']:.1f}% of {len(caption_hits)} captions have a "
+                              "sample of their class (what reranking could keep)" if caption_hits else "-"),
         f"FD              {report['fd']:.3f} (the samples against {len(reference)} real images)",
         f"floor           {report['floor']:.3f} ({len(floor)} other real images against the same {len(reference)})"]))
 

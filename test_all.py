@@ -582,6 +582,14 @@ def test_judge_class_accuracy_true_and_shuffled_captions(judged, tmp_path, capsy
     random.Random(0).shuffle(shuffled)
     report = judge_score(capsys, judge, write_samples(tmp_path / "shuffled", real, shuffled), "--real", test)
     assert report["class_accuracy"] < 0.45, report  # chance is 1/4
+    # four samples a caption (a class name), one of its class: a quarter right, and every caption has one
+    picked, names = [], []
+    for c, name in enumerate(classes):
+        others = [(labels == (c + k) % len(classes)).nonzero()[0].item() for k in range(len(classes))]
+        picked, names = picked + others, names + [name] * len(classes)
+    report = judge_score(capsys, judge, write_samples(tmp_path / "one", real[picked], names), "--real", test)
+    assert report["class_accuracy"] == 0.25 and report["captions_with_a_hit"] == 1.0, report
+    assert report["class_accuracy_by_class"] == dict.fromkeys(classes, 0.25), report
 
 
 def test_judge_frechet_distance_zero_for_itself_large_for_noise(judged, tmp_path, capsys):
@@ -621,7 +629,7 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
     samples = write_samples(tmp_path / "samples", real[:20], [lines[0] for lines in captions[:20]])
     scored = in_process(capsys, data, "judge", "score", tmp_path / "j.pt", samples, "--real", test)
     assert scored.returncode == 0, scored.stderr
-    assert [line.split()[0] for line in scored.stdout.splitlines()] == ["samples", "class", "FD", "floor"]
+    assert [line.split()[0] for line in scored.stdout.splitlines()] == ["samples", "class", "by", "by", "FD", "floor"]
     assert "20 other real images" in scored.stdout
     assert_clean_error(in_process(capsys, data, "judge", "train", tmp_path / "missing"), "no such folder")
     assert_clean_error(in_process(capsys, data, "judge", "train", samples), "no class subfolders")
