@@ -11,7 +11,7 @@ Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, 
     python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
     python data.py emoji PACKAGE OUT --size 64 --background black             # Twemoji, captioned, split
     python data.py judge train DIR --out JUDGE.pt [--test TEST_DIR]           # a classifier of DIR/<class>/
-    python data.py judge score JUDGE.pt SAMPLES --real TEST_DIR [--json]      # class accuracy, FD, floor
+    python data.py judge score JUDGE.pt SAMPLES --real TEST_DIR [--json]      # class accuracy (by class), FD, floor
 """
 
 from __future__ import annotations
@@ -1459,7 +1459,7 @@ def main(argv=None):
     judge_train.add_argument("--steps", type=int, default=0, help="training steps (0: from --epochs)")
     judge_train.add_argument("--batch-size", type=int, default=64, help="images per step")
     judge_train.add_argument("--seed", type=int, default=0, help="random seed")
-    judge_score = actions.add_parser("score", help="score a --sample folder")
+    judge_score = actions.add_parser("score", help="score a --sample folder: class accuracy, by class too, and FD")
     judge_score.add_argument("judge", help="checkpoint written by `judge train`")
     judge_score.add_argument("samples", help="folder of NNNN.png + NNNN.txt (caption) pairs")
     judge_score.add_argument("--real", required=True, help="real images, TEST_DIR/<class name>/<image>")
