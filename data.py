@@ -1360,11 +1360,12 @@ def score_judge(args):
     wanted = torch.tensor([named.get(class_key(caption), -1) for caption in captions])  # (N,), -1: no class
     logits, features = model.judge(samples, runtime.device)  # (N, classes), (N, 128)
     real_logits, real_features = model.judge(real, runtime.device)
-    hits = (logits.argmax(1) == wanted)[wanted >= 0]
-    by_class = {classes[c]: (hits[wanted[wanted >= 0] == c].double().mean().item(), int((wanted == c).sum()))
-                for c in wanted[wanted >= 0].unique().tolist()}  # class -> (accuracy, samples)
+    named = wanted >= 0  # (N,)
+    hits, named_wanted = (logits.argmax(1) == wanted)[named], wanted[named]  # (n named,) each
+    by_class = {classes[c]: (hits[named_wanted == c].double().mean().item(), int((named_wanted == c).sum()))
+                for c in named_wanted.unique().tolist()}  # class -> (accuracy, samples)
     caption_hits = {}  # a caption -> whether any of its samples is judged its class (what a reranker could pick)
-    for caption, hit in zip([c for c, w in zip(captions, wanted.tolist()) if w >= 0], hits.tolist()):
+    for caption, hit in zip(itertools.compress(captions, named.tolist()), hits.tolist()):
         caption_hits[caption] = caption_hits.get(caption, False) or hit
     # the floor: as many real images as samples against the other real ones, or half against half
     n, floor_n = len(samples), min(len(samples), len(real) // 2)
@@ -1385,7 +1386,8 @@ def score_judge(args):
         "  by class      " + (", ".join(f"{name} {100 * accuracy:.1f}% of {count}" for name, (accuracy, count)
                                        in sorted(by_class.items(), key=lambda item: -item[1][1])) or "-"),
         "  by caption    " + (f"{100 * report['captions_with_a_hit']:.1f}% of {len(caption_hits)} captions have a "
-                              "sample of their class (what reranking could keep)" if caption_hits else "-"),
+                              "sample of their class (the most a reranker keeping one could score)"
+                              if caption_hits else "-"),
         f"FD              {report['fd']:.3f} (the samples against {len(reference)} real images)",
         f"floor           {report['floor']:.3f} ({len(floor)} other real images against the same {len(reference)})"]))
 
