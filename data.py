@@ -1333,10 +1333,13 @@ def train_judge(args):
         optimizer.step()
         if (step + 1) % max(steps // 10, 1) == 0:
             logger.progress(step + 1, loss=loss.item())
-    accuracy = (model.judge(test_images, runtime.device)[0].argmax(1) == test_labels).double().mean().item()
-    save_checkpoint(args.out, "judge", config, steps, model=model.state_dict(), accuracy=accuracy)
-    print(f"held-out accuracy {100 * accuracy:.1f}% on {len(test_images)} images ({len(classes)} classes); "
-          f"wrote {args.out}")
+    accuracy, train_accuracy = ((model.judge(x, runtime.device)[0].argmax(1) == y).double().mean().item()
+                                for x, y in ((test_images, test_labels), (images, labels)))
+    save_checkpoint(args.out, "judge", config, steps, model=model.state_dict(), accuracy=accuracy,
+                    train_accuracy=train_accuracy)
+    hint = " (under 90%: give it more --epochs)" if train_accuracy < 0.9 else ""
+    print(f"held-out accuracy {100 * accuracy:.1f}% on {len(test_images)} images ({len(classes)} classes); on its "
+          f"{len(images)} training images {100 * train_accuracy:.1f}%{hint}; wrote {args.out}")
 
 
 def score_judge(args):

@@ -565,6 +565,8 @@ def test_judge_separates_two_easy_classes_deterministically(tmp_path, capsys):
         saved = torch.load(tmp_path / f"{run_name}.pt", weights_only=True)
         assert saved["config"]["classes"] == ["blue", "red"] and saved["config"]["image_size"] == 16
         accuracies.append(saved["accuracy"])
+        assert saved["train_accuracy"] >= 0.9 and "training images" in result.stdout, result.stdout
+        assert "more --epochs" not in result.stdout  # the hint is for an undertrained judge only
         weights.append(saved["model"])
     assert accuracies[0] >= 0.9, accuracies
     assert accuracies[0] == accuracies[1] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -624,6 +626,7 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
     trained = run(ROOT / "data.py", "judge", "train", train, "--out", tmp_path / "j.pt", "--image-size", 16,
                   "--steps", 5, "--batch-size", 8)
     assert trained.returncode == 0 and "held-out accuracy" in trained.stdout, trained.stderr
+    assert "training images" in trained.stdout and "(under 90%: give it more --epochs)" in trained.stdout, trained.stdout
     assert "warning: skipping" in trained.stderr and "broken.png" in trained.stderr
     real, _, _, captions = data.read_labelled(test, 16)
     samples = write_samples(tmp_path / "samples", real[:20], [lines[0] for lines in captions[:20]])
