@@ -603,7 +603,7 @@ def test_judge_frechet_distance_zero_for_itself_large_for_noise(judged, tmp_path
     s1, s2 = np.cov(a64.T), np.cov(b64.T)  # Tr (S1 S2)^(1/2) from the eigenvalues of S1 S2, not symmetric
     expected = (((a64.mean(0) - b64.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
                 - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum())
-    assert data.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert data.frechet_distance(a, b) == pytest.approx(expected, rel=1e-7)  # float64, LAPACK builds differ
     x, y = torch.randn(1000, 1, generator=generator), 2 * torch.randn(1000, 1, generator=generator) + 3
     assert data.frechet_distance(x, y) == pytest.approx(
         (x.mean() - y.mean()).item() ** 2 + (x.std() - y.std()).item() ** 2, rel=1e-5)  # 1-D: means and std devs
