@@ -115,6 +115,28 @@ LAUNCHER_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "Rende
                    "DistNetworkError", "address already in use")
 
 
+IN_SYNC = """import os, runpy, sys, torch
+sys.path.insert(0, {root!r})
+optimizers, init = [], torch.optim.Optimizer.__init__
+def record(self, *args, **kwargs):  # every optimizer the script builds
+    init(self, *args, **kwargs)
+    optimizers.append(self)
+torch.optim.Optimizer.__init__ = record
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+weights = [p.detach().flatten() for o in optimizers for group in o.param_groups for p in group["params"]]
+if weights:  # what this rank trained, for ranks_in_sync
+    torch.save(torch.cat(weights), os.path.join(sys.argv[-1], "weights-rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def ranks_in_sync(out):
+    """Both ranks ended with the same trained weights, bit for bit: every optimized module was wrapped in DDP
+    (each rank reads other images, so an unwrapped one drifts apart) and trained through its wrapper."""
+    ranks = [torch.load(out / f"weights-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return len(ranks[0]) > 0 and torch.equal(*ranks)
+
+
 def torchrun(script, *args, out, nodes=1, timeout=300):
     """Two processes under torchrun on this machine, writing to `out`: one launcher running both
     (--standalone: torchrun binds a free port itself, so no other program can take it first), or with
@@ -132,8 +154,10 @@ def torchrun(script, *args, out, nodes=1, timeout=300):
         else:
             launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
                       "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-        command = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *map(str, args),
-                   "--out", str(out)]
+        wrapper = out.parent / f"{out.name}-in-sync.py"  # runs the script, then saves each rank's trained weights
+        wrapper.write_text(IN_SYNC.format(root=str(ROOT)))
+        command = [sys.executable, "-m", "torch.distributed.run", *launch, str(wrapper), str(ROOT / script),
+                   *map(str, args), "--out", str(out)]
         launchers = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(nodes)]
         deadline = time.monotonic() + timeout
@@ -1090,7 +1114,7 @@ def test_vae_torchrun_two_processes(tiny_shapes, tmp_path):
     assert "2 process(es)" in stdout and stdout.count("held-out (") == 1  # rank 0 reports once
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]  # one writer: no record twice
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4 and ranks_in_sync(tmp_path)
     assert not list(tmp_path.glob(".*tmp*"))
 
 
@@ -1345,7 +1369,7 @@ def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
     assert "2 process(es)" in stdout and stdout.count("held-out (") == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
-    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert [r["step"] for r in logged] == [2, 4, 6] and ranks_in_sync(tmp_path)
     assert all(r["codebook_spread"] == 0.0 for r in logged)  # every rank holds the same codebooks
     assert logged[-1]["top_restarts_total"] > 0 and logged[-1]["bottom_restarts_total"] > 0  # restarts included
 
@@ -1912,6 +1936,7 @@ def test_dalle_torchrun_two_processes(tiny_shapes, tmp_path):
     stdout = succeeded(torchrun("dalle.py", "--train", tiny_shapes, *TINY_DALLE, "--steps", 4, "--batch-size", 4,
                                 "--log-every", 2, "--reranker", out=tmp_path))  # two DDP modules, both in sync
     assert "2 process(es)" in stdout and stdout.count("stage 3/3") == 1 and "reranker top-1" in stdout
+    assert ranks_in_sync(tmp_path)  # tokenizer, transformer and reranker
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
     assert sorted(path.name for path in (tmp_path / "codes").iterdir()) == [  # each rank encoded its own part
         "part-00000-of-00002.pt", "part-00001-of-00002.pt"] and not (tmp_path / "codes.pt").exists()
@@ -1924,7 +1949,7 @@ def test_dalle_two_nodes_on_shards(tiny_shards, tmp_path):
     assert "codes: 46 train, 2 held out, in 2 parts" in stdout  # the codes of the shards, a part from each node
     parts = [torch.load(path, weights_only=True) for path in sorted((tmp_path / "codes").iterdir())]
     assert [len(part["train"]["captions"]) for part in parts] == [23, 23]  # half each
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4 and ranks_in_sync(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2107,6 +2132,7 @@ def test_dcgan_torchrun_two_processes(tiny_shapes, tmp_path):
     assert [r["step"] for r in records if "d_loss" in r] == [2, 4]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["generator_optimizer"]["state"][0]["step"] == 4
+    assert ranks_in_sync(tmp_path)  # G and D
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2293,7 +2319,7 @@ def test_cvae_torchrun_two_processes(tiny_shapes, tmp_path):
     assert "2 process(es)" in stdout and stdout.count("held-out (") == 1  # rank 0 reports once
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4 and ranks_in_sync(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
