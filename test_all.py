@@ -1283,14 +1283,14 @@ def test_vqvae2_pixelcnn_is_causal():
 
 def test_vqvae2_training_lowers_the_loss(tiny_shapes, tmp_path):
     vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--steps", "60", "--batch-size", "16",
-                 "--log-every", "10", "--save-every", "30", "--window", "10", "--lr", "3e-3", "--warmup", "5",
+                 "--log-every", "10", "--save-every", "10", "--window", "10", "--lr", "3e-3", "--warmup", "5",
                  "--out", str(tmp_path)])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     mse = [r["mse"] for r in records if "mse" in r]
     assert len(mse) == 6 and mse[-1] < 0.5 * mse[0], mse
     assert all(0 < r["top_used"] <= 1 and 0 < r["bottom_used"] <= 1 for r in records if "mse" in r)
     held_out = [r["test_psnr"] for r in records if "test_psnr" in r]
-    assert held_out[-1] > held_out[0]
+    assert len(held_out) >= 6 and held_out[-1] > held_out[0] + 3, held_out  # dB, step 60 against step 10
 
 
 def test_vqvae2_cli_train_resume_encode_prior_sample(tiny_shapes, tmp_path, capsys, monkeypatch):
