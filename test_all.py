@@ -2018,12 +2018,15 @@ def test_dcgan_steps_update_both_networks_and_ema_lags(tiny_shapes, tmp_path, mo
     monkeypatch.setattr(dcgan, "SCORED_SAMPLES", 100)  # the scorer is slow; 100 samples exercise it
     args = ["--train", str(tiny_shapes), *TINY_DCGAN, "--steps", "6", "--log-every", "2", "--save-every", "6",
             "--out", str(tmp_path), "--ema", "0.9"]
+    initial = {}  # the weights train() starts from, as each network's constructor leaves them
+    for key, network in (("generator", dcgan.Generator), ("discriminator", dcgan.Discriminator)):
+        def recorded(self, config, key=key, init=network.__init__):
+            init(self, config)
+            initial.setdefault(key, {name: value.clone() for name, value in self.state_dict().items()})
+        monkeypatch.setattr(network, "__init__", recorded)
     dcgan.main(args)
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    torch.manual_seed(0)  # the initial weights, made as train() makes them
-    config = tiny_dcgan(16)
-    initial = {"generator": dcgan.Generator(config).state_dict(), "discriminator": dcgan.Discriminator(config).state_dict()}
-    weights = [name for name, _ in dcgan.Generator(config).named_parameters()]
+    weights = [name for name, _ in dcgan.Generator(tiny_dcgan(16)).named_parameters()]
     for network in ("generator", "discriminator"):
         changed = [not torch.equal(value, checkpoint[network][name]) for name, value in initial[network].items()
                    if "num_batches" not in name]
