@@ -341,7 +341,7 @@ def generate(model, tokenizer, captions, config, device, reranker=None):
 # prepare_codes): on Twemoji it lowers the held-out image loss and new names draw their category more often (README).
 # NOTE: the paper's blocks read the caption through attention alone; with --adaln, like DiT's adaLN-Zero (Peebles
 # & Xie 2023, arXiv:2212.09748), s(y) also sets a shift, scale and gate of each sublayer at the image positions,
-# zero at first (Block, hidden). On Twemoji it doubles the caption gap, not the category accuracy (README: Twemoji).
+# zero at first (Block, hidden). On Twemoji it doubles the caption gap; the accuracy, less than seeds vary (README).
 # NOTE: the paper samples at temperature 1; our defaults (temperature 0.2, guidance 1.5) are the best measured on
 # shapes, not on real images (README: --guidance 3 --temperature 1 there).
 # NOTE: the paper reranks with a CLIP trained on 400M pairs, which we cannot download; --reranker trains a small one
