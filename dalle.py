@@ -31,8 +31,9 @@ import vqvae2
 from data import (PAD, TEXT_VOCAB, CodesDataset, Logger, NonFiniteGuard, StopRequest, UsageError, autocast, barrier,
                   batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
                   load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption, parse_config,
-                  parts_in, read_prompts, restore, run_cli, run_config, save_checkpoint, save_grid, score_report, setup,
-                  shapes_size, split_codes, step_generator, warn_if_cut, write_codes, write_pairs)
+                  parts_in, read_prompts, restore, run_cli, run_config, same_state, save_checkpoint, save_grid,
+                  score_report, setup, shapes_size, split_codes, step_generator, warn_if_cut, write_codes, write_config,
+                  write_pairs)
 
 
 @dataclasses.dataclass
@@ -87,6 +88,7 @@ def validate(config):
                  "save_every", "n", "lr", "temperature"):
         check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
     check(config.width % config.heads == 0, "--width must be a multiple of --heads")
+    check(config.text_len <= 1024, "--text-len must be at most 1024 caption bytes")
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
     check(all(0 <= p < 1 for p in (config.dropout, config.drop_key, config.code_drop, config.code_noise)),
           "--dropout, --drop-key, --code-drop and --code-noise must be in [0, 1)")
@@ -477,7 +479,12 @@ def prepare_codes(config, runtime):
         vqvae2.validate(tokenizer_config)
         checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
         if checkpoint:
-            tokenizer_config = config_from_dict(vqvae2.Config, checkpoint["config"], vqvae2.validate)
+            tokenizer_config = dataclasses.replace(config_from_dict(vqvae2.Config, checkpoint["config"],
+                                                                    vqvae2.validate), steps=config.vqvae_steps)
+            made, asked = ((str(Path(c.train)), str(Path(c.test)) if c.test else "", c.image_size)
+                           for c in (tokenizer_config, config))
+            check(made == asked, f"{path.parent} holds a tokenizer of --train {made[0]} --test '{made[1]}' at "
+                                 f"{made[2]} px, not of this run's data: choose another --out")
         if checkpoint is None or checkpoint["step"] < tokenizer_config.steps:
             if runtime.is_main:
                 print(f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}", flush=True)
@@ -487,16 +494,23 @@ def prepare_codes(config, runtime):
         if not codes_path.exists() and (runtime.distributed or (out / "codes").is_dir()):
             codes_path = out / "codes"  # a folder of parts: one process or several continue it alike
         count, found = parts_in(codes_path) if codes_path.is_dir() else (0, {})
-    if config.codes or codes_path.is_file() or (count and len(found) == count):
+    if reuse := config.codes or codes_path.is_file() or (count and len(found) == count):
         codes = load_codes(codes_path)
     else:
         if runtime.is_main:
             print(f"stage 2/3: encoding the dataset with {path}", flush=True)
         tokenizer = vqvae2.VQVAE2.from_checkpoint(path, runtime.device)
+        check(tokenizer.image_size == config.image_size, f"{path}: a tokenizer of {tokenizer.image_size} px images, "
+                                                         f"not --image-size {config.image_size}")
         splits = load_train_test(config.train, config.test, tokenizer.image_size)
         mirror = ("train",) if config.flip else ()  # Beyond the paper: each training image mirrored, twice the data
         codes = write_codes(tokenizer, dict(zip(("train", "test"), splits)), codes_path, runtime, mirror)
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], runtime.device, codes_path)
+    check(tokenizer.image_size == config.image_size, f"{codes_path}: codes of {tokenizer.image_size} px images, not "
+                                                     f"--image-size {config.image_size}")
+    maker = None if config.codes or not reuse else load_checkpoint(path, "vqvae2")["model"]  # OUT/codes.pt's own?
+    check(maker is None or same_state(codes["tokenizer"]["model"], maker),
+          f"{codes_path} holds codes of another tokenizer than {path}: remove it, or choose another --out")
     return tokenizer, CodesDataset(codes["train"]), CodesDataset(codes["test"])
 
 
@@ -509,6 +523,10 @@ def parameter_groups(model, weight_decay):
 def train(config, runtime, checkpoint=None):
     out, device = Path(config.out), runtime.device
     check(config.reranker or not config.keep, "--keep ranks samples by the reranker: add --reranker")
+    if not config.codes:  # the flags in OUT/config.json, for --resume after a stop in stage 1 or 2
+        check(shapes_size(config.train) or Path(config.train).exists(), f"{config.train}: no such folder")
+        if runtime.is_main:
+            write_config(out, config)
     tokenizer, train_set, test_set = prepare_codes(config, runtime)  # stages 1 and 2
     torch.manual_seed(config.seed)  # stage 3: the same initial weights whether or not stages 1 and 2 ran here
     model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,

@@ -608,6 +608,7 @@ def idx_to_folder(images_path, labels_path, out, names):
           f"{images_path}, {labels_path}: expected N images (N, H, W) and N labels")
     check(int(labels.max()) < len(names), f"labels go up to {labels.max()} but only {len(names)} names given")
     folders = [re.sub(r"[^\w\-]+", "_", name.strip()) for name in names]
+    check(all(folders), f"--names {','.join(names)!r}: a class without a name")
     for folder in set(folders):
         (Path(out) / folder).mkdir(parents=True, exist_ok=True)
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -699,7 +700,12 @@ def save_grid(images, path, nrow=8, captions=None, padding=2):
 
 def write_pairs(folder, images, captions, names=None):
     """Images (N, 3, S, S) in [0, 1] as FOLDER/NAME.png + caption FOLDER/NAME.txt (NAME 0000, 0001, ... unless
-    `names` are given): the pairs that `data.py score` and `data.py judge score` read."""
+    `names` are given): the pairs that `data.py score` and `data.py judge score` read. Numbered pairs of an
+    earlier call are removed first, so that the folder holds this call's alone."""
+    if not names and Path(folder).is_dir():
+        for old in Path(folder).iterdir():
+            if old.stem.isdigit() and old.suffix in (".png", ".txt") and old.is_file():
+                old.unlink()
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         name = names[i] if names else f"{i:04d}"
         save_grid(image[None], Path(folder) / f"{name}.png", nrow=1, padding=0)  # image[None]: (1, 3, S, S)
@@ -964,21 +970,37 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     validate(config)
     out = Path(config.out)
     if not config.resume:
+        check(not training or "ckpt" not in given, "--ckpt is read by --sample, --eval and --resume; a new run "
+              "starts from scratch in --out (to continue a run: --resume --out RUN)")
         check(not training or not (out / "ckpt.pt").exists(),
               f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
-        return config, None
-    check(config.ckpt or (out / "ckpt.pt").exists() or not out.is_dir(),
-          f"{out} holds no ckpt.pt (stopped before its first checkpoint?): start it again without --resume")
-    checkpoint = load_checkpoint(config.ckpt or out / "ckpt.pt", kind, required)
-    saved = config_from_dict(type(config), checkpoint["config"], validate)
+        return warn_if_no_peak(config, training), None
+    if not config.ckpt and not (out / "ckpt.pt").exists() and (out / "config.json").is_file():
+        # stopped before its first checkpoint (dalle.py: in stage 1 or 2): start again with its flags
+        try:
+            values = json.loads((out / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{out / 'config.json'}: unreadable ({error})") from None
+        checkpoint, saved = None, config_from_dict(type(config), values, validate)
+    else:
+        check(config.ckpt or (out / "ckpt.pt").exists() or not out.is_dir(),
+              f"{out} holds no ckpt.pt (stopped before its first checkpoint?): start it again without --resume")
+        checkpoint = load_checkpoint(config.ckpt or out / "ckpt.pt", kind, required)
+        saved = config_from_dict(type(config), checkpoint["config"], validate)
     config = dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
     validate(config)
     changed = [f"--{name.replace('_', '-')} {getattr(config, name)} (was {getattr(saved, name)})"
                for name in sorted(given - {"resume", "out", "ckpt"}) if getattr(config, name) != getattr(saved, name)]
     if os.environ.get("RANK", "0") == "0":
-        print(f"resuming {config.out} from step {checkpoint['step']} with the flags it was started with"
-              + (f", except {', '.join(changed)}" if changed else ""), flush=True)
-    return config, checkpoint
+        print(f"resuming {config.out} from step {checkpoint['step'] if checkpoint else 0} with the flags it was "
+              "started with" + (f", except {', '.join(changed)}" if changed else ""), flush=True)
+    return warn_if_no_peak(config, training), checkpoint
+
+
+def warn_if_no_peak(config, training):
+    if training and getattr(config, "warmup", 0) > config.steps:
+        warn(f"--warmup {config.warmup} is longer than --steps {config.steps}: the learning rate never reaches --lr")
+    return config
 
 
 class StopRequest:
@@ -1049,6 +1071,13 @@ def _record_step(line):
     return record.get("step", 0) if isinstance(record, dict) else math.inf
 
 
+def write_config(out, config):
+    """The run's flags as OUT/config.json: what --resume starts again from when no checkpoint was saved yet."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out) / "config.json", lambda file: file.write(json.dumps(dataclasses.asdict(config),
+                                                                                indent=1).encode()))
+
+
 class Logger:
     """Metrics as OUT/metrics.jsonl (rank 0 only) and a progress line with step, loss, it/s and ETA; the run's flags
     (`config`) as OUT/config.json. On resume the records after the checkpoint's step and any line cut short are
@@ -1061,8 +1090,7 @@ class Logger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if enabled and config:
-            atomic_write(Path(out) / "config.json", lambda file: file.write(json.dumps(dataclasses.asdict(
-                config), indent=1).encode()))
+            write_config(out, config)
         if enabled and self.path.exists():  # resuming: forget what ran after the checkpoint
             lines = self.path.read_text(errors="replace").splitlines()
             kept = [line for line in lines if _record_step(line) <= start_step]
@@ -1500,7 +1528,11 @@ def main(argv=None):
                     [f"{i:05d}_{'heldout' if flag else 'seen'}" for i, flag in enumerate(held_out)])
         print(f"wrote {args.n} images to {Path(args.out)}")
     elif args.command == "score":
-        print(format_score(score_report(*read_pairs(args.folder))))
+        images, captions = read_pairs(args.folder)
+        height, width = images.shape[2:]
+        check(height == width >= 16, f"{args.folder}: the scorer reads square images of 16 px or more, not {width} x "
+                                     f"{height}")
+        print(format_score(score_report(images, captions)))
     else:
         count = idx_to_folder(args.images, args.labels, args.out, args.names.split(","))
         print(f"wrote {count} images to {args.out}")

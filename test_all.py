@@ -569,6 +569,11 @@ def test_data_cli_shapes_and_score(tmp_path):
     assert scored.returncode == 0, scored.stderr
     assert "overall   n=20    all 100.0%" in scored.stdout and "held_out" in scored.stdout
     assert_clean_error(run(ROOT / "data.py", "score", tmp_path / "missing"), "no such folder")
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    Image.new("RGB", (40, 10)).save(wide / "0000.png")
+    (wide / "0000.txt").write_text("a large red circle at the center")
+    assert_clean_error(run(ROOT / "data.py", "score", wide), "square images of 16 px or more, not 40 x 10")
     assert_clean_error(run(ROOT / "data.py", "shapes", tmp_path, "--n", "many"), "invalid int")
     helped = run(ROOT / "data.py", "shapes", "--help").stdout  # the defaults shown, the usage lines kept as written
     assert "number of images (default: 1000)" in helped
@@ -737,6 +742,9 @@ def test_idx_to_captioned_folder(tmp_path):
     (tmp_path / "bad.gz").write_bytes(b"not gzip")
     assert_clean_error(run(ROOT / "data.py", "idx", tmp_path / "bad.gz", tmp_path / "labels.gz", tmp_path / "o"),
                        "bad.gz")
+    assert_clean_error(run(ROOT / "data.py", "idx", tmp_path / "images.gz", tmp_path / "labels.gz", tmp_path / "o",
+                           "--names", "t-shirt,,bag"), "a class without a name")  # else its images land in OUT
+    assert not (tmp_path / "o").exists()
 
 
 def fake_emoji_package(folder):
@@ -1379,8 +1387,8 @@ def test_vqvae2_torchrun_keeps_codebooks_identical(tiny_shapes, tmp_path):
     assert logged[-1]["top_restarts_total"] > 0 and logged[-1]["bottom_restarts_total"] > 0  # restarts included
 
 
-def test_vqvae2_prior_killed_before_its_first_checkpoint_starts_again_and_resumes_as_a_prior(tiny_shapes, tmp_path,
-                                                                                             monkeypatch, capsys):
+def test_vqvae2_prior_killed_before_its_first_checkpoint_resumes_from_its_flags_as_a_prior(tiny_shapes, tmp_path,
+                                                                                            monkeypatch, capsys):
     vqvae2.main(["--train", str(tiny_shapes), *map(str, TINY_VQVAE2), "--batch-size", "8", "--steps", "2",
                  "--out", str(tmp_path / "a")])
     vqvae2.main(["--encode", str(tiny_shapes), "--ckpt", str(tmp_path / "a" / "ckpt.pt")])
@@ -1391,9 +1399,8 @@ def test_vqvae2_prior_killed_before_its_first_checkpoint_starts_again_and_resume
         patch.setattr(vqvae2, "batches", die)
         with pytest.raises(Killed):
             vqvae2.main(prior + ["--out", str(tmp_path / "killed")])
-    capsys.readouterr()
-    assert_clean_error(in_process(capsys, vqvae2, "--resume", "--out", tmp_path / "killed"), "without --resume")
-    vqvae2.main(prior + ["--out", str(tmp_path / "killed")])  # started again: a new run
+    assert not (tmp_path / "killed" / "ckpt.pt").exists()
+    vqvae2.main(["--resume", "--out", str(tmp_path / "killed")])  # no checkpoint: from step 0, with its config.json
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("straight", "killed"))
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
     vqvae2.main(["--resume", "--steps", "4", "--out", str(tmp_path / "killed")])  # as a prior, not an autoencoder
@@ -1472,8 +1479,9 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
     prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,
                        "--batch-size", 8, "--steps", 1, "--device", "cpu")
     assert prior.returncode == 0 and "46 training code grids, 2 held out" in prior.stdout, prior.stderr
-    trained = in_process(capsys, dalle, "--codes", tmp_path / "parts", "--width", 32, "--layers", 1, "--heads", 2,
-                         "--text-len", 40, "--batch-size", 8, "--steps", 2, "--device", "cpu", "--out", tmp_path / "dalle")
+    trained = in_process(capsys, dalle, "--codes", tmp_path / "parts", "--image-size", 16, "--width", 32, "--layers", 1,
+                         "--heads", 2, "--text-len", 40, "--batch-size", 8, "--steps", 2, "--device", "cpu", "--out",
+                         tmp_path / "dalle")
     assert trained.returncode == 0 and "46 training, 2 held out" in trained.stdout, trained.stderr
     assert "stage 1/3" not in trained.stdout and "stage 2/3" not in trained.stdout
     scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "dalle" / "ckpt.pt")  # the codes' held-out captions
@@ -1728,15 +1736,14 @@ def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny
                 dalle.main(args + ["--out", str(out)])
         assert not (out / "ckpt.pt").exists() and (out / "codes.pt").exists() == (stage == 3)
         capsys.readouterr()
-        assert_clean_error(in_process(capsys, dalle, "--resume", "--out", out), "start it again without --resume")
-        dalle.main(args + ["--out", str(out)])
+        dalle.main(["--resume", "--out", str(out)])  # no checkpoint yet: its flags from config.json
         stdout = capsys.readouterr().out
         assert ("stage 1/3" in stdout, "stage 2/3" in stdout) == (stage == 1, stage <= 2), stdout  # finished: kept
         resumed = torch.load(out / "ckpt.pt", weights_only=True)
-        assert resumed["config"] == {**straight["config"], "out": str(out)}
+        assert resumed["config"] == {**straight["config"], "out": str(out), "resume": True}
         assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
         record = json.loads((out / "config.json").read_text())
-        assert record == {**straight["config"], "out": str(out)}
+        assert record == {**straight["config"], "out": str(out), "resume": True}
 
 
 def test_dalle_without_appearance_or_silhouette_trains_samples_and_resumes(tiny_shapes, tmp_path, capsys):
@@ -1897,6 +1904,22 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     resumed = in_process(capsys, dalle, "--resume", "--steps", 5, "--out", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr
     assert "stage 1/3" not in resumed.stdout and "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
+    # a tokenizer or codes that do not fit this run's data are refused before any work, never silently reused
+    tokenizer = tmp_path / "run" / "vqvae2" / "ckpt.pt"
+    assert_clean_error(in_process(capsys, dalle, *common[:-1], tmp_path / "other", "--vqvae", tokenizer,
+                                  "--image-size", 24), "16 px", "--image-size 24")
+    assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "run" / "codes.pt", *TINY_DALLE[5:],
+                                  "--out", tmp_path / "other"), "16 px", "--image-size 32")
+    assert not (tmp_path / "other" / "codes.pt").exists()
+    shutil.copytree(tmp_path / "run" / "vqvae2", tmp_path / "stale" / "vqvae2")  # another dataset's tokenizer
+    assert_clean_error(in_process(capsys, dalle, common[0], "shapes:40", *common[2:-1], tmp_path / "stale"),
+                       "holds a tokenizer of --train", "choose another --out")
+    shutil.copy(tmp_path / "run" / "codes.pt", tmp_path / "stale" / "codes.pt")
+    checkpoint = torch.load(tokenizer, weights_only=True)
+    next(iter(checkpoint["model"].values())).add_(1)  # the codes' tokenizer, retrained since
+    torch.save(checkpoint, tmp_path / "stale" / "vqvae2" / "ckpt.pt")
+    assert_clean_error(in_process(capsys, dalle, *common[:-1], tmp_path / "stale", "--steps", 3),
+                       "codes of another tokenizer", "remove it")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "image_loss" in r] == [2, 3, 4, 5]
 
@@ -1912,6 +1935,9 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     assert (tmp_path / "s" / "samples.png").is_file()
     scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
     assert scored.returncode == 0, scored.stderr
+    again = in_process(capsys, dalle, "--sample", "a red circle", "--ckpt", ckpt, "-n", 1, "--out", tmp_path / "s")
+    assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == [
+        "0000.png", "0000.txt"]  # the folder holds this call's pairs alone, none of the 8 before
     piped = subprocess.run([sys.executable, ROOT / "dalle.py", "--prompts", "-", "--ckpt", ckpt, "-n", "2",
                             "--out", tmp_path / "i"], input="a red circle\n\nun cercle bleu\n",
                            capture_output=True, text=True, timeout=120)  # captions from standard input
@@ -2342,15 +2368,23 @@ def test_resume_applies_and_records_what_it_overrides_and_refuses_what_it_cannot
                                                                                           monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), "--image-size", "16", "--batch-size", "8", "--width", "8", "--iw", "2",
             "--latent-dim", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "vae")]
+    monkeypatch.setattr(data, "_warned", set())
+    assert_clean_error(in_process(capsys, vae, *args, "--ckpt", tmp_path / "elsewhere.pt"),  # not silently ignored
+                       "--ckpt is read by --sample, --eval and --resume")
+    assert not (tmp_path / "vae").exists()
     with monkeypatch.context() as patch:
         patch.setattr(vae, "batches", die)
         with pytest.raises(Killed):
             vae.main(args)
-    capsys.readouterr()  # killed before its first checkpoint: nothing to resume, so it starts again
+    capsys.readouterr()  # killed before its first checkpoint: --resume starts it again from its config.json
     assert json.loads((tmp_path / "vae" / "config.json").read_text())["steps"] == 3  # written before any step
-    assert_clean_error(in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae"),
+    (tmp_path / "other").mkdir()
+    assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "other"),
                        "holds no ckpt.pt", "start it again without --resume")
-    assert in_process(capsys, vae, *args).returncode == 0
+    monkeypatch.setattr(data, "_warned", set())  # each distinct warning is printed once a process
+    restarted = in_process(capsys, vae, "--resume", "--out", tmp_path / "vae")
+    assert restarted.returncode == 0 and "from step 0 with the flags it was started with\n" in restarted.stdout
+    assert "warning: --warmup 100 is longer than --steps 3" in restarted.stderr  # the peak --lr is never reached
     resumed = in_process(capsys, vae, "--resume", "--steps", 4, "--out", tmp_path / "vae")
     assert resumed.returncode == 0, resumed.stderr
     assert "from step 3 with the flags it was started with, except --steps 4 (was 3)\n" in resumed.stdout
