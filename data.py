@@ -325,10 +325,16 @@ class ShardDataset(CaptionedImages):
                         key, _, extension = base.partition(".")
                         extension = "." + extension.lower()
                         places = images if extension in IMAGE_EXTENSIONS else captions if extension == ".txt" else None
-                        if places is not None and not (member.isfile() and (member.size or places is captions)):
+                        if places is None and Path(base).suffix.lower() in IMAGE_EXTENSIONS + (".txt",):
+                            warn(f"skipping {path}: {member.name!r}, as a KEY ends at the first dot of a name (as in "
+                                 "WebDataset): rename it without dots")
+                        elif places is not None and not (member.isfile() and (member.size or places is captions)):
                             warn(f"skipping {path}: {member.name!r} is not a regular file, or empty")
                         elif places is not None:
                             places.setdefault(folder + slash + key, (member.offset_data, member.size))
+                    if (size := Path(path).stat().st_size) < archive.offset + 1024:  # no end-of-archive blocks
+                        images = {key: place for key, place in images.items() if sum(place) <= size}
+                        warn(f"{path} ends early (cut short?): reading the {len(images)} complete images in it")
             except (tarfile.TarError, OSError) as error:
                 warn(f"skipping the rest of {path}: {reason(error)} (shards are uncompressed tar files)")
             self.samples += [(shard, key, place, captions.get(key)) for key, place in images.items()]

@@ -472,6 +472,20 @@ def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys):
         data.load_dataset(str(tmp_path / "002.tar"), 8)
 
 
+def test_shard_members_that_no_key_can_hold_and_a_tar_cut_between_members_are_named(tmp_path, capsys):
+    members = [("a.png", png_bytes((255, 0, 0))), ("photo.2023.png", png_bytes((0, 255, 0))),
+               ("photo.2023.txt", b"green"), ("b.png", png_bytes((0, 0, 255)))]
+    write_tar(tmp_path / "dots.tar", members)
+    assert [key for _, key, *_ in data.load_dataset(str(tmp_path / "dots.tar"), 8).samples] == ["a", "b"]
+    warnings = capsys.readouterr().err
+    assert "'photo.2023.png', as a KEY ends at the first dot" in warnings  # its key would be 'photo', not an image
+    with tarfile.open(tmp_path / "dots.tar") as archive:
+        cut = archive.getmember("b.png").offset  # b's header and all after it gone: tarfile sees a clean end
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "dots.tar").read_bytes()[:cut])
+    assert [key for _, key, *_ in data.load_dataset(str(tmp_path / "cut.tar"), 8).samples] == ["a"]
+    assert "cut.tar ends early (cut short?): reading the 1 complete images in it" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------
 # data.py: the shapes benchmark and its scorer
 
