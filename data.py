@@ -112,7 +112,11 @@ def parse_config(config_class, argv=None, description=None):
     except (OSError, TypeError):  # a class built at run time has no source: no help texts
         source = ""
     comments = dict(re.findall(r"(?m)^\s+(\w+)\s*:[^#\n]*#\s*(.*\S)", source))  # {field: its comment}
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if description:  # --help: the docstring's title, papers and usage lines; the rest is for readers of the file
+        description = "\n\n".join(part for i, part in enumerate(description.strip().split("\n\n"))
+                                  if i == 0 or part.startswith(("Paper", "Usage")))
+    parser = _Parser(usage="%(prog)s [options]", description=description,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(config_class):
         flags = ["-" + field.name] * (len(field.name) == 1) + ["--" + field.name.replace("_", "-")]  # n: -n, --n
         kind = types[field.name]

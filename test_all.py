@@ -878,6 +878,9 @@ def test_config_cli_generation():
     for field in ("--batch-size", "--iw", "--resume", "--ckpt"):
         assert field in help_text
     assert "importance samples per image" in help_text  # each flag's help comes from its Config comment
+    assert help_text.startswith("usage: vae.py [options]\n") and "python vae.py --sample 64" in help_text
+    assert "ELBO   =" not in help_text and "deviations" not in help_text  # the docstring's maths stays in the file
+    assert help_text[:help_text.index("options:")].count("\n") < 25  # the flags begin on the first screen
 
     @dataclasses.dataclass
     class Sampling:
