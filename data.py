@@ -227,9 +227,16 @@ def try_load(path, image_size=None):
         warn(f"skipping {path}: {reason(error)}")
 
 
-def caption_lines(content):
-    """The non-blank lines of a caption file's bytes (invalid UTF-8 becomes replacement characters)."""
-    return [line.strip() for line in content.decode("utf-8", errors="replace").splitlines() if line.strip()]
+def caption_lines(content, name=None):
+    """The non-blank lines of a caption file's bytes (invalid UTF-8 becomes replacement characters; with the
+    file's `name` given, a warning says so)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        text = content.decode("utf-8", errors="replace")
+        if name:
+            warn(f"{name}: not UTF-8; its undecodable bytes read as U+FFFD")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def pick_caption(lines, every=False):
@@ -287,7 +294,7 @@ class ImageTextFolder(CaptionedImages):
         text_path = path.with_suffix(".txt")
         if os.path.lexists(text_path):  # a folder, a dangling link or a link loop too: named in a warning, once
             try:
-                if lines := caption_lines(text_path.read_bytes()):
+                if lines := caption_lines(text_path.read_bytes(), text_path):
                     return lines
             except OSError as error:
                 warn(f"cannot read caption {text_path} ({error.strerror or reason(error)}); it is left out")
@@ -364,7 +371,8 @@ class ShardDataset(CaptionedImages):
         shard, key, image_place, caption_place = self.samples[index]
         image = load_image(io.BytesIO(self._read(shard, image_place)), self.image_size)
         try:
-            lines = caption_lines(self._read(shard, caption_place)) if caption_place else []
+            lines = caption_lines(self._read(shard, caption_place), f"{self.paths[shard]}: {key + '.txt'!r}") \
+                if caption_place else []
         except OSError as error:
             warn(f"cannot read caption {self.paths[shard]}: {key + '.txt'!r}: {error}")
             lines = []
@@ -546,7 +554,7 @@ def read_pairs(folder, image_size=None):
     for path in sorted(Path(folder).rglob("*.png")):
         if path.with_suffix(".txt").is_file() and (image := try_load(path, image_size)) is not None:
             images.append(image)
-            captions.append((caption_lines(path.with_suffix(".txt").read_bytes()) or [""])[0])
+            captions.append((caption_lines(path.with_suffix(".txt").read_bytes(), path.with_suffix(".txt")) or [""])[0])
     check(images, f"{folder}: no PNG + TXT pairs to score")
     check(len({tuple(image.shape) for image in images}) == 1, f"{folder}: images differ in size")
     return torch.stack(images), captions
@@ -575,11 +583,11 @@ def encode_text(captions, length):
     return tokens
 
 
-def read_prompts(path):
+def read_prompts(path, flag="--prompts "):
     """The captions of a prompt file, one a non-blank line ('-': standard input)."""
-    check(path == "-" or Path(path).is_file(), f"--prompts {path}: no such file")
+    check(path == "-" or Path(path).is_file(), f"{flag}{path}: no such file")
     captions = caption_lines(sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes())
-    check(captions, f"--prompts {path}: no captions in it")
+    check(captions, f"{flag}{path}: no captions in it")
     return captions
 
 
@@ -940,7 +948,11 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
         raise UsageError(f"{path}: refused, it holds Python objects that could run code "
                          "(only plain-data checkpoints are loaded)") from None
     except Exception as error:  # cut short, empty, not a checkpoint: the error's kind and first sentence
+        with open(path, "rb") as file:
+            header = file.read(2)
         detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
+        if header[:1] != b"\x80" and header != b"PK":  # a text file, say: no error of torch's to show
+            detail = "neither a torch.save file nor a pickle"
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -1282,8 +1294,8 @@ class JudgeConfig:
 
 
 def validate_judge(config):
-    check(len(config.classes) >= 2 and 8 <= config.image_size <= 512,
-          f"a judge needs 2 classes or more (not {len(config.classes)}) and an image size of 8 to 512")
+    check(8 <= config.image_size <= 512, f"a judge reads images of 8 to 512 px, not --image-size {config.image_size}")
+    check(len(config.classes) >= 2, f"a judge needs 2 classes or more, not {len(config.classes)}")
 
 
 class Judge(torch.nn.Module):
@@ -1351,6 +1363,7 @@ def frechet_distance(a, b):
 def train_judge(args):
     check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0, "--epochs and --batch-size must be "
                                                                        "positive, --steps not negative")
+    check(8 <= args.image_size <= 512, f"a judge reads images of 8 to 512 px, not --image-size {args.image_size}")
     runtime = setup(args.device, args.seed)
     images, labels, classes, _ = read_labelled(args.folder, args.image_size)
     if args.test:
@@ -1443,7 +1456,7 @@ def nearest_samples(args):
     It is what a model that copied training images by caption would score; it draws nothing new."""
     check(args.n > 0 and args.image_size >= 8, "-n must be positive and --image-size at least 8")
     check(args.prompts == "-" or Path(args.prompts).is_file(), f"{args.prompts}: no such caption file")
-    dataset, prompts = ImageTextFolder(args.folder, args.image_size), read_prompts(args.prompts)
+    dataset, prompts = ImageTextFolder(args.folder, args.image_size), read_prompts(args.prompts, flag="captions file ")
 
     def vector(text, idf):  # word -> TF-IDF weight, of unit length
         counts = {word: text.count(word) * idf.get(word, 0.0) for word in set(text)}

@@ -466,6 +466,7 @@ def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys):
     assert "000.tar: 'b': not an image" in warnings and "000.tar: 'c': " in warnings, warnings  # c: truncated
     assert "001.tar: 'g': the tar ends" in warnings
     assert items[0][1] == "caf\ufffd" and items[0][0][0].min() == 1.0  # caption bytes not UTF-8: replaced
+    assert "000.tar: 'a.txt': not UTF-8" in warnings, warnings  # ... and named
     assert all(torch.equal(items[i][0], items[3][0]) for i in (1, 2))  # a bad image gives the next good one
     assert torch.equal(items[5][0], items[0][0])  # ... wrapping around at the end
     with pytest.raises(data.UsageError, match="no image in 1 shard"):
@@ -684,6 +685,11 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
     assert "20 other real images" in scored.stdout
     assert_clean_error(in_process(capsys, data, "judge", "train", tmp_path / "missing"), "no such folder")
     assert_clean_error(in_process(capsys, data, "judge", "train", samples), "no class subfolders")
+    assert_clean_error(in_process(capsys, data, "judge", "train", train, "--image-size", 0),  # before any image
+                       "8 to 512 px, not --image-size 0")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    assert_clean_error(in_process(capsys, data, "judge", "score", tmp_path / "text.pt", samples, "--real", test),
+                       "neither a torch.save file nor a pickle")
     assert_clean_error(in_process(capsys, data, "judge", "score", judge, tmp_path / "missing", "--real", test),
                        "no such folder")
     data.save_checkpoint(tmp_path / "vae.pt", "vae", data.JudgeConfig(), 0, model={})
@@ -717,6 +723,9 @@ def test_judge_nearest_copies_the_training_images_of_the_most_similar_captions(t
     assert samples[:, 0, 0, 0].tolist() == [10, 20, 30, 40, 30, 50, 30, 40]
     assert_clean_error(in_process(capsys, data, "judge", "nearest", tmp_path / "train", tmp_path / "names.txt",
                                   tmp_path / "out", "-n", "0"), "-n must be positive")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    assert_clean_error(in_process(capsys, data, "judge", "nearest", tmp_path / "train", tmp_path / "blank.txt",
+                                  tmp_path / "out"), "captions file", "no captions in it")
 
 
 # ----------------------------------------------------------------------------------------------------
