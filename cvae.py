@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, encode_text,
-                  format_score, keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test,
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, check_ranges,
+                  encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test,
                   parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid, score_report,
                   setup, spread_batch, step_generator, warn_if_cut, write_pairs)
 
@@ -65,10 +65,8 @@ class Config:
 
 def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    for name in ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "iw", "log_every", "save_every",
-                 "n", "lr"):
-        check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    check(config.warmup >= 0, "--warmup must not be negative")
+    check_ranges(config, ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "iw", "log_every",
+                          "save_every", "n", "lr"), ("warmup",))
     check(0 <= config.alpha <= 1, "--alpha must be in [0, 1]")
     check(not (config.sample and config.eval), "--sample and --eval cannot be combined")
 

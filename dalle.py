@@ -29,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import vqvae2
 from data import (PAD, TEXT_VOCAB, CodesDataset, Logger, NonFiniteGuard, StopRequest, UsageError, autocast, barrier,
-                  batches, check, config_from_dict, encode_text, format_score, keep_work_if_stopped, learning_rate,
-                  load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption, parse_config,
-                  parts_in, read_prompts, restore, run_cli, run_config, same_state, save_checkpoint, save_grid,
-                  score_report, setup, shapes_size, split_codes, step_generator, warn_if_cut, write_codes, write_config,
-                  write_pairs)
+                  batches, check, check_ranges, config_from_dict, encode_text, format_score, keep_work_if_stopped,
+                  learning_rate, load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption,
+                  parse_config, parts_in, read_prompts, restore, run_cli, run_config, same_state, save_checkpoint,
+                  save_grid, score_report, setup, shapes_size, split_codes, step_generator, warn_if_cut, write_codes,
+                  write_config, write_pairs)
 
 
 @dataclasses.dataclass
@@ -84,21 +84,19 @@ class Config:
 
 
 def validate(config):
-    for name in ("vqvae_steps", "text_len", "width", "layers", "heads", "steps", "batch_size", "log_every",
-                 "save_every", "n", "lr", "temperature"):
-        check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    check_ranges(config, ("vqvae_steps", "text_len", "width", "layers", "heads", "steps", "batch_size", "log_every",
+                          "save_every", "n", "lr", "temperature"), ("warmup", "top_k", "guidance", "keep"),
+                 ("dropout", "drop_key", "code_drop", "code_noise"))
     check(config.width % config.heads == 0, "--width must be a multiple of --heads")
     check(config.text_len <= 1024, "--text-len must be at most 1024 caption bytes")
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    check(all(0 <= p < 1 for p in (config.dropout, config.drop_key, config.code_drop, config.code_noise)),
-          "--dropout, --drop-key, --code-drop and --code-noise must be in [0, 1)")
-    check(min(config.warmup, config.top_k, config.guidance) >= 0 and 0 < config.top_p <= 1,
-          "--warmup, --top-k and --guidance must not be negative, --top-p must be in (0, 1]")
-    check(0 <= config.keep <= config.n, "--keep must be between 0 and -n")
+    check(0 < config.top_p <= 1, f"--top-p must be in (0, 1], not {config.top_p:g}")
+    check(config.keep <= config.n, f"--keep {config.keep} is more than -n {config.n}")
     check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
     check(not (config.codes and config.flip), "--flip encodes mirrored images; --codes are encoded already")
     check(not (config.flip and shapes_size(config.train)), "--flip: shapes captions name left and right")
     check(config.summary or not config.adaln, "--adaln modulates the blocks by the caption summary: add --summary")
+    tokenizer_flags(config, config.out)  # refused before any stage runs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,6 +460,28 @@ class CaptionSummary(nn.Module):
 # Training: stages 1 and 2 (tokenizer and codes) when needed, then stage 3, the transformer
 
 
+def tokenizer_flags(config, out):
+    """The vqvae2.Config of the tokenizer stage 1 trains in `out`: --vqvae-flags, with dalle.py's own flags for
+    the data, image size, steps, device and seed."""
+    try:
+        flags = shlex.split(config.vqvae_flags)
+    except ValueError as error:  # an unclosed quote
+        raise UsageError(f"--vqvae-flags {config.vqvae_flags!r}: {error}") from None
+    tokenizer_config, given = parse_config(vqvae2.Config, flags, prog="dalle.py --vqvae-flags")
+    own = sorted(f"--{name.replace('_', '-')}" for name in given & {"train", "test", "out", "image_size", "steps",
+                                                                    "device", "seed"})
+    check(not own, f"--vqvae-flags: set {', '.join(own)} by dalle.py's own flags (--train, --test, --out, "
+                   "--image-size, --vqvae-steps, --device, --seed)")
+    tokenizer_config = dataclasses.replace(tokenizer_config, train=config.train, test=config.test, out=str(out),
+                                           image_size=config.image_size, steps=config.vqvae_steps,
+                                           device=config.device, seed=config.seed)
+    try:
+        vqvae2.validate(tokenizer_config)
+    except UsageError as error:
+        raise UsageError(f"--vqvae-flags: {error}") from None
+    return tokenizer_config
+
+
 def prepare_codes(config, runtime):
     """Stages 1 and 2, each resumable: the tokenizer in OUT/vqvae2 (or --vqvae), the codes in OUT/codes.pt
     (torchrun: OUT/codes/, a part per rank) or --codes. -> (tokenizer, train and held-out CodesDatasets)."""
@@ -469,14 +489,7 @@ def prepare_codes(config, runtime):
     codes_path = Path(config.codes) if config.codes else out / "codes.pt"
     if not config.codes and not config.vqvae:
         barrier(runtime)
-        try:
-            flags = shlex.split(config.vqvae_flags)
-        except ValueError as error:  # an unclosed quote
-            raise UsageError(f"--vqvae-flags {config.vqvae_flags!r}: {error}") from None
-        tokenizer_config = dataclasses.replace(parse_config(vqvae2.Config, flags)[0], train=config.train,
-                                               test=config.test, out=str(path.parent), image_size=config.image_size,
-                                               steps=config.vqvae_steps, device=config.device, seed=config.seed)
-        vqvae2.validate(tokenizer_config)
+        tokenizer_config = tokenizer_flags(config, path.parent)
         checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
         if checkpoint:
             tokenizer_config = dataclasses.replace(config_from_dict(vqvae2.Config, checkpoint["config"],

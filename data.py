@@ -91,6 +91,15 @@ def check(condition, message):
         raise UsageError(message)
 
 
+def check_ranges(config, positive=(), not_negative=(), fractions=()):
+    """Refuse the first Config field out of its range, by its flag: > 0, >= 0, or in [0, 1)."""
+    for names, fits, wanted in ((positive, lambda v: v > 0, "positive"), (not_negative, lambda v: v >= 0, "0 or more"),
+                                (fractions, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            value = getattr(config, name)
+            check(fits(value), f"--{name.replace('_', '-')} must be {wanted}, not {value:g}")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -103,7 +112,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_config(config_class, argv=None, description=None):
+def parse_config(config_class, argv=None, description=None, prog=None):
     """An argparse CLI from a Config dataclass: one flag per field, its help the `# comment` after the field.
     Returns the config and the names of the flags given (--resume applies exactly those on top)."""
     types = typing.get_type_hints(config_class)
@@ -115,7 +124,7 @@ def parse_config(config_class, argv=None, description=None):
     if description:  # --help: the docstring's title, papers and usage lines; the rest is for readers of the file
         description = "\n\n".join(part for i, part in enumerate(description.strip().split("\n\n"))
                                   if i == 0 or part.startswith(("Paper", "Usage")))
-    parser = _Parser(usage="%(prog)s [options]", description=description,
+    parser = _Parser(prog=prog, usage="%(prog)s [options]", description=description,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(config_class):
         flags = ["-" + field.name] * (len(field.name) == 1) + ["--" + field.name.replace("_", "-")]  # n: -n, --n

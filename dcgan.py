@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, encode_text,
-                  format_score, keep_work_if_stopped, learning_rate, load_run, load_state, load_test, load_train_test,
-                  parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid, score_report,
-                  score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut, write_pairs)
+from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, check_ranges,
+                  encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_state, load_test,
+                  load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
+                  score_report, score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut, write_pairs)
 
 
 @dataclass
@@ -64,10 +64,9 @@ class Config:
 
 def validate(config):
     check(config.image_size in (16, 32, 64, 128), "--image-size must be a power of two from 16 to 128")
-    for name in ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "log_every", "save_every", "n"):
-        check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    check(config.lr > 0 and 0 <= config.ema < 1 and config.batch_size >= 2,
-          "--lr must be positive, --ema in [0, 1), --batch-size at least 2 (batch norm needs a batch)")
+    check_ranges(config, ("latent_dim", "width", "text_len", "text_dim", "steps", "batch_size", "log_every",
+                          "save_every", "n", "lr"), fractions=("ema",))
+    check(config.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs a batch)")
     check(not (config.sample and config.eval), "--sample and --eval cannot be combined")
 
 

@@ -1983,6 +1983,16 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     assert_clean_error(in_process(capsys, dalle, "--prompts", tmp_path / "blank.txt", "--ckpt", ckpt), "no captions")
     assert_clean_error(in_process(capsys, dalle, "--sample", "x", "--ckpt", ckpt, "--top-p", 0), "--top-p")
     assert_clean_error(in_process(capsys, dalle, "--width", 30, "--heads", 4), "--width")
+    for flag, value, message in [("--top-k", -1, "--top-k must be 0 or more, not -1"),  # each flag named alone
+                                 ("--code-noise", 1, "--code-noise must be in [0, 1), not 1"),
+                                 ("--temperature", 0, "--temperature must be positive, not 0")]:
+        result = in_process(capsys, dalle, flag, value, "--out", tmp_path / "no_run")
+        assert_clean_error(result, message)
+        assert result.stderr.count("--") == 1, result.stderr
+    for flags, message in [("--image-size 64 --steps 5", "set --image-size, --steps by dalle.py's own flags"),
+                           ("--hidden 0", "--vqvae-flags: --hidden must be positive"),
+                           ("--bogus 1", "dalle.py --vqvae-flags: error: unrecognized arguments: --bogus 1")]:
+        assert_clean_error(in_process(capsys, dalle, f"--vqvae-flags={flags}", "--out", tmp_path / "no_run"), message)
     assert_clean_error(in_process(capsys, dalle, "--train", tmp_path / "missing", "--out", tmp_path / "no_run"), "missing")
     assert_clean_error(in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "-n", 2, "--keep", 1, "--out",
                                   tmp_path / "no_run"), "add --reranker")

@@ -41,9 +41,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check, keep_work_if_stopped,
-                  learning_rate, load_run, load_test, load_train_test, parse_config, restore, run_cli, run_config,
-                  save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch, step_generator, warn)
+from data import (Logger, NonFiniteGuard, StopRequest, UsageError, autocast, batches, check, check_ranges,
+                  keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test, parse_config, restore,
+                  run_cli, run_config, save_checkpoint, save_grid, score_shapes, setup, shapes_size, spread_batch,
+                  step_generator, warn)
 
 
 @dataclass
@@ -72,10 +73,8 @@ class Config:
 
 def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    for name in ("latent_dim", "width", "steps", "batch_size", "iw", "log_every", "save_every"):
-        check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    check(config.lr > 0 and config.warmup >= 0 and config.grad_clip >= 0 and config.sample >= 0,
-          "--lr must be positive; --warmup, --grad-clip and --sample must not be negative")
+    check_ranges(config, ("latent_dim", "width", "steps", "batch_size", "iw", "log_every", "save_every", "lr"),
+                 ("warmup", "grad_clip", "sample"))
 
 
 # ----------------------------------------------------------------------------------------------------

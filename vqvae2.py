@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (CodesDataset, Logger, NonFiniteGuard, StopRequest, autocast, batches, broadcast_from_first_rank,
-                  check, config_from_dict, keep_work_if_stopped, learning_rate, load_checkpoint, load_codes, load_state,
-                  load_test, load_train_test, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid,
-                  setup, split_codes, step_generator, write_codes)
+                  check, check_ranges, config_from_dict, keep_work_if_stopped, learning_rate, load_checkpoint,
+                  load_codes, load_state, load_test, load_train_test, parse_config, restore, run_cli, run_config,
+                  save_checkpoint, save_grid, setup, split_codes, step_generator, write_codes)
 
 # Shapes: B batch, S image side, C channels, D code dimension, K codes per level, N vectors quantised at
 # once; the bottom grid is Hb x Wb = S/4 x S/4, the top grid Ht x Wt = S/8 x S/8.
@@ -74,12 +74,10 @@ class Config:
 
 def validate(config):
     check(config.image_size >= 16 and config.image_size % 8 == 0, "--image-size must be a multiple of 8, >= 16")
-    for name in ("hidden", "patch_hidden", "residual_hidden", "codebook_size", "code_dim", "window", "steps",
-                 "batch_size", "lr", "log_every", "save_every", "prior_width", "prior_layers"):
-        check(getattr(config, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    check_ranges(config, ("hidden", "patch_hidden", "residual_hidden", "codebook_size", "code_dim", "window", "steps",
+                          "batch_size", "lr", "log_every", "save_every", "prior_width", "prior_layers"),
+                 ("warmup", "sample", "residual_blocks"))
     check(config.codebook_size <= 32768, "--codebook-size must be at most 32768 (codes are stored as int16)")
-    check(min(config.warmup, config.sample, config.residual_blocks) >= 0,
-          "--warmup, --sample and --residual-blocks must not be negative")
     modes = [flag for flag, on in (("--eval", config.eval), ("--encode", config.encode),
                                    ("--train-prior", config.train_prior), ("--sample", config.sample)) if on]
     check(len(modes) <= 1, f"{' and '.join(modes)} cannot be combined")
