@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, check_ranges,
                   encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_test, load_train_test,
-                  parse_caption, parse_config, restore, run_cli, run_config, save_checkpoint, save_grid, score_report,
-                  setup, spread_batch, step_generator, warn_if_cut, write_pairs)
+                  parse_caption, parse_config, read_prompts, restore, run_cli, run_config, save_checkpoint, save_grid,
+                  score_report, setup, spread_batch, step_generator, warn_if_cut, write_pairs)
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Config:
     seed: int = 0  # seeds weights, data order and noise
     resume: bool = False  # continue OUT/ckpt.pt (flags given win)
     sample: list[str] = field(default_factory=list)  # captions: write -n samples of each, exit
+    prompts: str = ""  # a caption file, one a line ('-': stdin)
     n: int = 8  # samples per caption for --sample
     eval: bool = False  # held-out -ELBO, IW-NLL, scores; exit
     ckpt: str = ""  # checkpoint to read; '': OUT/ckpt.pt
@@ -364,6 +365,8 @@ def report(model, test_set, config, device, logger=None, step=None):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
+    if config.prompts:  # --sample's captions, read from a file
+        config.sample = list(config.sample) + read_prompts(config.prompts)
     config, checkpoint = run_config(config, given, "cvae", validate, training=not (config.sample or config.eval))
     runtime = setup(config.device, config.seed)
     if not (config.sample or config.eval):

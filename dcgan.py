@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (PAD, TEXT_VOCAB, Logger, NonFiniteGuard, StopRequest, autocast, batches, check, check_ranges,
                   encode_text, format_score, keep_work_if_stopped, learning_rate, load_run, load_state, load_test,
-                  load_train_test, parse_caption, parse_config, run_cli, run_config, save_checkpoint, save_grid,
-                  score_report, score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut, write_pairs)
+                  load_train_test, parse_caption, parse_config, read_prompts, run_cli, run_config, save_checkpoint,
+                  save_grid, score_report, score_shapes, setup, spread_batch, step_generator, warn, warn_if_cut,
+                  write_pairs)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Config:
     seed: int = 0  # seeds weights, data order and noise
     resume: bool = False  # continue OUT/ckpt.pt (flags given win)
     sample: list[str] = field(default_factory=list)  # a count N, or captions: sample, exit
+    prompts: str = ""  # a caption file, one a line ('-': stdin)
     n: int = 8  # samples per caption for --sample
     eval: bool = False  # score samples of --ckpt; exit
     ckpt: str = ""  # checkpoint to read; '': OUT/ckpt.pt
@@ -379,6 +381,8 @@ def report(G_ema, test_set, config, device, logger=None, step=None):
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
+    if config.prompts:  # --sample's captions, read from a file
+        config.sample = list(config.sample) + read_prompts(config.prompts)
     config, checkpoint = run_config(config, given, "dcgan", validate, training=not (config.sample or config.eval),
                                     required=("config", "step", "generator", "discriminator", "ema_generator",
                                               "generator_optimizer", "discriminator_optimizer", "window"))

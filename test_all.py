@@ -2156,7 +2156,9 @@ def test_dcgan_cli_end_to_end_resume_sample_eval(tiny_shapes, tmp_path, capsys, 
     assert torch.load(cond / "ckpt.pt", weights_only=True)["step"] == 5
 
     captions = ["a large red triangle at the top", "a small green square at the center", "x" * 60]
-    sampled = in_process(capsys, dcgan, "--sample", *captions, "-n", 2, "--ckpt", cond / "ckpt.pt", "--out", tmp_path / "s")
+    (tmp_path / "prompts.txt").write_text("\n".join(captions[1:]) + "\n\n")  # --prompts adds them to --sample's
+    sampled = in_process(capsys, dcgan, "--sample", captions[0], "--prompts", tmp_path / "prompts.txt", "-n", 2,
+                         "--ckpt", cond / "ckpt.pt", "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     assert "first 48 bytes" in sampled.stderr  # a caption longer than --text-len is cut, and said so
     pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
@@ -2334,6 +2336,12 @@ def test_cvae_cli_train_resume_sample_eval(tiny_shapes, tmp_path, capsys):
     assert Image.open(tmp_path / "s" / "samples.png").size[0] == 3 * (96 + 2) + 2
     data.main(["score", str(tmp_path / "s" / "samples")])  # the pairs are scorable as they are
     assert "overall   n=6" in capsys.readouterr().out
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    prompted = in_process(capsys, cvae, "--prompts", tmp_path / "prompts.txt", "-n", 1, "--ckpt",
+                          tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "p")
+    assert prompted.returncode == 0, prompted.stderr
+    assert [p.read_text() for p in sorted((tmp_path / "p" / "samples").glob("*.txt"))] == ["a red circle",
+                                                                                           "a blue square"]
 
     data.main(["shapes", str(tmp_path / "test"), "--n", "8", "--size", "16", "--split", "test"])
     capsys.readouterr()
