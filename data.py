@@ -1373,6 +1373,7 @@ def train_judge(args):
     check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0, "--epochs and --batch-size must be "
                                                                        "positive, --steps not negative")
     check(8 <= args.image_size <= 512, f"a judge reads images of 8 to 512 px, not --image-size {args.image_size}")
+    check(not Path(args.out).exists(), f"{args.out} exists: choose another --out, or remove it to train it again")
     runtime = setup(args.device, args.seed)
     images, labels, classes, _ = read_labelled(args.folder, args.image_size)
     if args.test:
@@ -1542,7 +1543,8 @@ def main(argv=None):
     for action in (judge_train, judge_score):
         action.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
-
+    if args.command in ("emoji", "shapes", "idx"):  # before any work: where the images go must be a folder
+        check(not Path(args.out).is_file(), f"{args.out} is a file: the images go into a folder")
     if args.command == "judge":
         {"train": train_judge, "score": score_judge, "nearest": nearest_samples}[args.action](args)
     elif args.command == "emoji":

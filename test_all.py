@@ -687,6 +687,9 @@ def test_judge_cli_end_to_end_and_bad_inputs(judged, tmp_path, capsys):
     assert_clean_error(in_process(capsys, data, "judge", "train", samples), "no class subfolders")
     assert_clean_error(in_process(capsys, data, "judge", "train", train, "--image-size", 0),  # before any image
                        "8 to 512 px, not --image-size 0")
+    assert_clean_error(in_process(capsys, data, "judge", "train", train, "--out", tmp_path / "j.pt"),
+                       "j.pt exists")  # a judge can take minutes to train: never overwritten
+    assert_clean_error(in_process(capsys, data, "shapes", tmp_path / "j.pt"), "j.pt is a file")
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     assert_clean_error(in_process(capsys, data, "judge", "score", tmp_path / "text.pt", samples, "--real", test),
                        "neither a torch.save file nor a pickle")
