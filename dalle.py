@@ -32,8 +32,8 @@ from data import (PAD, TEXT_VOCAB, CodesDataset, Logger, NonFiniteGuard, StopReq
                   batches, check, check_ranges, config_from_dict, encode_text, format_score, keep_work_if_stopped,
                   learning_rate, load_checkpoint, load_codes, load_state, load_test, load_train_test, parse_caption,
                   parse_config, parts_in, read_prompts, restore, run_cli, run_config, same_state, save_checkpoint,
-                  save_grid, score_report, setup, shapes_size, split_codes, step_generator, warn_if_cut, write_codes,
-                  write_config, write_pairs)
+                  save_grid, score_report, setup, shapes_size, split_codes, step_generator, warn, warn_if_cut,
+                  write_codes, write_config, write_pairs)
 
 
 @dataclasses.dataclass
@@ -96,7 +96,6 @@ def validate(config):
     check(not (config.codes and config.flip), "--flip encodes mirrored images; --codes are encoded already")
     check(not (config.flip and shapes_size(config.train)), "--flip: shapes captions name left and right")
     check(config.summary or not config.adaln, "--adaln modulates the blocks by the caption summary: add --summary")
-    tokenizer_flags(config, config.out)  # refused before any stage runs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,8 +469,8 @@ def tokenizer_flags(config, out):
     tokenizer_config, given = parse_config(vqvae2.Config, flags, prog="dalle.py --vqvae-flags")
     own = sorted(f"--{name.replace('_', '-')}" for name in given & {"train", "test", "out", "image_size", "steps",
                                                                     "device", "seed"})
-    check(not own, f"--vqvae-flags: set {', '.join(own)} by dalle.py's own flags (--train, --test, --out, "
-                   "--image-size, --vqvae-steps, --device, --seed)")
+    check(config.resume or not own, f"--vqvae-flags: set {', '.join(own)} by dalle.py's own flags (--train, "
+                                    "--test, --out, --image-size, --vqvae-steps, --device, --seed)")
     tokenizer_config = dataclasses.replace(tokenizer_config, train=config.train, test=config.test, out=str(out),
                                            image_size=config.image_size, steps=config.vqvae_steps,
                                            device=config.device, seed=config.seed)
@@ -480,6 +479,19 @@ def tokenizer_flags(config, out):
     except UsageError as error:
         raise UsageError(f"--vqvae-flags: {error}") from None
     return tokenizer_config
+
+
+def data_name(name):
+    """A --train or --test as the same data whatever the spelling: 'shapes:N' as it is, a path resolved."""
+    return name if not name or shapes_size(name) else str(Path(name).resolve())
+
+
+def starting_stage(config, runtime, stage):
+    """Before stage 1 or 2 works: the data is there, and OUT/config.json holds the flags --resume restarts with."""
+    check(shapes_size(config.train) or Path(config.train).exists(), f"{config.train}: no such folder")
+    if runtime.is_main:
+        write_config(config.out, config)
+        print(stage, flush=True)
 
 
 def prepare_codes(config, runtime):
@@ -491,16 +503,18 @@ def prepare_codes(config, runtime):
         barrier(runtime)
         tokenizer_config = tokenizer_flags(config, path.parent)
         checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
-        if checkpoint:
+        if checkpoint:  # its own flags, here (the run folder may have been copied), and this run's --vqvae-steps
             tokenizer_config = dataclasses.replace(config_from_dict(vqvae2.Config, checkpoint["config"],
-                                                                    vqvae2.validate), steps=config.vqvae_steps)
-            made, asked = ((str(Path(c.train)), str(Path(c.test)) if c.test else "", c.image_size)
-                           for c in (tokenizer_config, config))
-            check(made == asked, f"{path.parent} holds a tokenizer of --train {made[0]} --test '{made[1]}' at "
-                                 f"{made[2]} px, not of this run's data: choose another --out")
+                                                                    vqvae2.validate), out=str(path.parent),
+                                                   steps=config.vqvae_steps)
+            made, asked = ((data_name(c.train), data_name(c.test), c.image_size) for c in (tokenizer_config, config))
+            check(config.resume or made == asked, f"{path.parent} holds a tokenizer of --train {made[0]} --test "
+                                                  f"'{made[1]}' at {made[2]} px, not this run's: choose another --out")
         if checkpoint is None or checkpoint["step"] < tokenizer_config.steps:
-            if runtime.is_main:
-                print(f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}", flush=True)
+            check(not (out / "codes.pt").exists() and not (out / "codes").is_dir(),
+                  f"{out} holds codes its tokenizer made at step {checkpoint['step'] if checkpoint else 0}; "
+                  f"--vqvae-steps {config.vqvae_steps} would train it on: remove the codes to encode again")
+            starting_stage(config, runtime, f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}")
             vqvae2.train(tokenizer_config, runtime, checkpoint)
     if not config.codes:
         barrier(runtime)  # rank 0 has saved the tokenizer before any rank reads it
@@ -510,17 +524,15 @@ def prepare_codes(config, runtime):
     if reuse := config.codes or codes_path.is_file() or (count and len(found) == count):
         codes = load_codes(codes_path)
     else:
-        if runtime.is_main:
-            print(f"stage 2/3: encoding the dataset with {path}", flush=True)
+        starting_stage(config, runtime, f"stage 2/3: encoding the dataset with {path}")
         tokenizer = vqvae2.VQVAE2.from_checkpoint(path, runtime.device)
-        check(tokenizer.image_size == config.image_size, f"{path}: a tokenizer of {tokenizer.image_size} px images, "
-                                                         f"not --image-size {config.image_size}")
         splits = load_train_test(config.train, config.test, tokenizer.image_size)
         mirror = ("train",) if config.flip else ()  # Beyond the paper: each training image mirrored, twice the data
         codes = write_codes(tokenizer, dict(zip(("train", "test"), splits)), codes_path, runtime, mirror)
     tokenizer = vqvae2.VQVAE2.from_state(codes["tokenizer"], runtime.device, codes_path)
-    check(tokenizer.image_size == config.image_size, f"{codes_path}: codes of {tokenizer.image_size} px images, not "
-                                                     f"--image-size {config.image_size}")
+    if tokenizer.image_size != config.image_size and runtime.is_main:
+        warn(f"the tokenizer's images are {tokenizer.image_size} px, so --image-size {config.image_size} does not "
+             "apply: the run records its size")
     maker = None if config.codes or not reuse else load_checkpoint(path, "vqvae2")["model"]  # OUT/codes.pt's own?
     check(maker is None or same_state(codes["tokenizer"]["model"], maker),
           f"{codes_path} holds codes of another tokenizer than {path}: remove it, or choose another --out")
@@ -536,11 +548,10 @@ def parameter_groups(model, weight_decay):
 def train(config, runtime, checkpoint=None):
     out, device = Path(config.out), runtime.device
     check(config.reranker or not config.keep, "--keep ranks samples by the reranker: add --reranker")
-    if not config.codes:  # the flags in OUT/config.json, for --resume after a stop in stage 1 or 2
-        check(shapes_size(config.train) or Path(config.train).exists(), f"{config.train}: no such folder")
-        if runtime.is_main:
-            write_config(out, config)
+    if not (config.codes or config.vqvae):
+        tokenizer_flags(config, out)  # --vqvae-flags refused before any stage runs
     tokenizer, train_set, test_set = prepare_codes(config, runtime)  # stages 1 and 2
+    config = dataclasses.replace(config, image_size=tokenizer.image_size)  # the size of the codes trained on
     torch.manual_seed(config.seed)  # stage 3: the same initial weights whether or not stages 1 and 2 ran here
     model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,
                   tokenizer.bottom_codebook_size).to(device)

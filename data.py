@@ -80,9 +80,9 @@ def run_cli(main, argv=None):
 _warned: set[str] = set()
 
 
-def warn(message):  # each distinct warning once
-    if message not in _warned:
-        _warned.add(message)
+def warn(message, key=None):  # each distinct warning (or each key's first) once
+    if (key or message) not in _warned:
+        _warned.add(key or message)
         print(f"warning: {message}", file=sys.stderr)
 
 
@@ -243,8 +243,9 @@ def caption_lines(content, name=None):
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         text = content.decode("utf-8", errors="replace")
-        if name:
-            warn(f"{name}: not UTF-8; its undecodable bytes read as U+FFFD")
+        if name:  # the first named: a dataset may hold thousands
+            warn(f"{name}: not UTF-8, its undecodable bytes read as U+FFFD (any further such caption files alike, "
+                 "unnamed)", key="caption not UTF-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -345,9 +346,10 @@ class ShardDataset(CaptionedImages):
                         key, _, extension = base.partition(".")
                         extension = "." + extension.lower()
                         places = images if extension in IMAGE_EXTENSIONS else captions if extension == ".txt" else None
-                        if places is None and Path(base).suffix.lower() in IMAGE_EXTENSIONS + (".txt",):
+                        if places is None and Path(base).suffix.lower() in IMAGE_EXTENSIONS + (".txt",) and key:
                             warn(f"skipping {path}: {member.name!r}, as a KEY ends at the first dot of a name (as in "
-                                 "WebDataset): rename it without dots")
+                                 "WebDataset): rename it without dots (any further such members alike, unnamed)",
+                                 key=f"dotted names in {path}")
                         elif places is not None and not (member.isfile() and (member.size or places is captions)):
                             warn(f"skipping {path}: {member.name!r} is not a regular file, or empty")
                         elif places is not None:
@@ -595,7 +597,7 @@ def encode_text(captions, length):
 def read_prompts(path, flag="--prompts "):
     """The captions of a prompt file, one a non-blank line ('-': standard input)."""
     check(path == "-" or Path(path).is_file(), f"{flag}{path}: no such file")
-    captions = caption_lines(sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes())
+    captions = caption_lines(sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes(), path)
     check(captions, f"{flag}{path}: no captions in it")
     return captions
 
@@ -730,9 +732,13 @@ def write_pairs(folder, images, captions, names=None):
     `names` are given): the pairs that `data.py score` and `data.py judge score` read. Numbered pairs of an
     earlier call are removed first, so that the folder holds this call's alone."""
     if not names and Path(folder).is_dir():
-        for old in Path(folder).iterdir():
-            if old.stem.isdigit() and old.suffix in (".png", ".txt") and old.is_file():
-                old.unlink()
+        earlier = [path for path in Path(folder).glob("*.png") if re.fullmatch(r"\d{4,}", path.stem)
+                   and path.is_file() and path.with_suffix(".txt").is_file()]  # NNNN.png + NNNN.txt, as written here
+        for path in earlier:
+            path.unlink()
+            path.with_suffix(".txt").unlink()
+        if earlier:
+            print(f"removed the {len(earlier)} NNNN.png + NNNN.txt pairs an earlier call wrote in {folder}")
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         name = names[i] if names else f"{i:04d}"
         save_grid(image[None], Path(folder) / f"{name}.png", nrow=1, padding=0)  # image[None]: (1, 3, S, S)
@@ -960,8 +966,8 @@ def load_checkpoint(path, kind, required=("config", "model", "step")):
         with open(path, "rb") as file:
             header = file.read(2)
         detail = ": ".join([type(error).__name__] + [line.split(". ")[0] for line in str(error).splitlines()[:1]])
-        if header[:1] != b"\x80" and header != b"PK":  # a text file, say: no error of torch's to show
-            detail = "neither a torch.save file nor a pickle"
+        if header[:1] != b"\x80" and header != b"PK":  # empty, or a text file, say: no error of torch's to show
+            detail = "an empty file" if not header else "neither a torch.save file nor a pickle"
         raise UsageError(f"{path}: not a readable checkpoint ({detail})") from None
     found = checkpoint.get("kind", "unknown") if isinstance(checkpoint, dict) else "unknown"
     kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -1001,8 +1007,8 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     validate(config)
     out = Path(config.out)
     if not config.resume:
-        check(not training or "ckpt" not in given, "--ckpt is read by --sample, --eval and --resume; a new run "
-              "starts from scratch in --out (to continue a run: --resume --out RUN)")
+        check(not training or "ckpt" not in given, "--ckpt names a checkpoint to sample, evaluate, encode with or "
+              "--resume; a new run starts from scratch in --out")
         check(not training or not (out / "ckpt.pt").exists(),
               f"{out / 'ckpt.pt'} exists: continue it with --resume, or choose another --out")
         return warn_if_no_peak(config, training), None
@@ -1012,6 +1018,9 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
             values = json.loads((out / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UsageError(f"{out / 'config.json'}: unreadable ({error})") from None
+        check(isinstance(values, dict) and set(values) == {field.name for field in dataclasses.fields(config)},
+              f"{out / 'config.json'}: the flags of another model's run (or another version's): start it again "
+              "without --resume")
         checkpoint, saved = None, config_from_dict(type(config), values, validate)
     else:
         check(config.ckpt or (out / "ckpt.pt").exists() or not out.is_dir(),

@@ -442,7 +442,8 @@ def test_malicious_shard_members_touch_nothing_on_disk(tmp_path, capsys):
     assert not (ROOT.parent.parent / "evil.png").exists() and not Path(absolute + ".png").exists()
 
 
-def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys):
+def test_corrupt_shard_members_are_skipped_with_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "_warned", set())  # some warnings are printed once a process
     good = png_bytes((255, 0, 0))
     noise = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
@@ -1933,13 +1934,20 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     resumed = in_process(capsys, dalle, "--resume", "--steps", 5, "--out", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr
     assert "stage 1/3" not in resumed.stdout and "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
-    # a tokenizer or codes that do not fit this run's data are refused before any work, never silently reused
+    # a copied run resumes without its images (stage 3 reads the codes), and in its own folder
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert_clean_error(in_process(capsys, dalle, "--resume", "--vqvae-steps", 9, "--out", tmp_path / "copy"),
+                       "holds codes its tokenizer made at step 6", "remove the codes")  # before any training
+    moved = in_process(capsys, dalle, "--resume", "--train", tmp_path / "moved", "--steps", 6, "--out", tmp_path / "copy")
+    assert moved.returncode == 0 and "step 6/6" in moved.stdout, moved.stderr
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 5  # the original untouched
+    # codes of another size: their size applies, and is said; a tokenizer or codes in --out that do not fit this
+    # run's data are refused before any work, never silently reused
+    other = in_process(capsys, dalle, "--codes", tmp_path / "run" / "codes.pt", *TINY_DALLE[5:], "--steps", 1,
+                       "--out", tmp_path / "other")
+    assert other.returncode == 0 and "images are 16 px, so --image-size 32 does not apply" in other.stderr
+    assert torch.load(tmp_path / "other" / "ckpt.pt", weights_only=True)["config"]["image_size"] == 16
     tokenizer = tmp_path / "run" / "vqvae2" / "ckpt.pt"
-    assert_clean_error(in_process(capsys, dalle, *common[:-1], tmp_path / "other", "--vqvae", tokenizer,
-                                  "--image-size", 24), "16 px", "--image-size 24")
-    assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "run" / "codes.pt", *TINY_DALLE[5:],
-                                  "--out", tmp_path / "other"), "16 px", "--image-size 32")
-    assert not (tmp_path / "other" / "codes.pt").exists()
     shutil.copytree(tmp_path / "run" / "vqvae2", tmp_path / "stale" / "vqvae2")  # another dataset's tokenizer
     assert_clean_error(in_process(capsys, dalle, common[0], "shapes:40", *common[2:-1], tmp_path / "stale"),
                        "holds a tokenizer of --train", "choose another --out")
@@ -1964,9 +1972,12 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     assert (tmp_path / "s" / "samples.png").is_file()
     scored = run(ROOT / "data.py", "score", tmp_path / "s" / "samples")  # the pairs are scorable as they are
     assert scored.returncode == 0, scored.stderr
+    for name in ("12.png", "0042.png", "notes.txt"):  # not pairs this call's kind writes: left alone
+        shutil.copy(pairs[0], tmp_path / "s" / "samples" / name)
     again = in_process(capsys, dalle, "--sample", "a red circle", "--ckpt", ckpt, "-n", 1, "--out", tmp_path / "s")
-    assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == [
-        "0000.png", "0000.txt"]  # the folder holds this call's pairs alone, none of the 8 before
+    assert again.returncode == 0 and "removed the 8 NNNN.png + NNNN.txt pairs" in again.stdout, again.stderr
+    assert sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == [
+        "0000.png", "0000.txt", "0042.png", "12.png", "notes.txt"]  # none of the 8 pairs before
     piped = subprocess.run([sys.executable, ROOT / "dalle.py", "--prompts", "-", "--ckpt", ckpt, "-n", "2",
                             "--out", tmp_path / "i"], input="a red circle\n\nun cercle bleu\n",
                            capture_output=True, text=True, timeout=120)  # captions from standard input
@@ -2417,7 +2428,7 @@ def test_resume_applies_and_records_what_it_overrides_and_refuses_what_it_cannot
             "--latent-dim", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "vae")]
     monkeypatch.setattr(data, "_warned", set())
     assert_clean_error(in_process(capsys, vae, *args, "--ckpt", tmp_path / "elsewhere.pt"),  # not silently ignored
-                       "--ckpt is read by --sample, --eval and --resume")
+                       "--ckpt names a checkpoint to sample, evaluate, encode with or --resume")
     assert not (tmp_path / "vae").exists()
     with monkeypatch.context() as patch:
         patch.setattr(vae, "batches", die)
@@ -2429,6 +2440,8 @@ def test_resume_applies_and_records_what_it_overrides_and_refuses_what_it_cannot
     assert_clean_error(in_process(capsys, vae, "--resume", "--out", tmp_path / "other"),
                        "holds no ckpt.pt", "start it again without --resume")
     monkeypatch.setattr(data, "_warned", set())  # each distinct warning is printed once a process
+    assert_clean_error(in_process(capsys, cvae, "--resume", "--out", tmp_path / "vae"),  # a vae run's flags
+                       "the flags of another model's run")
     restarted = in_process(capsys, vae, "--resume", "--out", tmp_path / "vae")
     assert restarted.returncode == 0 and "from step 0 with the flags it was started with\n" in restarted.stdout
     assert "warning: --warmup 100 is longer than --steps 3" in restarted.stderr  # the peak --lr is never reached
