@@ -6,10 +6,10 @@ plumbing (datasets, device, torchrun, sampler, checkpoints, --resume, logging); 
 (vqvae2.py, dalle.py); the judge.
 Images are float tensors (B, 3, H, W) in [0, 1]. B batch, C channels, H height, W width, T tokens.
 
-    python data.py shapes OUT_DIR --n 1000 --size 32 --seed 0 --split test   # write PNG + TXT pairs
+    python data.py shapes OUT_DIR --n 1000 --image-size 32 --seed 0 --split test   # write PNG + TXT pairs
     python data.py score DIR                                                  # score them from pixels
     python data.py idx IMAGES.gz LABELS.gz OUT --names t-shirt,trouser,...    # MNIST-family to folders
-    python data.py emoji PACKAGE OUT --size 64 --background black             # Twemoji, captioned, split
+    python data.py emoji PACKAGE OUT --image-size 64 --background black       # Twemoji, captioned, split
     python data.py judge train DIR --out JUDGE.pt [--test TEST_DIR]           # a classifier of DIR/<class>/
     python data.py judge score JUDGE.pt SAMPLES --real TEST_DIR [--json]      # class accuracy (by class), FD, floor
 """
@@ -654,7 +654,7 @@ def emoji_to_folder(package, out, size=64, background="black", test_fraction=0.1
     package, out = Path(package), Path(out)
     check(package.is_dir(), f"{package}: no such folder")
     check((package / "emoji.json").is_file(), f"{package}: no emoji.json (unpack emoji-datasource-twitter there)")
-    check(8 <= size <= 1024 and 0 <= test_fraction < 1, "--size from 8 to 1024, --test-fraction in [0, 1)")
+    check(8 <= size <= 1024 and 0 <= test_fraction < 1, "--image-size from 8 to 1024, --test-fraction in [0, 1)")
     check(not out.is_dir() or not any(out.iterdir()), f"{out}: not empty (a new split would mix with the old)")
     try:
         entries = json.loads((package / "emoji.json").read_bytes())
@@ -1509,7 +1509,7 @@ def main(argv=None):
     shapes = commands.add_parser("shapes", help="write the shapes benchmark as NAME.png + NAME.txt pairs")
     shapes.add_argument("out", help="output folder")
     shapes.add_argument("--n", type=int, default=1000, help="number of images")
-    shapes.add_argument("--size", type=int, default=32, help="image side S in pixels")
+    shapes.add_argument("--image-size", "--size", dest="size", type=int, default=32, help="image side S in pixels")
     shapes.add_argument("--seed", type=int, default=0, help="random seed")
     shapes.add_argument("--split", choices=("train", "test"), default="train",
                         help="train never holds the held-out colour-shape pairs; test alternates seen/held-out")
@@ -1523,7 +1523,7 @@ def main(argv=None):
     emoji = commands.add_parser("emoji", help="Twemoji (npm emoji-datasource-twitter) to captioned train/test folders")
     emoji.add_argument("package", help="the unpacked npm package: emoji.json and img/twitter/64/*.png")
     emoji.add_argument("out", help="output folder: OUT/{train,test}/<category>/<stem>.png + .txt")
-    emoji.add_argument("--size", type=int, default=64, help="image side S in pixels")
+    emoji.add_argument("--image-size", "--size", dest="size", type=int, default=64, help="image side S in pixels")
     emoji.add_argument("--background", choices=("black", "white"), default="black",
                        help="colour under the alpha; black keeps the bright, outline-free Twemoji legible")
     emoji.add_argument("--test-fraction", type=finite_float, default=0.1, help="share of names held out")
@@ -1565,7 +1565,7 @@ def main(argv=None):
         print(f"wrote {train + test} emoji to {args.out}: train {train}, test {test}; skipped {skipped} "
               f"(no Twitter image, or its file missing or unreadable); skin-tone variations left out")
     elif args.command == "shapes":
-        check(args.n > 0 and args.size >= 16, "--n must be positive and --size at least 16")
+        check(args.n > 0 and args.size >= 16, "--n must be positive and --image-size at least 16")
         images, captions, held_out = make_shapes(args.n, args.size, args.seed, args.split)
         write_pairs(args.out, images / 255, [caption + "\n" for caption in captions],
                     [f"{i:05d}_{'heldout' if flag else 'seen'}" for i, flag in enumerate(held_out)])

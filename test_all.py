@@ -578,7 +578,7 @@ def test_scorer_counts_a_shape_only_when_it_is_drawn_cleanly():
 
 
 def test_data_cli_shapes_and_score(tmp_path):
-    result = run(ROOT / "data.py", "shapes", tmp_path, "--n", 20, "--size", 32, "--split", "test", "--seed", 4)
+    result = run(ROOT / "data.py", "shapes", tmp_path, "--n", 20, "--image-size", 32, "--split", "test", "--seed", 4)
     assert result.returncode == 0, result.stderr
     assert len(list(tmp_path.glob("*_heldout.png"))) == 10 and len(list(tmp_path.glob("*.txt"))) == 20
     scored = run(ROOT / "data.py", "score", tmp_path)
