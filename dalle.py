@@ -499,21 +499,25 @@ def prepare_codes(config, runtime):
     (torchrun: OUT/codes/, a part per rank) or --codes. -> (tokenizer, train and held-out CodesDatasets)."""
     out, path = Path(config.out), Path(config.vqvae or Path(config.out) / "vqvae2" / "ckpt.pt")
     codes_path = Path(config.codes) if config.codes else out / "codes.pt"
+    encoded = (out / "codes.pt").is_file() or (out / "codes").is_dir()  # (they carry their tokenizer)
     if not config.codes and not config.vqvae:
         barrier(runtime)
         tokenizer_config = tokenizer_flags(config, path.parent)
         checkpoint = load_checkpoint(path, "vqvae2") if path.exists() else None
-        if checkpoint:  # its own flags, here (the run folder may have been copied), and this run's --vqvae-steps
-            tokenizer_config = dataclasses.replace(config_from_dict(vqvae2.Config, checkpoint["config"],
-                                                                    vqvae2.validate), out=str(path.parent),
+        if checkpoint:  # its own flags, with this run's data, folder (it may have been copied) and --vqvae-steps
+            made = config_from_dict(vqvae2.Config, checkpoint["config"], vqvae2.validate)
+            theirs, ours = ((data_name(c.train), data_name(c.test), c.image_size) for c in (made, config))
+            check(config.resume or theirs == ours, f"{path.parent} holds a tokenizer of --train {made.train} --test "
+                                                   f"'{made.test}' at {made.image_size} px, not this run's: choose "
+                                                   "another --out")
+            tokenizer_config = dataclasses.replace(made, train=config.train, test=config.test, out=str(path.parent),
                                                    steps=config.vqvae_steps)
-            made, asked = ((data_name(c.train), data_name(c.test), c.image_size) for c in (tokenizer_config, config))
-            check(config.resume or made == asked, f"{path.parent} holds a tokenizer of --train {made[0]} --test "
-                                                  f"'{made[1]}' at {made[2]} px, not this run's: choose another --out")
-        if checkpoint is None or checkpoint["step"] < tokenizer_config.steps:
-            check(not (out / "codes.pt").exists() and not (out / "codes").is_dir(),
-                  f"{out} holds codes its tokenizer made at step {checkpoint['step'] if checkpoint else 0}; "
-                  f"--vqvae-steps {config.vqvae_steps} would train it on: remove the codes to encode again")
+        if checkpoint and checkpoint["step"] < tokenizer_config.steps and encoded:
+            raise UsageError(f"{out} holds codes its tokenizer made at step {checkpoint['step']}, so --vqvae-steps "
+                             f"{tokenizer_config.steps} would train it on: " + (
+                                 "the transformer in ckpt.pt learned those codes, start a new run (another --out)"
+                                 if (out / "ckpt.pt").exists() else "remove the codes to encode again"))
+        if not encoded and (checkpoint is None or checkpoint["step"] < tokenizer_config.steps):
             starting_stage(config, runtime, f"stage 1/3: training the VQ-VAE-2 tokenizer in {path.parent}")
             vqvae2.train(tokenizer_config, runtime, checkpoint)
     if not config.codes:
@@ -533,7 +537,7 @@ def prepare_codes(config, runtime):
     if tokenizer.image_size != config.image_size and runtime.is_main:
         warn(f"the tokenizer's images are {tokenizer.image_size} px, so --image-size {config.image_size} does not "
              "apply: the run records its size")
-    maker = None if config.codes or not reuse else load_checkpoint(path, "vqvae2")["model"]  # OUT/codes.pt's own?
+    maker = None if config.codes or not reuse or not path.exists() else load_checkpoint(path, "vqvae2")["model"]
     check(maker is None or same_state(codes["tokenizer"]["model"], maker),
           f"{codes_path} holds codes of another tokenizer than {path}: remove it, or choose another --out")
     return tokenizer, CodesDataset(codes["train"]), CodesDataset(codes["test"])
@@ -551,6 +555,9 @@ def train(config, runtime, checkpoint=None):
     if not (config.codes or config.vqvae):
         tokenizer_flags(config, out)  # --vqvae-flags refused before any stage runs
     tokenizer, train_set, test_set = prepare_codes(config, runtime)  # stages 1 and 2
+    check(not checkpoint or same_state(checkpoint["tokenizer"]["model"], {name: value.cpu() for name, value in
+                                                                            tokenizer.state_dict().items()}),
+          f"{out / 'ckpt.pt'}: its transformer learned the codes of another tokenizer than these: start a new run")
     config = dataclasses.replace(config, image_size=tokenizer.image_size)  # the size of the codes trained on
     torch.manual_seed(config.seed)  # stage 3: the same initial weights whether or not stages 1 and 2 ran here
     model = DALLE(config, tokenizer.top_shape, tokenizer.bottom_shape, tokenizer.top_codebook_size,

@@ -244,8 +244,8 @@ def caption_lines(content, name=None):
     except UnicodeDecodeError:
         text = content.decode("utf-8", errors="replace")
         if name:  # the first named: a dataset may hold thousands
-            warn(f"{name}: not UTF-8, its undecodable bytes read as U+FFFD (any further such caption files alike, "
-                 "unnamed)", key="caption not UTF-8")
+            warn(f"{name}: not UTF-8, its undecodable bytes read as U+FFFD (any further such files alike, unnamed)",
+                 key="not UTF-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

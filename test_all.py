@@ -1774,6 +1774,15 @@ def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny
         assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
         record = json.loads((out / "config.json").read_text())
         assert record == {**straight["config"], "out": str(out), "resume": True}
+    shutil.copytree(tiny_shapes, tmp_path / "images")  # killed in stage 1; its images moved; resumed from there
+    with monkeypatch.context() as patch:
+        patch.setattr(vqvae2, "batches", die)
+        with pytest.raises(Killed):
+            dalle.main(["--train", str(tmp_path / "images"), *args[2:], "--out", str(tmp_path / "moved")])
+    (tmp_path / "images").rename(tmp_path / "elsewhere")
+    dalle.main(["--resume", "--train", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "moved")])
+    resumed = torch.load(tmp_path / "moved" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
 
 
 def test_dalle_without_appearance_or_silhouette_trains_samples_and_resumes(tiny_shapes, tmp_path, capsys):
@@ -1937,10 +1946,16 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     # a copied run resumes without its images (stage 3 reads the codes), and in its own folder
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     assert_clean_error(in_process(capsys, dalle, "--resume", "--vqvae-steps", 9, "--out", tmp_path / "copy"),
-                       "holds codes its tokenizer made at step 6", "remove the codes")  # before any training
+                       "holds codes its tokenizer made at step 6", "start a new run")  # before any training
+    shutil.rmtree(tmp_path / "copy" / "vqvae2")  # the codes carry their tokenizer
     moved = in_process(capsys, dalle, "--resume", "--train", tmp_path / "moved", "--steps", 6, "--out", tmp_path / "copy")
-    assert moved.returncode == 0 and "step 6/6" in moved.stdout, moved.stderr
+    assert moved.returncode == 0 and "step 6/6" in moved.stdout and "stage 1/3" not in moved.stdout, moved.stderr
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 5  # the original untouched
+    codes = torch.load(tmp_path / "copy" / "codes.pt", weights_only=True)
+    next(iter(codes["tokenizer"]["model"].values())).add_(1)  # codes of another tokenizer under this transformer
+    torch.save(codes, tmp_path / "copy" / "codes.pt")
+    assert_clean_error(in_process(capsys, dalle, "--resume", "--steps", 7, "--out", tmp_path / "copy"),
+                       "its transformer learned the codes of another tokenizer")
     # codes of another size: their size applies, and is said; a tokenizer or codes in --out that do not fit this
     # run's data are refused before any work, never silently reused
     other = in_process(capsys, dalle, "--codes", tmp_path / "run" / "codes.pt", *TINY_DALLE[5:], "--steps", 1,
