@@ -459,6 +459,9 @@ class CaptionSummary(nn.Module):
 # Training: stages 1 and 2 (tokenizer and codes) when needed, then stage 3, the transformer
 
 
+OWN_FLAGS = {"train", "test", "out", "image_size", "steps", "device", "seed"}  # the tokenizer's, set by dalle.py's
+
+
 def tokenizer_flags(config, out):
     """The vqvae2.Config of the tokenizer stage 1 trains in `out`: --vqvae-flags, with dalle.py's own flags for
     the data, image size, steps, device and seed."""
@@ -467,8 +470,7 @@ def tokenizer_flags(config, out):
     except ValueError as error:  # an unclosed quote
         raise UsageError(f"--vqvae-flags {config.vqvae_flags!r}: {error}") from None
     tokenizer_config, given = parse_config(vqvae2.Config, flags, prog="dalle.py --vqvae-flags")
-    own = sorted(f"--{name.replace('_', '-')}" for name in given & {"train", "test", "out", "image_size", "steps",
-                                                                    "device", "seed"})
+    own = sorted(f"--{name.replace('_', '-')}" for name in given & OWN_FLAGS)
     check(config.resume or not own, f"--vqvae-flags: set {', '.join(own)} by dalle.py's own flags (--train, "
                                     "--test, --out, --image-size, --vqvae-steps, --device, --seed)")
     tokenizer_config = dataclasses.replace(tokenizer_config, train=config.train, test=config.test, out=str(out),
@@ -510,6 +512,10 @@ def prepare_codes(config, runtime):
             check(config.resume or theirs == ours, f"{path.parent} holds a tokenizer of --train {made.train} --test "
                                                    f"'{made.test}' at {made.image_size} px, not this run's: choose "
                                                    "another --out")
+            ignored = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(made) if field.name not in
+                       OWN_FLAGS | {"resume"} and getattr(made, field.name) != getattr(tokenizer_config, field.name)]
+            if ignored and runtime.is_main:
+                warn(f"--vqvae-flags {' '.join(ignored)} do not apply: {path} continues with the flags it started with")
             tokenizer_config = dataclasses.replace(made, train=config.train, test=config.test, out=str(path.parent),
                                                    steps=config.vqvae_steps)
         if checkpoint and checkpoint["step"] < tokenizer_config.steps and encoded:

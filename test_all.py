@@ -1940,9 +1940,11 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     assert state["bottom_appearance"].abs().sum() > 0 and "bottom_silhouette.0.weight" in state  # measured and saved
     assert_clean_error(in_process(capsys, dalle, *common, "--steps", 3), "exists", "--resume")
-    resumed = in_process(capsys, dalle, "--resume", "--steps", 5, "--out", tmp_path / "run")
+    resumed = in_process(capsys, dalle, "--resume", "--steps", 5, "--vqvae-flags=--hidden 32", "--out", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr
     assert "stage 1/3" not in resumed.stdout and "from step 3" in resumed.stdout and "step 5/5" in resumed.stdout
+    assert "warning: --vqvae-flags --hidden --patch-hidden" in resumed.stderr  # (these and the others it drops)
+    assert "do not apply" in resumed.stderr  # the tokenizer keeps the flags it started with
     # a copied run resumes without its images (stage 3 reads the codes), and in its own folder
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     assert_clean_error(in_process(capsys, dalle, "--resume", "--vqvae-steps", 9, "--out", tmp_path / "copy"),
