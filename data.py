@@ -1037,7 +1037,7 @@ def run_config(config, given, kind, validate, training, required=("config", "mod
     return warn_if_no_peak(config, training), checkpoint
 
 
-def warn_if_no_peak(config, training):
+def warn_if_no_peak(config, training):  # a run shorter than its warmup never trains at --lr
     if training and getattr(config, "warmup", 0) > config.steps:
         warn(f"--warmup {config.warmup} is longer than --steps {config.steps}: the learning rate never reaches --lr")
     return config
@@ -1312,8 +1312,12 @@ class JudgeConfig:
 
 
 def validate_judge(config):
-    check(8 <= config.image_size <= 512, f"a judge reads images of 8 to 512 px, not --image-size {config.image_size}")
+    check_judge_size(config.image_size)
     check(len(config.classes) >= 2, f"a judge needs 2 classes or more, not {len(config.classes)}")
+
+
+def check_judge_size(image_size):
+    check(8 <= image_size <= 512, f"a judge reads images of 8 to 512 px, not --image-size {image_size}")
 
 
 class Judge(torch.nn.Module):
@@ -1381,7 +1385,7 @@ def frechet_distance(a, b):
 def train_judge(args):
     check(args.epochs > 0 and args.steps >= 0 and args.batch_size > 0, "--epochs and --batch-size must be "
                                                                        "positive, --steps not negative")
-    check(8 <= args.image_size <= 512, f"a judge reads images of 8 to 512 px, not --image-size {args.image_size}")
+    check_judge_size(args.image_size)  # before any image is read
     check(not Path(args.out).exists(), f"{args.out} exists: choose another --out, or remove it to train it again")
     runtime = setup(args.device, args.seed)
     images, labels, classes, _ = read_labelled(args.folder, args.image_size)
