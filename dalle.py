@@ -78,7 +78,6 @@ class Config:
     temperature: float = 0.2  # sampling temperature (Beyond the paper)
     top_k: int = 0  # sample from the k likeliest (0: all)
     top_p: float = 1.0  # nucleus sampling mass (1: all)
-    nearest: bool = False  # nearest training codes beside each
     eval: bool = False  # score --ckpt on shapes test captions
     ckpt: str = ""  # checkpoint ('': OUT/ckpt.pt)
 
@@ -705,7 +704,7 @@ def sample_or_score(config, given, runtime):
     if reranker:
         check("reranker" in checkpoint, f"{path}: incomplete dalle checkpoint (no reranker)")
         load_state(reranker, checkpoint["reranker"], path)
-    if not (config.sample or config.prompts):  # --eval
+    if not config.sample:  # --eval
         if saved.codes and not config.test:
             check(Path(saved.codes).exists(), f"--eval: the run trained on {saved.codes}, which is gone; pass --test")
             captions = CodesDataset(load_codes(saved.codes)["test"]).captions
@@ -713,29 +712,18 @@ def sample_or_score(config, given, runtime):
             test_set = load_test(saved.train, config.test or saved.test, tokenizer.image_size)
             captions = getattr(test_set, "captions", None) or [test_set[i][1] for i in range(min(1000, len(test_set)))]
         return report(model, tokenizer, captions, config, device, out, reranker=reranker)
-    captions = list(config.sample) + (read_prompts(config.prompts) if config.prompts else [])
-    warn_if_cut(captions, model.text_len)
-    images, captions, codes = generate(model, tokenizer, captions, config, device, reranker)
+    warn_if_cut(config.sample, model.text_len)
+    images, captions, _ = generate(model, tokenizer, config.sample, config, device, reranker)
     write_pairs(out / "samples", images, captions)
-    per_row, labels = config.keep or config.n, captions
-    if config.nearest:  # beside each sample the training code grid nearest in Hamming distance: does it copy?
-        places = [Path(saved.codes)] if saved.codes else [path.parent / "codes.pt", path.parent / "codes"]
-        codes_path = next((place for place in places if place.exists()), places[0])  # the codes the run trained on
-        check(codes_path.exists(), f"--nearest needs the run's codes, {codes_path}, which are not there")
-        train_codes = CodesDataset(load_codes(codes_path)["train"]).codes.to(device)  # (N, Nt + Nb)
-        distance, index = torch.cat([(chunk[:, None] != train_codes[None]).sum(-1)  # (B, N)
-                                     for chunk in codes.split(16)]).min(1)  # (B,) each
-        images = torch.stack([images, to_images(tokenizer, train_codes[index])], 1).flatten(0, 1)  # (2B, 3, S, S)
-        labels = [label for caption, d in zip(captions, distance.tolist())
-                  for label in (caption, f"nearest training codes: {d}/{codes.shape[1]} differ")]
-        per_row = 2 * min(per_row, 4)
-    save_grid(images, out / "samples.png", nrow=min(per_row, 8), captions=labels)
+    save_grid(images, out / "samples.png", nrow=min(config.keep or config.n, 8), captions=captions)
     print(f"wrote {out / 'samples.png'} and {len(captions)} PNG + TXT pairs in {out / 'samples'}")
 
 
 def main(argv=None):
     config, given = parse_config(Config, argv, description=__doc__)
-    training = not (config.sample or config.prompts or config.eval)
+    if config.prompts:  # --sample's captions, read from a file
+        config.sample = list(config.sample) + read_prompts(config.prompts)
+    training = not (config.sample or config.eval)
     config, checkpoint = run_config(config, given, "dalle", validate, training)
     runtime = setup(config.device, config.seed)
     if training:

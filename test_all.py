@@ -1505,7 +1505,7 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
                                   "--out", tmp_path / "incomplete"), "parts were made by another tokenizer")
     assert [path.name for path in (tmp_path / "incomplete").iterdir()] == [names[0]]  # refused before encoding
 
-    # the priors and the transformer train on a folder of parts; --nearest finds the run's codes through --codes
+    # the priors and the transformer train on a folder of parts
     prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,
                        "--batch-size", 8, "--steps", 1, "--device", "cpu")
     assert prior.returncode == 0 and "46 training code grids, 2 held out" in prior.stdout, prior.stderr
@@ -1516,9 +1516,6 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
     assert "stage 1/3" not in trained.stdout and "stage 2/3" not in trained.stdout
     scored = in_process(capsys, dalle, "--eval", "--ckpt", tmp_path / "dalle" / "ckpt.pt")  # the codes' held-out captions
     assert scored.returncode == 0 and "shapes scorer on 2 test captions" in scored.stdout, scored.stderr
-    sampled = in_process(capsys, dalle, "--sample", "a red circle", "-n", 1, "--nearest", "--ckpt",
-                         tmp_path / "dalle" / "ckpt.pt", "--out", tmp_path / "nearest")
-    assert sampled.returncode == 0 and (tmp_path / "nearest" / "samples.png").is_file(), sampled.stderr
     assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "parts", "--vqvae", tmp_path / "tokenizer.pt"),
                        "leave out --vqvae")
 
@@ -1981,7 +1978,7 @@ def test_dalle_cli_pipeline_resume_sample_eval(tiny_shapes, tmp_path, capsys, mo
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("a small red square at the top\n\n一个红色的圆\n".encode() + b"\xff bad bytes\n")
     sampled = in_process(capsys, dalle, "--sample", "a large blue circle at the center", "--prompts", prompts,
-                  "--ckpt", ckpt, "-n", 3, "--keep", 2, "--nearest", "--out", tmp_path / "s")
+                  "--ckpt", ckpt, "-n", 3, "--keep", 2, "--out", tmp_path / "s")
     assert sampled.returncode == 0, sampled.stderr
     pairs = sorted((tmp_path / "s" / "samples").glob("*.png"))
     assert len(pairs) == 4 * 2 and Image.open(pairs[0]).size == (16, 16)  # 4 captions x 2 kept
