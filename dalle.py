@@ -542,6 +542,9 @@ def prepare_codes(config, runtime):
     if tokenizer.image_size != config.image_size and runtime.is_main:
         warn(f"the tokenizer's images are {tokenizer.image_size} px, so --image-size {config.image_size} does not "
              "apply: the run records its size")
+    mirrored = codes["train"].get("mirrored", config.flip)  # --flip: the training images mirrored too
+    check(config.codes or mirrored == config.flip, f"{codes_path} holds codes encoded {'with' if mirrored else 'without'}"
+                                                   " --flip, unlike this run: remove them, or choose another --out")
     maker = None if config.codes or not reuse or not path.exists() else load_checkpoint(path, "vqvae2")["model"]
     check(maker is None or same_state(codes["tokenizer"]["model"], maker),
           f"{codes_path} holds codes of another tokenizer than {path}: remove it, or choose another --out")

@@ -1164,7 +1164,7 @@ CODES = "vqvae2-codes"  # the kind of a codes file or part: dict(tokenizer, trai
 def encode_split(tokenizer, dataset, indices, device, batch_size=500, mirror=False):
     """The codes and captions of dataset[i], i in `indices`: dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions);
     an image's captions all, one per line (CodesDataset draws one at every access). mirror: then the same images
-    mirrored left to right, after them (2N in all)."""
+    mirrored left to right, after them (2N in all), and `mirrored` says so."""
     levels = [[torch.zeros(0, *shape, dtype=torch.int16)] for shape in (tokenizer.top_shape, tokenizer.bottom_shape)]
     captions, base = [], getattr(dataset, "dataset", dataset)  # a Subset's dataset
     for flip, first in [(flip, first) for flip in range(1 + mirror) for first in range(0, len(indices), batch_size)]:
@@ -1177,7 +1177,7 @@ def encode_split(tokenizer, dataset, indices, device, batch_size=500, mirror=Fal
         for level, ids in zip(levels, tokenizer.encode((images.flip(-1) if flip else images).to(device))):
             level.append(ids.to(torch.int16).cpu())
         captions += [caption for _, caption in items]
-    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions)
+    return dict(top=torch.cat(levels[0]), bottom=torch.cat(levels[1]), captions=captions, mirrored=bool(mirror))
 
 
 def write_codes(tokenizer, splits, out, runtime, mirror=()):
@@ -1262,10 +1262,10 @@ def load_codes(path):
         check(same_state(part["tokenizer"], parts[0]["tokenizer"]),
               f"{found[index]}: made by another tokenizer than {found[0].name}; write the folder again")
     try:  # each split's tensors concatenated along dim 0, its captions chained
-        return dict(kind=CODES, tokenizer=parts[0]["tokenizer"], **{split: {
+        return dict(kind=CODES, tokenizer=parts[0]["tokenizer"], **{split: dict({
             key: torch.cat([part[split][key] for part in parts]) if key != "captions" else
-            [caption for part in parts for caption in part[split][key]] for key in ("top", "bottom", "captions")}
-            for split in ("train", "test")})
+            [caption for part in parts for caption in part[split][key]] for key in ("top", "bottom", "captions")},
+            mirrored=parts[0][split].get("mirrored")) for split in ("train", "test")})
     except (KeyError, TypeError, RuntimeError) as error:
         raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
 
@@ -1552,7 +1552,7 @@ def main(argv=None):
     judge_nearest.add_argument("prompts", help="a caption file, one a line")
     judge_nearest.add_argument("out", help="folder for NNNN.png + NNNN.txt pairs, as --sample writes them")
     judge_nearest.add_argument("-n", type=int, default=4, help="images per caption")
-    judge_nearest.add_argument("--image-size", type=int, default=64, help="side S images are resized to")
+    judge_nearest.add_argument("--image-size", type=int, default=32, help="side S images are resized to")
     for action in (judge_train, judge_score):
         action.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)

@@ -1780,6 +1780,9 @@ def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny
     dalle.main(["--resume", "--train", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "moved")])
     resumed = torch.load(tmp_path / "moved" / "ckpt.pt", weights_only=True)
     assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
+    shutil.copytree(tmp_path / "straight", tmp_path / "unflipped", ignore=shutil.ignore_patterns("ckpt.pt", "*.json*"))
+    assert_clean_error(in_process(capsys, dalle, *args[:-1], "--out", tmp_path / "unflipped"),  # mirrored codes
+                       "codes encoded with --flip, unlike this run")  # are not reused by a run without --flip
 
 
 def test_dalle_without_appearance_or_silhouette_trains_samples_and_resumes(tiny_shapes, tmp_path, capsys):
