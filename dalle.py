@@ -11,9 +11,9 @@ Usage:
     python dalle.py --sample "a red circle" -n 16 --keep 4 --ckpt runs/rerank/ckpt.pt   # its best 4 of 16
     torchrun --nproc_per_node=2 dalle.py --train shapes                 # data parallel
 
-Deviations: bytes, not BPE; VQ-VAE-2 codes, not the dVAE; dense attention; guidance; a small model; reranking
-by a small CLIP trained beside the transformer on the user's images (--reranker), not one on 400M pairs; and
-the section "Beyond the paper" below (README: dalle.py).
+Deviations: bytes, not BPE; VQ-VAE-2 codes, not the dVAE; dense attention; guidance; a small model; a pooled
+caption summary beside attention; reranking by a small CLIP trained beside the transformer on the user's images
+(--reranker), not one on 400M pairs; and the section "Beyond the paper" below (README: dalle.py).
 """
 
 import dataclasses
@@ -56,7 +56,7 @@ class Config:
     silhouette: bool = True  # silhouettes too (Beyond the paper)
     code_drop: float = 0.0  # code dropout (Beyond the paper)
     code_noise: float = 0.0  # input codes made random (Beyond the paper)
-    summary: bool = False  # pooled caption summary (Beyond the paper)
+    summary: bool = True  # pooled caption summary (Beyond the paper)
     adaln: bool = False  # the summary scales every block (Beyond the paper)
     flip: bool = False  # mirrored training images too (Beyond the paper)
     reranker: bool = False  # train a small CLIP to rerank (sec. 2.5)
@@ -94,7 +94,7 @@ def validate(config):
     check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
     check(not (config.codes and config.flip), "--flip encodes mirrored images; --codes are encoded already")
     check(not (config.flip and shapes_size(config.train)), "--flip: shapes captions name left and right")
-    check(config.summary or not config.adaln, "--adaln modulates the blocks by the caption summary: add --summary")
+    check(config.summary or not config.adaln, "--adaln modulates the blocks by the caption summary: leave out --no-summary")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -439,7 +439,8 @@ def noisy_codes(model, tokens, p, generator):
 class CaptionSummary(nn.Module):
     """Caption bytes (B, T) -> s(y) (B, C): byte embeddings, 1-D convolutions dilated 1, 2, 4, the max over the bytes.
     NOTE: the paper reads a caption by attention alone, which on a small set learns names by heart; s(y), added at
-    every image position, holds its words wherever they sit ("... face"), so new names are read (README: Twemoji)."""
+    every image position, holds its words wherever they sit ("... face"), so new names are read. On by default: it
+    lifts Twemoji's held-out names by 14 points and does no harm on Fashion-MNIST or shapes (README)."""
 
     def __init__(self, width):
         super().__init__()

@@ -1748,7 +1748,7 @@ def test_dalle_stop_and_resume_continue_exactly(tiny_shapes, tmp_path, monkeypat
 
 def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny_shapes, tmp_path, monkeypatch, capsys):
     args = ["--train", str(tiny_shapes), *map(str, TINY_DALLE), "--steps", "3", "--save-every", "2", "--log-every",
-            "1", "--warmup", "1", "--code-drop", "0.25", "--summary", "--adaln", "--flip"]  # none of them the default
+            "1", "--warmup", "1", "--code-drop", "0.25", "--adaln", "--flip"]  # none of them the default
     dalle.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     train = torch.load(tmp_path / "straight" / "codes.pt", weights_only=True)["train"]  # --flip: each image mirrored
