@@ -1532,9 +1532,9 @@ TINY_DALLE = ["--image-size", 16, "--vqvae-steps", 6, TINY_TOKENIZER, "--width",
               "--text-len", 40, "--batch-size", 8, "--device", "cpu"]
 
 
-def tiny_dalle(dtype=torch.float32, seed=0):
+def tiny_dalle(dtype=torch.float32, seed=0, **flags):
     torch.manual_seed(seed)
-    config = dalle.Config(width=32, layers=2, heads=4, text_len=12, summary=True, adaln=True)  # every addition on
+    config = dalle.Config(width=32, layers=2, heads=4, text_len=12, **{"adaln": True, **flags})  # every addition on
     model = dalle.DALLE(config, (2, 2), (4, 4), 24, 40).to(dtype).eval()  # L = 12 + 4 + 16 = 32
     for parameter in model.parameters():  # the zero-initialised position embeddings get values too
         parameter.data += 0.02 * torch.randn_like(parameter)
@@ -1785,12 +1785,12 @@ def test_dalle_killed_in_any_stage_starts_again_from_the_stages_it_finished(tiny
                        "codes encoded with --flip, unlike this run")  # are not reused by a run without --flip
 
 
-def test_dalle_without_appearance_or_silhouette_trains_samples_and_resumes(tiny_shapes, tmp_path, capsys):
+def test_dalle_without_appearance_silhouette_or_summary_trains_samples_and_resumes(tiny_shapes, tmp_path, capsys):
     trained = in_process(capsys, dalle, "--train", tiny_shapes, *TINY_DALLE, "--steps", 2, "--no-appearance",
-                         "--out", tmp_path)
+                         "--no-summary", "--out", tmp_path)  # the paper's transformer
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert not any("appearance" in key or "describe" in key for key in checkpoint["model"])
+    assert not any(word in key for key in checkpoint["model"] for word in ("appearance", "describe", "summary"))
     sample = in_process(capsys, dalle, "--sample", "a red circle", "-n", 2, "--ckpt", tmp_path / "ckpt.pt",
                         "--out", tmp_path / "samples")
     assert sample.returncode == 0, sample.stderr
@@ -1811,14 +1811,14 @@ def test_dalle_without_appearance_or_silhouette_trains_samples_and_resumes(tiny_
 
 
 def test_dalle_cached_forward_equals_full_forward():
-    model = tiny_dalle(torch.float64)
-    tokens = random_tokens(model, 3)
-    full = model.hidden(tokens)  # (B, L, C)
-    cache = model.new_cache(3, "cpu", torch.float64)
-    pieces = [model.hidden(tokens[:, :model.text_len], 0, cache)]  # the caption in one go
-    pieces += [model.hidden(tokens[:, [t]], t, cache) for t in range(model.text_len, model.text_len + 5)]
-    pieces.append(model.hidden(tokens[:, model.text_len + 5:], model.text_len + 5, cache))  # a chunk after the cache
-    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-10)
+    for model in (tiny_dalle(torch.float64), tiny_dalle(torch.float64, summary=False, adaln=False)):  # and the paper's
+        tokens = random_tokens(model, 3)
+        full = model.hidden(tokens)  # (B, L, C)
+        cache = model.new_cache(3, "cpu", torch.float64)
+        pieces = [model.hidden(tokens[:, :model.text_len], 0, cache)]  # the caption in one go
+        pieces += [model.hidden(tokens[:, [t]], t, cache) for t in range(model.text_len, model.text_len + 5)]
+        pieces.append(model.hidden(tokens[:, model.text_len + 5:], model.text_len + 5, cache))  # a chunk after it
+        assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-10)
 
 
 def test_dalle_sampling_cache_guidance_and_caption_untouched():
