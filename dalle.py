@@ -94,7 +94,7 @@ def validate(config):
     check(not (config.codes and config.vqvae), "--codes carries its own tokenizer: leave out --vqvae")
     check(not (config.codes and config.flip), "--flip encodes mirrored images; --codes are encoded already")
     check(not (config.flip and shapes_size(config.train)), "--flip: shapes captions name left and right")
-    check(config.summary or not config.adaln, "--adaln modulates the blocks by the caption summary: leave out --no-summary")
+    check(config.summary or not config.adaln, "--adaln needs the caption summary (this run has --no-summary)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -543,9 +543,11 @@ def prepare_codes(config, runtime):
     if tokenizer.image_size != config.image_size and runtime.is_main:
         warn(f"the tokenizer's images are {tokenizer.image_size} px, so --image-size {config.image_size} does not "
              "apply: the run records its size")
-    mirrored = codes["train"].get("mirrored", config.flip)  # --flip: the training images mirrored too
-    check(config.codes or mirrored == config.flip, f"{codes_path} holds codes encoded {'with' if mirrored else 'without'}"
-                                                   " --flip, unlike this run: remove them, or choose another --out")
+    mirrored = codes["train"].get("mirrored")  # --flip: the training images mirrored too (None: not recorded)
+    check(config.codes or mirrored in (None, config.flip),
+          f"{codes_path} holds codes encoded {'with' if mirrored else 'without'} --flip, unlike this run: " + (
+              "its transformer learned them, start a new run (another --out)" if (out / "ckpt.pt").exists()
+              else "remove them, or choose another --out"))
     maker = None if config.codes or not reuse or not path.exists() else load_checkpoint(path, "vqvae2")["model"]
     check(maker is None or same_state(codes["tokenizer"]["model"], maker),
           f"{codes_path} holds codes of another tokenizer than {path}: remove it, or choose another --out")

@@ -1203,9 +1203,12 @@ def write_codes(tokenizer, splits, out, runtime, mirror=()):
         count, found = parts_in(out)
         count = count or runtime.world_size
         if found:  # one part read is enough: load_codes checks that they all agree
-            maker = load_checkpoint(next(iter(found.values())), CODES, ("tokenizer",))["tokenizer"]
-            check(same_state(maker, state), f"{out}: its parts were made by another tokenizer; remove them or choose "
-                                            "another --out")
+            first = load_checkpoint(next(iter(found.values())), CODES, ("tokenizer",))
+            check(same_state(first["tokenizer"], state), f"{out}: its parts were made by another tokenizer; remove "
+                                                         "them or choose another --out")
+            check(all(first.get(name, {}).get("mirrored") in (None, name in mirror) for name in splits),
+                  f"{out}: its parts were encoded {'without' if mirror else 'with'} mirrored images (dalle.py --flip); "
+                  "remove them or choose another --out")
         for part in range(runtime.rank, count, runtime.world_size):
             if not (path := out / f"part-{part:05d}-of-{count:05d}.pt").exists():  # else written whole earlier
                 codes = dict(encode(part, count), part=part, parts=count)
@@ -1245,7 +1248,8 @@ def parts_in(folder):
 
 def load_codes(path):
     """A codes file, or a folder of its parts (checked complete and made by one tokenizer, joined in order).
-    -> dict(kind, tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions)."""
+    -> dict(kind, tokenizer, train, test), each split dict(top (N, Ht, Wt), bottom (N, Hb, Wb), captions, and
+    mirrored: whether its second half is the first mirrored, None when the codes do not say)."""
     if not Path(path).is_dir():
         codes = load_checkpoint(path, CODES, required=("tokenizer", "train", "test"))
         check("parts" not in codes, f"{path}: one part of {str(codes.get('parts'))[:20]}; pass the folder of them all")
@@ -1262,11 +1266,14 @@ def load_codes(path):
         check(same_state(part["tokenizer"], parts[0]["tokenizer"]),
               f"{found[index]}: made by another tokenizer than {found[0].name}; write the folder again")
     try:  # each split's tensors concatenated along dim 0, its captions chained
+        mirrored = {split: {part[split].get("mirrored") for part in parts} for split in ("train", "test")}
+        check(all(len(values) == 1 for values in mirrored.values()),
+              f"{path}: its parts mix mirrored and plain images (dalle.py --flip); write the folder again")
         return dict(kind=CODES, tokenizer=parts[0]["tokenizer"], **{split: dict({
             key: torch.cat([part[split][key] for part in parts]) if key != "captions" else
             [caption for part in parts for caption in part[split][key]] for key in ("top", "bottom", "captions")},
-            mirrored=parts[0][split].get("mirrored")) for split in ("train", "test")})
-    except (KeyError, TypeError, RuntimeError) as error:
+            mirrored=mirrored[split].pop()) for split in ("train", "test")})
+    except (KeyError, TypeError, AttributeError, RuntimeError) as error:
         raise UsageError(f"{path}: malformed parts ({type(error).__name__}: {reason(error)})") from None
 
 

@@ -959,6 +959,9 @@ def test_codes_mirror_appends_each_image_flipped_left_to_right_with_its_captions
     class Tokenizer:  # the red of the left and the right column: top (B, 1, 1), bottom (B, 1, 2)
         top_shape, bottom_shape = (1, 1), (1, 2)
 
+        def state(self):
+            return {"weights": torch.zeros(1)}
+
         def encode(self, images):
             columns = (images[:, 0, :1, [0, -1]] * 10).round().long()  # (B, 1, 2)
             return columns[:, :, :1], columns
@@ -970,6 +973,12 @@ def test_codes_mirror_appends_each_image_flipped_left_to_right_with_its_captions
     assert torch.equal(both["bottom"][3:], plain["bottom"].flip(-1))  # left and right swapped
     assert plain["bottom"][:, 0, 0].tolist() == [round(60 * (i + 1) / 255 * 10) for i in range(3)]
     assert plain["bottom"][:, 0, 1].tolist() == [0, 0, 0]
+    assert plain["mirrored"] is False and both["mirrored"] is True  # what dalle.py checks before reusing codes
+    (tmp_path / "codes").mkdir()  # a folder of parts continues only as it began, mirrored or not
+    splits, runtime = {"train": dataset, "test": dataset}, data.Runtime(torch.device("cpu"))
+    assert data.write_codes(Tokenizer(), splits, tmp_path / "codes", runtime)["train"]["mirrored"] is False
+    with pytest.raises(data.UsageError, match="encoded without mirrored images"):
+        data.write_codes(Tokenizer(), splits, tmp_path / "codes", runtime, mirror=("train",))
     for config in (dalle.Config(codes="codes.pt", flip=True), dalle.Config(flip=True)):  # shapes name left and right
         with pytest.raises(data.UsageError, match="--flip"):
             dalle.validate(config)
@@ -1504,6 +1513,14 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
     assert_clean_error(in_process(capsys, vqvae2, "--encode", tiny_shards, "--ckpt", tmp_path / "retrained.pt",
                                   "--out", tmp_path / "incomplete"), "parts were made by another tokenizer")
     assert [path.name for path in (tmp_path / "incomplete").iterdir()] == [names[0]]  # refused before encoding
+    for folder in ("unrecorded", "flip-mixed"):  # mirroring: every part alike; parts that do not say it, unknown
+        (tmp_path / folder).mkdir()
+    for name, half in zip(names, halves):
+        torch.save(half | {split: {key: value for key, value in half[split].items() if key != "mirrored"}
+                           for split in ("train", "test")}, tmp_path / "unrecorded" / name)
+        torch.save(half | {"train": half["train"] | {"mirrored": name == names[1]}}, tmp_path / "flip-mixed" / name)
+    assert parts["train"]["mirrored"] is False and vqvae2.load_codes(tmp_path / "unrecorded")["train"]["mirrored"] is None
+    assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "flip-mixed"), "mix mirrored and plain images")
 
     # the priors and the transformer train on a folder of parts
     prior = in_process(capsys, vqvae2, "--train-prior", tmp_path / "parts", "--prior-width", 8, "--prior-layers", 2,
