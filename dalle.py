@@ -440,7 +440,7 @@ class CaptionSummary(nn.Module):
     """Caption bytes (B, T) -> s(y) (B, C): byte embeddings, 1-D convolutions dilated 1, 2, 4, the max over the bytes.
     NOTE: the paper reads a caption by attention alone, which on a small set learns names by heart; s(y), added at
     every image position, holds its words wherever they sit ("... face"), so new names are read. On by default: it
-    lifts Twemoji's held-out names by 14 points; on Fashion-MNIST and shapes, as well or better (README)."""
+    lifts Twemoji's held-out names by 14 points and shapes' seen pairs by 5, and changes little on Fashion-MNIST."""
 
     def __init__(self, width):
         super().__init__()

@@ -1519,7 +1519,8 @@ def test_vqvae2_encode_parts_under_torchrun_equal_one_process(tiny_shapes, tiny_
         torch.save(half | {split: {key: value for key, value in half[split].items() if key != "mirrored"}
                            for split in ("train", "test")}, tmp_path / "unrecorded" / name)
         torch.save(half | {"train": half["train"] | {"mirrored": name == names[1]}}, tmp_path / "flip-mixed" / name)
-    assert parts["train"]["mirrored"] is False and vqvae2.load_codes(tmp_path / "unrecorded")["train"]["mirrored"] is None
+    assert parts["train"]["mirrored"] is False
+    assert vqvae2.load_codes(tmp_path / "unrecorded")["train"]["mirrored"] is None
     assert_clean_error(in_process(capsys, dalle, "--codes", tmp_path / "flip-mixed"), "mix mirrored and plain images")
 
     # the priors and the transformer train on a folder of parts
